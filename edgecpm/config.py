@@ -1,0 +1,245 @@
+"""MiniCPM4 model configuration: parse a Hugging Face `config.json` into one typed object.
+
+Everything the runtimes and the exporter derive from the config (head_dim, GQA group, muP
+scalings, the LongRoPE table, sparse attention settings) is computed here once, so no other
+module re-reads raw config keys. Pure numpy: the device side imports this without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from edgecpm.errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("minicpm",)
+SUPPORTED_ARCHITECTURES = ("MiniCPMForCausalLM",)
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """InfLLM v2 settings (DESIGN.md §7); these defaults apply to keys a `sparse_config` omits."""
+
+    kernel_size: int = 32
+    kernel_stride: int = 16
+    init_blocks: int = 1
+    block_size: int = 64
+    window_size: int = 2048
+    topk: int = 64
+    use_nope: bool = False
+    dense_len: int = 8192
+    semantics: str = "v1"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SparseConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    original_max_position_embeddings: int
+    rope_theta: float
+    long_factor: tuple[float, ...]
+    short_factor: tuple[float, ...]
+    scale_emb: float
+    scale_depth: float
+    dim_model_base: float
+    tie_word_embeddings: bool
+    bos_token_id: int
+    eos_token_ids: tuple[int, ...]
+    sparse: SparseConfig | None = None
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per kv head (GQA)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def residual_scale(self) -> float:
+        return self.scale_depth / math.sqrt(self.num_hidden_layers)
+
+    @property
+    def logit_divisor(self) -> float:
+        return self.hidden_size / self.dim_model_base
+
+    @property
+    def rope_factors(self) -> np.ndarray:
+        """LongRoPE rule: long_factor iff the table (sized by max_position_embeddings) reaches past
+        the original context; contexts beyond max_position_embeddings are refused by the runtime,
+        so this static choice equals the reference's dynamic one."""
+        long = self.max_position_embeddings > self.original_max_position_embeddings
+        return np.asarray(self.long_factor if long else self.short_factor, dtype=np.float32)
+
+    @property
+    def rope_attention_scale(self) -> float:
+        scale = self.max_position_embeddings / self.original_max_position_embeddings
+        if scale <= 1.0:
+            return 1.0
+        return math.sqrt(1 + math.log(scale) / math.log(self.original_max_position_embeddings))
+
+    def rope_inv_freq(self) -> np.ndarray:
+        """inv_freq[i] = 1 / (theta^(2i/d) * factor[i]), float32 like the reference."""
+        d = self.head_dim
+        exponents = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d
+        base = np.float32(self.rope_theta) ** exponents
+        return (1.0 / (self.rope_factors * base)).astype(np.float32)
+
+    def n_params(self) -> int:
+        h, i, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
+        kv = self.num_key_value_heads * self.head_dim
+        per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.vocab_size * h + L * per_layer + h + head
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """K and V for every layer; plus InfLLM v2 compressed keys (1 per kernel_stride tokens)."""
+        per = 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
+        if self.sparse is not None:
+            per += math.ceil(
+                self.num_hidden_layers * self.num_key_value_heads * self.head_dim * 4
+                / self.sparse.kernel_stride
+            )
+        return per
+
+    # ---- parsing ------------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise ConfigError(f"{path}: no config.json here; is this a MiniCPM4 checkpoint folder?")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=str(path))
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> ModelConfig:
+        def need(key):
+            if key not in d:
+                raise ConfigError(f"{source}: missing required key '{key}'")
+            return d[key]
+
+        model_type = d.get("model_type")
+        archs = d.get("architectures") or []
+        # MiniCPM4-0.5B ships without model_type; its architecture names it instead.
+        if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"{source}: unknown model_type '{model_type}'; edgecpm supports MiniCPM4 "
+                f"(model_type {SUPPORTED_MODEL_TYPES})"
+            )
+        if model_type is None and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+            raise ConfigError(
+                f"{source}: not a MiniCPM config (model_type missing and architectures={archs}; "
+                f"expected one of {SUPPORTED_ARCHITECTURES})"
+            )
+        if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+            raise ConfigError(f"{source}: unsupported architectures {archs}; expected {SUPPORTED_ARCHITECTURES}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{source}: hidden_act '{d['hidden_act']}' is not supported (MiniCPM4 uses silu)")
+
+        hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
+        kv_heads = int(d.get("num_key_value_heads", heads))
+        if heads <= 0 or hidden % heads:
+            raise ConfigError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+        if kv_heads <= 0 or heads % kv_heads:
+            raise ConfigError(
+                f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            )
+        head_dim = hidden // heads
+        if "head_dim" in d and d["head_dim"] not in (None, head_dim):
+            raise ConfigError(f"{source}: head_dim {d['head_dim']} != hidden_size/num_attention_heads = {head_dim}")
+
+        max_pos = int(d.get("max_position_embeddings", 32768))
+        rs = d.get("rope_scaling") or {}
+        rope_type = rs.get("rope_type", rs.get("type"))
+        if rs and rope_type != "longrope":
+            raise ConfigError(f"{source}: rope_scaling type '{rope_type}' is not supported (MiniCPM4 uses longrope)")
+        ones = [1.0] * (head_dim // 2)
+        long_f = tuple(float(x) for x in rs.get("long_factor", ones))
+        short_f = tuple(float(x) for x in rs.get("short_factor", ones))
+        for name, lst in (("long_factor", long_f), ("short_factor", short_f)):
+            if len(lst) != head_dim // 2:
+                raise ConfigError(
+                    f"{source}: rope_scaling.{name} has {len(lst)} entries; head_dim {head_dim} needs "
+                    f"{head_dim // 2}"
+                )
+
+        eos = d.get("eos_token_id", 2)
+        eos = tuple(int(x) for x in (eos if isinstance(eos, list) else [eos]))
+        sparse = d.get("sparse_config")
+        return cls(
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")),
+            num_hidden_layers=int(need("num_hidden_layers")),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=max_pos,
+            original_max_position_embeddings=int(rs.get("original_max_position_embeddings", max_pos)),
+            rope_theta=float(d.get("rope_theta", 10000.0)),
+            long_factor=long_f,
+            short_factor=short_f,
+            scale_emb=float(d.get("scale_emb", 1.0)),
+            scale_depth=float(d.get("scale_depth", 1.0)),
+            dim_model_base=float(d.get("dim_model_base", hidden)),
+            # Absent means tied (MiniCPM4-0.5B ships no key and no lm_head.weight).
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+            bos_token_id=int(d.get("bos_token_id", 1)),
+            eos_token_ids=eos,
+            sparse=SparseConfig.from_dict(sparse) if sparse is not None else None,
+            raw=dict(d),
+        )
+
+    def to_dict(self) -> dict:
+        """The normalized form recorded in a bundle manifest (round-trips through from_dict)."""
+        d = {
+            "architectures": ["MiniCPMForCausalLM"],
+            "model_type": "minicpm",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": {
+                "rope_type": "longrope",
+                "long_factor": list(self.long_factor),
+                "short_factor": list(self.short_factor),
+                "original_max_position_embeddings": self.original_max_position_embeddings,
+            },
+            "scale_emb": self.scale_emb,
+            "scale_depth": self.scale_depth,
+            "dim_model_base": self.dim_model_base,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids),
+            "hidden_act": "silu",
+        }
+        if self.sparse is not None:
+            d["sparse_config"] = {f.name: getattr(self.sparse, f.name) for f in fields(SparseConfig)}
+        return d

@@ -1,0 +1,116 @@
+"""The KV cache: one arena per sequence, allocated once from a byte budget (DESIGN.md §9).
+
+Layout: per layer K and V of shape [capacity, Hkv, D], token-major, so the first `length` rows of
+a layer are one contiguous view that a backend binds as `past_key.{i}` without copying, and the
+rows a step adds are one contiguous slot it writes into. Every backend uses this class.
+
+Policy when the context outgrows the arena: "error" — a prompt that does not fit is refused
+before any work (BudgetError naming the numbers); generation that reaches the end stops with
+finish_reason "length". Nothing is corrupted either way and the session stays usable.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from edgecpm.config import ModelConfig
+from edgecpm.errors import BudgetError
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: int | str) -> int:
+    """1024, "512MiB", "2GB", "1.5 GiB" -> bytes."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        n = int(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        unit = m.group(2).upper() if m else None
+        if unit not in _UNITS:
+            raise BudgetError(f"kv_budget={value!r}: expected bytes (int) or a size like '512MiB', '2GB'")
+        n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise BudgetError(f"kv_budget={value!r}: must be positive")
+    return n
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, capacity: int, dtype: np.dtype):
+        self.dtype = np.dtype(dtype)
+        self.capacity = capacity
+        self.bytes_per_token = cfg.kv_bytes_per_token(self.dtype.itemsize)
+        # One allocation for all layers; np.zeros maps pages lazily, so resident memory grows with
+        # use but can never exceed capacity * bytes_per_token.
+        self.arena = np.zeros(
+            (cfg.num_hidden_layers, 2, capacity, cfg.num_key_value_heads, cfg.head_dim), self.dtype
+        )
+        self.keys = [self.arena[i, 0] for i in range(cfg.num_hidden_layers)]
+        self.values = [self.arena[i, 1] for i in range(cfg.num_hidden_layers)]
+        self.length = 0
+        self.peak_length = 0
+
+    @classmethod
+    def from_budget(cls, cfg: ModelConfig, budget: int | str, dtype: np.dtype) -> KVCache:
+        budget = parse_bytes(budget)
+        per_token = cfg.kv_bytes_per_token(np.dtype(dtype).itemsize)
+        capacity = min(budget // per_token, cfg.max_position_embeddings)
+        if capacity < 1:
+            raise BudgetError(
+                f"kv_budget of {budget} bytes holds no token: this model needs {per_token} bytes per "
+                f"token of KV cache; raise kv_budget"
+            )
+        return cls(cfg, capacity, dtype)
+
+    @property
+    def bytes_allocated(self) -> int:
+        return self.arena.nbytes
+
+    @property
+    def bytes_in_use(self) -> int:
+        return self.length * self.bytes_per_token
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.length
+
+    def check_room(self, n_tokens: int, what: str = "prompt") -> None:
+        if n_tokens > self.free:
+            raise BudgetError(
+                f"{what} needs {n_tokens} more tokens of KV cache but only {self.free} of "
+                f"{self.capacity} are free ({self.bytes_per_token} bytes per token, "
+                f"{self.bytes_allocated} bytes allocated); raise kv_budget or shorten the {what}"
+            )
+
+    def past(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [0, length): zero-copy views bound as past_key/past_value."""
+        return self.keys[layer][: self.length], self.values[layer][: self.length]
+
+    def slot(self, layer: int, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [length, length + n): where a step writes its new keys/values."""
+        end = self.length + n_tokens
+        return self.keys[layer][self.length : end], self.values[layer][self.length : end]
+
+    def commit(self, n_tokens: int) -> None:
+        """Make the rows a step wrote part of the context."""
+        self.length += n_tokens
+        self.peak_length = max(self.peak_length, self.length)
+
+    def truncate(self, length: int) -> None:
+        """Roll back to `length` tokens (rows past it are simply overwritten later)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.length = length
+
+    def keep(self, start: int, rows: np.ndarray) -> None:
+        """Keep rows `rows` (absolute, ascending, all >= start) of the tail [start, length) and
+        drop the others: used after speculative verification to compact the accepted path."""
+        rows = np.asarray(rows, dtype=np.int64)
+        n = len(rows)
+        if n and (rows[0] < start or rows[-1] >= self.length or np.any(np.diff(rows) <= 0)):
+            raise ValueError(f"rows {rows.tolist()} are not an ascending subset of [{start}, {self.length})")
+        # One fancy-indexed gather per arena (copies only the kept tail rows).
+        self.arena[:, :, start : start + n] = self.arena[:, :, rows]
+        self.length = start + n

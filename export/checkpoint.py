@@ -1,0 +1,119 @@
+"""Loading a Hugging Face MiniCPM4 checkpoint from safetensors (single file or sharded).
+
+The expected tensor names and shapes come from the torch model itself (built on the meta device),
+so the strict check can never drift from the model definition. Tensors are read one at a time
+through `safe_open` (memory-mapped), so an 8B checkpoint is never held twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from edgecpm.config import ModelConfig
+from edgecpm.errors import CheckpointError
+from edgecpm.export.modeling_minicpm import LongRoPE, MiniCPMForCausalLM
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r}: expected one of fp32, fp16, bf16")
+    return DTYPES[name]
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = MiniCPMForCausalLM(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+class Checkpoint:
+    """A checkpoint folder: config + an index of which file holds each tensor."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"{self.folder}: not a folder (expected a Hugging Face checkpoint folder)")
+        self.config = ModelConfig.from_file(self.folder)
+        self._handles: dict[Path, object] = {}
+        self.files = self._tensor_files()
+
+    def _tensor_files(self) -> dict[str, Path]:
+        index = self.folder / "model.safetensors.index.json"
+        single = self.folder / "model.safetensors"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: unreadable index ({e!r}); re-download it") from None
+            files = {name: self.folder / f for name, f in weight_map.items()}
+            for f in sorted(set(files.values())):
+                if not f.exists():
+                    raise CheckpointError(f"{f}: listed in {index.name} but missing; re-download the checkpoint")
+            return files
+        if single.exists():
+            return {name: single for name in self._open(single).keys()}
+        raise CheckpointError(
+            f"{self.folder}: no model.safetensors or model.safetensors.index.json "
+            f"(only safetensors checkpoints are supported; .bin files would need pickle)"
+        )
+
+    def _open(self, path: Path):
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"{path}: corrupted or truncated safetensors file ({e}); re-download it") from None
+        return self._handles[path]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(self._open(f).get_slice(name).get_shape()) for name, f in self.files.items()}
+
+    def check(self) -> None:
+        """Strict name/shape check; the error lists everything that is wrong at once."""
+        want, have = expected_shapes(self.config), self.shapes()
+        missing = sorted(set(want) - set(have))
+        unexpected = sorted(set(have) - set(want))
+        wrong = sorted(f"{n}: {have[n]} (expected {want[n]})" for n in set(want) & set(have) if want[n] != have[n])
+        problems = []
+        if missing:
+            problems.append(f"missing tensors: {', '.join(missing)}")
+        if unexpected:
+            hint = " (lm_head.weight present but config ties embeddings?)" if "lm_head.weight" in unexpected else ""
+            problems.append(f"unexpected tensors: {', '.join(unexpected)}{hint}")
+        if wrong:
+            problems.append(f"wrong shapes: {'; '.join(wrong)}")
+        if problems:
+            raise CheckpointError(f"{self.folder}: weights do not match config.json — " + " | ".join(problems))
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        path = self.files[name]
+        try:
+            t = self._open(path).get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot read tensor {name} ({e}); the file may be truncated") from None
+        return t if dtype is None else t.to(dtype)
+
+    def weight_dtype(self) -> torch.dtype:
+        return self.tensor("model.norm.weight").dtype
+
+
+def load_model(folder: str | Path, dtype: str | torch.dtype = "fp32") -> MiniCPMForCausalLM:
+    """Build the torch model and fill it with the checkpoint's weights, converted to `dtype`."""
+    ckpt = Checkpoint(folder)
+    ckpt.check()
+    dtype = torch_dtype(dtype)
+    with torch.device("meta"):
+        model = MiniCPMForCausalLM(ckpt.config)
+    state = {name: ckpt.tensor(name, dtype) for name in expected_shapes(ckpt.config)}
+    model.load_state_dict(state, assign=True, strict=True)
+    model.rope = LongRoPE(ckpt.config)  # its constant buffers were created on meta: build them for real
+    return model.eval()
