@@ -1,0 +1,115 @@
+"""Generation as plain functions over a backend and its KV cache (gpt-fast style).
+
+    logits = prefill(backend, cache, prompt_ids)
+    for token in decode_tokens(backend, cache, logits, sampler, ...): ...
+
+The cache is the static arena of `edgecpm.kv_cache`; each step writes its rows by position.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgecpm.kv_cache import KVCache
+from edgecpm.sampling import Sampler
+
+PREFILL_CHUNK = 512  # tokens per prefill step: bounds activation memory for long prompts
+
+_causal_masks: dict[int, np.ndarray] = {}
+
+
+def causal_mask(n: int) -> np.ndarray:
+    if n not in _causal_masks:
+        _causal_masks[n] = np.tril(np.ones((n, n), dtype=bool))
+    return _causal_masks[n]
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos" | "length" | "stop"
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class Timer:
+    """Counts tokens and seconds of each phase; becomes Generation.stats."""
+
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    steps: int = 0
+
+    def as_stats(self, cache: KVCache) -> dict:
+        return {
+            "prefill_tokens": self.prefill_tokens,
+            "prefill_tok_s": self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0,
+            "decode_tokens": self.decode_tokens,
+            "decode_tok_s": self.decode_tokens / self.decode_s if self.decode_s else 0.0,
+            "accepted_per_step": self.decode_tokens / self.steps if self.steps else 0.0,
+            "kv_tokens": cache.length,
+            "kv_bytes_in_use": cache.bytes_in_use,
+        }
+
+
+def run_step(backend, cache: KVCache, ids: np.ndarray, attn_mask: np.ndarray, logit_index: np.ndarray) -> np.ndarray:
+    """One forward over `ids` placed right after the cached context; commits their K/V."""
+    positions = np.arange(cache.length, cache.length + len(ids), dtype=np.int64)
+    logits = backend.forward(ids, positions, attn_mask, cache, logit_index)
+    cache.commit(len(ids))
+    return logits
+
+
+def prefill(backend, cache: KVCache, ids, all_logits: bool = False, timer: Timer | None = None) -> np.ndarray:
+    """Run `ids` through the model in chunks. Returns the last row's logits [V] (or [T, V])."""
+    ids = np.asarray(ids, dtype=np.int64)
+    cache.check_room(len(ids))
+    t0 = time.perf_counter()
+    rows = []
+    for start in range(0, len(ids), PREFILL_CHUNK):
+        chunk = ids[start : start + PREFILL_CHUNK]
+        last = start + len(chunk) == len(ids)
+        want = np.arange(len(chunk)) if all_logits else np.array([len(chunk) - 1] if last else [], np.int64)
+        rows.append(run_step(backend, cache, chunk, causal_mask(len(chunk)), want.astype(np.int64)))
+    if timer:
+        timer.prefill_tokens += len(ids)
+        timer.prefill_s += time.perf_counter() - t0
+    return np.concatenate(rows) if all_logits else rows[-1][-1]
+
+
+_ONE = np.zeros(1, dtype=np.int64)
+_MASK1 = np.ones((1, 1), dtype=bool)
+
+
+def decode_one_token(backend, cache: KVCache, token: int) -> np.ndarray:
+    return run_step(backend, cache, np.array([token], dtype=np.int64), _MASK1, _ONE)[0]
+
+
+def decode_tokens(backend, cache: KVCache, logits: np.ndarray, sampler: Sampler, max_new_tokens: int,
+                  eos_ids: set[int], timer: Timer):
+    """Yield sampled tokens one by one until EOS, max_new_tokens or a full arena.
+
+    The generator's return value is the finish reason; a token is fed to the model only when
+    another one is wanted, so the cache never holds a token past the end.
+    """
+    for n in range(max_new_tokens):
+        token = sampler(logits)
+        sampler.observe(token)
+        yield token
+        if token in eos_ids:
+            return "eos"
+        if n + 1 == max_new_tokens:
+            break
+        if cache.free < 1:
+            return "length"
+        t0 = time.perf_counter()
+        logits = decode_one_token(backend, cache, token)
+        timer.decode_s += time.perf_counter() - t0
+        timer.decode_tokens += 1
+        timer.steps += 1
+    return "length"

@@ -1,0 +1,242 @@
+"""`edgecpm.Session`: the one object an application holds.
+
+    s = edgecpm.Session("bundle/", kv_budget="512MiB")
+    g = s.generate("Hello", max_new_tokens=32)
+    for piece in s.stream("Hello"): print(piece, end="")
+    chat = s.chat(system="Be brief."); chat.send("hi").text
+
+A session holds one backend, one tokenizer and one KV arena. The arena remembers which token ids
+it holds; every request reuses the longest cached prefix of its prompt and prefills only the rest.
+That single rule makes chat turns append to the cache (no re-prefill of the history) and keeps
+every result identical to a fresh context.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgecpm.errors import BackendUnavailable, ConfigError
+from edgecpm.generate import Generation, Timer, decode_tokens, prefill
+from edgecpm.kv_cache import KVCache, parse_bytes
+from edgecpm.sampling import Sampler, SamplingParams
+from edgecpm.tokenizer import Tokenizer
+
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+
+
+def open_backend(path: Path, backend: str, dtype: str | None, threads: int | None):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+    is_bundle = (path / "manifest.json").exists()
+    if not is_bundle and not (path / "config.json").exists():
+        raise ConfigError(f"{path}: neither an exported bundle (manifest.json) nor a checkpoint (config.json)")
+    if backend == "auto":
+        backend = "onnxruntime" if is_bundle else "torch"
+    if backend == "torch":
+        if is_bundle:
+            raise ConfigError(f"{path}: the torch backend runs Hugging Face checkpoints; this is a bundle "
+                              f"(use backend='onnxruntime' or 'auto')")
+        try:
+            from edgecpm.runtimes.torch import TorchBackend
+        except ImportError as e:
+            raise BackendUnavailable(f"backend 'torch' needs torch ({e}); pip install 'edgecpm[export]'") from None
+        return TorchBackend(str(path), dtype=dtype, threads=threads)
+    raise BackendUnavailable(f"backend {backend!r} is not available yet for {path}")
+
+
+class Session:
+    def __init__(self, path, backend: str = "auto", kv_budget: int | str = "1GiB", draft=None,
+                 dtype: str | None = None, threads: int | None = None):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ConfigError(f"{self.path}: not a folder; pass a checkpoint or bundle folder")
+        if draft is not None:
+            raise NotImplementedError("speculative decoding (draft=...) is not implemented yet")
+        self.backend = open_backend(self.path, backend, dtype, threads)
+        self.config = self.backend.config
+        # A folder without tokenizer files (e.g. a bare test checkpoint) runs on token ids only.
+        has_tokenizer = any((self.path / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
+        self.tokenizer = Tokenizer.from_pretrained(self.path) if has_tokenizer else None
+        self.kv_budget = parse_bytes(kv_budget)
+        self.cache = KVCache.from_budget(self.config, self.kv_budget, self.backend.kv_dtype)
+        self._cached_ids: list[int] = []  # the token ids whose K/V the arena holds, in order
+        self.eos_ids = set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else ())
+        self.last: Generation | None = None  # the most recent finished generation (after stream())
+
+    # ---- public API ------------------------------------------------------------------------
+    def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: list[str] | str | None = None, ignore_eos: bool = False) -> Generation:
+        pieces = self._generate(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k,
+                                repetition_penalty, seed), stop, ignore_eos)
+        for _ in pieces:
+            pass
+        return pieces.result
+
+    def stream(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
+               stop: list[str] | str | None = None, ignore_eos: bool = False):
+        """Yield text pieces as they are generated (never half a UTF-8 character). The finished
+        Generation is available afterwards as `s.last`."""
+        pieces = self._generate(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k,
+                                repetition_penalty, seed), stop, ignore_eos)
+        yield from pieces
+
+    def chat(self, system: str | None = None) -> Chat:
+        if self.tokenizer is None:
+            raise ConfigError(f"{self.path}: chat needs tokenizer files (tokenizer.json + tokenizer_config.json)")
+        return Chat(self, system)
+
+    def logits(self, token_ids) -> np.ndarray:
+        """Full-sequence logits [T, V] float32 from a fresh context."""
+        ids = [int(t) for t in token_ids]
+        self._reset()
+        out = prefill(self.backend, self.cache, ids, all_logits=True)
+        self._cached_ids = ids
+        return out
+
+    def memory(self) -> dict:
+        c = self.cache
+        return {
+            "weights_bytes": self.backend.weight_bytes,
+            "kv_budget_bytes": self.kv_budget,
+            "kv_bytes_per_token": c.bytes_per_token,
+            "kv_capacity_tokens": c.capacity,
+            "kv_allocated_bytes": c.bytes_allocated,
+            "kv_used_bytes": c.bytes_in_use,
+            "kv_used_tokens": c.length,
+            "kv_peak_bytes": c.peak_length * c.bytes_per_token,
+        }
+
+    # ---- internals -----------------------------------------------------------------------
+    def _reset(self):
+        self.cache.truncate(0)
+        self._cached_ids = []
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ConfigError(f"{self.path}: no tokenizer.json/tokenizer.model, so prompts must be token id lists")
+            return self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if not ids or bad:
+            raise ValueError(f"prompt token ids must be a non-empty list in [0, {self.config.vocab_size}); got {bad[:5]}")
+        return ids
+
+    def _prefill_reusing_cache(self, ids: list[int], timer: Timer) -> np.ndarray:
+        """Keep the longest cached prefix of `ids` (at least one token is always run, for logits)."""
+        keep = 0
+        limit = min(len(self._cached_ids), len(ids) - 1)
+        while keep < limit and self._cached_ids[keep] == ids[keep]:
+            keep += 1
+        self.cache.truncate(keep)
+        self._cached_ids = self._cached_ids[:keep]
+        logits = prefill(self.backend, self.cache, ids[keep:], timer=timer)
+        self._cached_ids = list(ids)
+        return logits
+
+    def _generate(self, prompt, max_new_tokens, params, stop, ignore_eos):
+        return _TextStream(self, self._encode(prompt), max_new_tokens, params, stop, ignore_eos)
+
+
+class _TextStream:
+    """Iterates text pieces of one generation; `.result` holds the Generation at the end.
+
+    Stop strings: text that could still become the start of a stop string is held back, so a
+    streamed stop string is never shown; the text ends right before it.
+    """
+
+    def __init__(self, session: Session, ids, max_new_tokens, params, stop, ignore_eos):
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
+        self.s, self.ids, self.max_new, self.params = session, ids, max_new_tokens, params
+        self.stop = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(x, str) or not x for x in self.stop):
+            raise ValueError(f"stop={stop!r}: must be non-empty strings")
+        self.eos = set() if ignore_eos else session.eos_ids
+        self.result: Generation | None = None
+
+    def __iter__(self):
+        s = self.s
+        timer = Timer()
+        t0 = time.perf_counter()
+        logits = s._prefill_reusing_cache(self.ids, timer)
+        sampler = Sampler(self.params, s.config.vocab_size, self.ids)
+        tokens = decode_tokens(s.backend, s.cache, logits, sampler, self.max_new, self.eos, timer)
+        detok = s.tokenizer.stream_decoder() if s.tokenizer else None
+        out_ids: list[int] = []
+        text, shown = "", 0
+        hold = max((len(x) for x in self.stop), default=1) - 1
+        finish = None
+        while True:
+            try:
+                token = next(tokens)
+            except StopIteration as end:
+                finish = end.value
+                break
+            if s.cache.length > len(s._cached_ids):  # the previous token was fed to the model
+                s._cached_ids.append(out_ids[-1])
+            out_ids.append(token)
+            if token in self.eos:
+                continue
+            text += detok.add(token) if detok else ""
+            cut = self._find_stop(text, shown)
+            if cut is not None:
+                text, finish = text[:cut], "stop"
+                break
+            safe = len(text) - hold if self.stop else len(text)
+            if safe > shown:
+                yield text[shown:safe]
+                shown = safe
+        tokens.close()
+        if shown < len(text):
+            yield text[shown:]
+        timer_stats = timer.as_stats(s.cache)
+        timer_stats["total_s"] = time.perf_counter() - t0
+        gen_ids = [t for t in out_ids if t not in self.eos] if finish == "eos" else out_ids
+        self.result = Generation(text, gen_ids, finish, timer_stats)
+        s.last = self.result
+
+    def _find_stop(self, text: str, shown: int) -> int | None:
+        start = max(0, shown - max((len(x) for x in self.stop), default=0))
+        hits = [i for i in (text.find(x, start) for x in self.stop) if i >= 0]
+        return min(hits) if hits else None
+
+
+class Chat:
+    """A multi-turn conversation. Each turn appends to the session's KV cache: only the new
+    turn's tokens are prefilled. The history is kept as token ids (what the model saw)."""
+
+    def __init__(self, session: Session, system: str | None = None):
+        self.session = session
+        tok = session.tokenizer
+        self.messages: list[dict] = []
+        self.ids: list[int] = []
+        if system:
+            self.messages.append({"role": "system", "content": system})
+        self.ids = tok.apply_chat_template(self.messages, add_generation_prompt=False) if system else (
+            [tok.bos_token_id] if tok.add_bos_token and tok.bos_token_id is not None else [])
+
+    def _turn_ids(self, content: str) -> list[int]:
+        return self.session.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                          add_generation_prompt=True, add_bos=False)
+
+    def send(self, content: str, **kwargs) -> Generation:
+        pieces = self.stream(content, **kwargs)
+        for _ in pieces:
+            pass
+        return self.session.last
+
+    def stream(self, content: str, **kwargs):
+        s = self.session
+        prompt = self.ids + self._turn_ids(content)
+        yield from s.stream(prompt, **kwargs)
+        g = s.last
+        self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": g.text}]
+        # The reply's ids as generated, closed the way the template closes a message.
+        end = s.tokenizer.encode("<|im_end|>\n", add_bos=False)
+        self.ids = prompt + g.token_ids + end

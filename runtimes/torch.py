@@ -1,0 +1,66 @@
+"""The torch backend: the reference MiniCPM4 model on CPU or CUDA, straight from a checkpoint.
+
+The KV arena is numpy memory shared with torch through `torch.from_numpy` (no copy); the model
+returns the new keys/values and they are written into the arena's next rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edgecpm.config import ModelConfig
+from edgecpm.export.checkpoint import load_model, torch_dtype
+from edgecpm.kv_cache import KVCache
+
+# numpy has no bfloat16 of its own; ml_dtypes' bfloat16 has the same bits as torch.bfloat16.
+_NUMPY_DTYPE = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16)}
+
+
+def _kv_numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    if dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return _NUMPY_DTYPE[dtype]
+
+
+def _as_torch(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, checkpoint: str, dtype: str | None = None, threads: int | None = None,
+                 device: str | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device or "cpu")
+        self.dtype = torch_dtype(dtype or "fp32")
+        self.model = load_model(checkpoint, self.dtype).to(self.device)
+        self.config: ModelConfig = self.model.config
+        self.kv_dtype = _kv_numpy_dtype(self.dtype)
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @torch.inference_mode()
+    def forward(self, input_ids, position_ids, attn_mask, cache: KVCache, logit_index):
+        dev, dt = self.device, self.dtype
+        layers = range(self.config.num_hidden_layers)
+        past = [cache.past(i) for i in layers]
+        logits, keys, values = self.model(
+            torch.from_numpy(input_ids).to(dev)[None],
+            torch.from_numpy(position_ids).to(dev)[None],
+            torch.from_numpy(attn_mask).to(dev),
+            [_as_torch(k, dt).to(dev)[None] for k, _ in past],
+            [_as_torch(v, dt).to(dev)[None] for _, v in past],
+            torch.from_numpy(logit_index).to(dev),
+        )
+        T = len(input_ids)
+        for i in layers:
+            k_slot, v_slot = cache.slot(i, T)
+            _as_torch(k_slot, dt).copy_(keys[i][0])
+            _as_torch(v_slot, dt).copy_(values[i][0])
+        return logits[0].float().cpu().numpy()
