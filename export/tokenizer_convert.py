@@ -33,7 +33,7 @@ __all__ = ["convert_sentencepiece"]
 
 def convert_sentencepiece(
     model_path: str | Path, added_tokens: dict[str, int] | None = None, add_bos: bool = True
-) -> "tokenizers.Tokenizer":
+) -> tokenizers.Tokenizer:
     """Build a ``tokenizers.Tokenizer`` that encodes and decodes like the SentencePiece model.
 
     ``added_tokens`` (the content of ``added_tokens.json``) adds special tokens at the given ids,
@@ -60,6 +60,7 @@ def convert_sentencepiece(
     bpe = models.BPE(
         vocab,
         _merges(vocab, [p.score for p in proto.pieces]),
+        # Only reached when a byte piece is missing (byte fallback comes first), as in sentencepiece.
         unk_token=proto.trainer_spec.unk_piece if has_unk else None,
         fuse_unk=True,
         byte_fallback=True,
