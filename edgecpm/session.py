@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecpm.bundle import is_bundle, load_bundle
 from edgecpm.errors import BackendUnavailable, ConfigError
 from edgecpm.generate import Generation, Timer, decode_tokens, prefill
 from edgecpm.kv_cache import KVCache, parse_bytes
@@ -27,16 +28,17 @@ from edgecpm.tokenizer import Tokenizer
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
-def open_backend(path: Path, backend: str, dtype: str | None, threads: int | None):
+def open_backend(path: Path, backend: str, dtype: str | None, threads: int | None, verify: bool = False):
+    """auto: a bundle runs on onnxruntime, a checkpoint on torch (tensorrt joins with issue 8)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
-    is_bundle = (path / "manifest.json").exists()
-    if not is_bundle and not (path / "config.json").exists():
+    bundle = is_bundle(path)
+    if not bundle and not (path / "config.json").exists():
         raise ConfigError(f"{path}: neither an exported bundle (manifest.json) nor a checkpoint (config.json)")
     if backend == "auto":
-        backend = "onnxruntime" if is_bundle else "torch"
+        backend = "onnxruntime" if bundle else "torch"
     if backend == "torch":
-        if is_bundle:
+        if bundle:
             raise ConfigError(f"{path}: the torch backend runs Hugging Face checkpoints; this is a bundle "
                               f"(use backend='onnxruntime' or 'auto')")
         try:
@@ -44,6 +46,16 @@ def open_backend(path: Path, backend: str, dtype: str | None, threads: int | Non
         except ImportError as e:
             raise BackendUnavailable(f"backend 'torch' needs torch ({e}); pip install 'edgecpm[export]'") from None
         return TorchBackend(str(path), dtype=dtype, threads=threads)
+    if not bundle:
+        raise ConfigError(f"{path}: backend {backend!r} runs exported bundles; export one first with "
+                          f"`edgecpm export {path} -o BUNDLE`")
+    b = load_bundle(path, verify=verify)
+    if dtype is not None and dtype != b.dtype:
+        raise ConfigError(f"{path}: bundle was exported as {b.dtype}; dtype={dtype!r} needs a re-export")
+    if backend == "onnxruntime":
+        from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(b, threads=threads)
     raise BackendUnavailable(f"backend {backend!r} is not available yet for {path}")
 
 

@@ -1,0 +1,120 @@
+"""`edgecpm export`: checkpoint -> bundle (DESIGN.md §5).
+
+The bundle is written into a temporary sibling folder and renamed into place only when complete
+and checked, so an interrupted export never leaves a folder that loads as a bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from edgecpm import __version__
+from edgecpm.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_record
+from edgecpm.errors import BundleError
+from edgecpm.export.checkpoint import Checkpoint
+from edgecpm.export.onnx_graph import build_decoder, graph_io
+from edgecpm.tokenizer import Tokenizer
+
+ALIGN = 4096  # page-aligned external tensors can be memory-mapped by the runtime
+
+
+class ExternalDataWriter:
+    """Streams initializers into one external-data file as the graph is built."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = open(path, "wb")
+        self.offset = 0
+
+    def add(self, name: str, array: np.ndarray) -> TensorProto:
+        pad = -self.offset % ALIGN
+        self.f.write(b"\0" * pad)
+        self.offset += pad
+        data = np.ascontiguousarray(array).tobytes()
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", self.offset), ("length", len(data))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, str(value)
+        self.f.write(data)
+        self.offset += len(data)
+        return t
+
+    def close(self):
+        self.f.close()
+
+
+def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False,
+                  progress: bool = True) -> Path:
+    checkpoint, out = Path(checkpoint), Path(out)
+    ckpt = Checkpoint(checkpoint)
+    ckpt.check()
+    cfg = ckpt.config
+    if out.exists() and not force:
+        raise BundleError(f"{out}: already exists; pass --force to replace it")
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_bundle(ckpt, tmp, dtype, progress)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool) -> None:
+    from rich.progress import Progress
+
+    cfg = ckpt.config
+    writer = ExternalDataWriter(folder / "decoder.onnx.data")
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"exporting {cfg.num_hidden_layers} layers ({dtype})", total=cfg.num_hidden_layers)
+        model = build_decoder(
+            cfg, dtype,
+            tensor=lambda name: ckpt.tensor(name, torch.float32).numpy(),
+            weight_sink=writer.add,
+            progress=lambda done, total: bar.update(task, completed=done),
+        )
+    writer.close()
+    onnx.save(model, folder / "decoder.onnx")
+    onnx.checker.check_model(str(folder / "decoder.onnx"), full_check=True)
+
+    tokenizer_files = []
+    if any((ckpt.folder / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+        tok = Tokenizer.from_pretrained(ckpt.folder)
+        tok.save(folder)
+        tokenizer_files = ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+
+    inputs, outputs = graph_io(cfg, dtype)
+    files = ["decoder.onnx", "decoder.onnx.data", *tokenizer_files]
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "exporter": f"edgecpm {__version__}",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": str(ckpt.folder.resolve()),
+        "dtype": dtype,
+        "config": cfg.to_dict(),
+        "graphs": {"decoder": {"file": "decoder.onnx", "opset": model.opset_import[0].version,
+                               "inputs": inputs, "outputs": outputs}},
+        "custom_ops": [],
+        "sparse": None,
+        "ternary": None,
+        "spec": None,
+        "tokenizer": {"files": tokenizer_files, "eos_token_ids": sorted(cfg.eos_token_ids)},
+        "files": {name: file_record(folder / name) for name in files},
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -1,0 +1,80 @@
+"""The onnxruntime backend: runs a bundle's decoder graph with IOBinding.
+
+Each step binds the KV arena's past rows as `past_key.{i}`/`past_value.{i}` and the arena's next
+rows as the `key.{i}`/`value.{i}` outputs, by pointer: the cache is never copied, and the new
+keys/values land directly where the next step reads them. CUDA EP is used when present (the arena
+then lives in host memory and is copied per step — fine for checks, the TensorRT backend is the
+fast GPU path); CPU EP otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgecpm.bundle import Bundle
+from edgecpm.errors import BackendUnavailable, BundleError
+from edgecpm.kv_cache import KVCache
+
+_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_}
+_ORT_TYPE = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+             "tensor(bool)": "bool"}
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendUnavailable("backend 'onnxruntime' needs onnxruntime: pip install 'edgecpm[ort]'") from None
+    return onnxruntime
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Bundle, threads: int | None = None, providers: list[str] | None = None):
+        ort = _import_ort()
+        self.bundle, self.config = bundle, bundle.config
+        graph = bundle.graph("decoder")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.session = ort.InferenceSession(str(bundle.file(graph["file"])), opts, providers=providers)
+        self.providers = self.session.get_providers()
+        self._check_io(graph)
+        self.kv_dtype = np.dtype(_NP[next(d["dtype"] for d in graph["inputs"] if d["name"] == "past_key.0")])
+        self.weight_bytes = bundle.file(graph["file"] + ".data").stat().st_size
+        self.binding = self.session.io_binding()
+        self._layers = range(self.config.num_hidden_layers)
+
+    def _check_io(self, graph: dict) -> None:
+        want = {d["name"]: d["dtype"] for d in graph["inputs"] + graph["outputs"]}
+        have = {a.name: _ORT_TYPE.get(a.type, a.type) for a in self.session.get_inputs() + self.session.get_outputs()}
+        if want != have:
+            diff = sorted(set(want.items()) ^ set(have.items()))
+            raise BundleError(f"{self.bundle.path / graph['file']}: graph inputs/outputs do not match the manifest "
+                              f"({diff[:6]}); re-export the bundle")
+
+    def forward(self, input_ids, position_ids, attn_mask, cache: KVCache, logit_index):
+        b = self.binding
+        T, N = len(input_ids), len(logit_index)
+        b.bind_cpu_input("input_ids", input_ids.reshape(1, T))
+        b.bind_cpu_input("position_ids", position_ids.reshape(1, T))
+        b.bind_cpu_input("attn_mask", np.ascontiguousarray(attn_mask))
+        b.bind_cpu_input("logit_index", logit_index)
+        et = self.kv_dtype.type
+        for i in self._layers:
+            pk, pv = cache.past(i)
+            nk, nv = cache.slot(i, T)
+            b.bind_input(f"past_key.{i}", "cpu", 0, et, pk.shape, pk.ctypes.data)
+            b.bind_input(f"past_value.{i}", "cpu", 0, et, pv.shape, pv.ctypes.data)
+            b.bind_output(f"key.{i}", "cpu", 0, et, nk.shape, nk.ctypes.data)
+            b.bind_output(f"value.{i}", "cpu", 0, et, nv.shape, nv.ctypes.data)
+        logits = np.empty((N, self.config.vocab_size), np.float32)
+        b.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        self.session.run_with_iobinding(b)
+        return logits
