@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecpm.bundle import is_bundle, load_bundle
-from edgecpm.errors import BackendUnavailable, ConfigError
+from edgecpm.errors import BackendUnavailable, BudgetError, ConfigError
 from edgecpm.generate import Generation, Timer, decode_tokens, prefill
 from edgecpm.kv_cache import KVCache, parse_bytes
 from edgecpm.sampling import Sampler, SamplingParams
@@ -141,6 +141,12 @@ class Session:
 
     def _prefill_reusing_cache(self, ids: list[int], timer: Timer) -> np.ndarray:
         """Keep the longest cached prefix of `ids` (at least one token is always run, for logits)."""
+        c = self.cache
+        if len(ids) > c.capacity:
+            raise BudgetError(
+                f"prompt has {len(ids)} tokens but kv_budget={self.kv_budget} bytes holds {c.capacity} tokens "
+                f"({c.bytes_per_token} bytes per token); raise kv_budget or shorten the prompt"
+            )
         keep = 0
         limit = min(len(self._cached_ids), len(ids) - 1)
         while keep < limit and self._cached_ids[keep] == ids[keep]:
