@@ -104,7 +104,7 @@ class Session:
 
     def logits(self, token_ids) -> np.ndarray:
         """Full-sequence logits [T, V] float32 from a fresh context."""
-        ids = [int(t) for t in token_ids]
+        ids = self._encode(list(token_ids))
         self._reset()
         out = prefill(self.backend, self.cache, ids, all_logits=True)
         self._cached_ids = ids
@@ -143,6 +143,10 @@ class Session:
         """Keep the longest cached prefix of `ids` (at least one token is always run, for logits)."""
         c = self.cache
         if len(ids) > c.capacity:
+            max_pos = self.config.max_position_embeddings
+            if c.capacity == max_pos:
+                raise BudgetError(f"prompt has {len(ids)} tokens but the model's max_position_embeddings is "
+                                  f"{max_pos}; shorten the prompt")
             raise BudgetError(
                 f"prompt has {len(ids)} tokens but kv_budget={self.kv_budget} bytes holds {c.capacity} tokens "
                 f"({c.bytes_per_token} bytes per token); raise kv_budget or shorten the prompt"

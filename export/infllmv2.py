@@ -1,0 +1,152 @@
+"""InfLLM v2 sparse attention in torch (DESIGN.md §7): the `edgecpm::infllmv2_attention` op.
+
+The op's contract is `edgecpm.export.custom_ops.INFLLMV2` (inputs, outputs, attributes); this
+module is its torch implementation, a real CPU kernel registered with `torch.library.custom_op`.
+
+Work per call, for queries at positions p (the new tokens) over S = P + T cached keys:
+1. compressed keys of the chunks the new tokens complete (chunk j = mean of rows [16j, 16j+32));
+2. stage 1: per query and kv head, softmax(q·ck/sqrt(d)) over visible chunks, summed over the
+   group's query heads; blocks of 64 tokens score the max of their 5 overlapping chunks;
+3. top-k blocks (+ init blocks, + the sliding window), per query; dense below dense_len;
+4. stage 2: attention over the selected tokens only. Queries are processed in runs of up to 64
+   consecutive positions; each run gathers the union of its queries' blocks, so a decode step at
+   64K context reads ~6K keys instead of 64K.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from edgecpm.config import SparseConfig
+
+RUN = 64  # queries sharing one gathered key set in stage 2
+
+
+def n_chunks(length: int, cfg: SparseConfig) -> int:
+    """Complete chunks among `length` keys: chunk j covers [stride*j, stride*j + kernel)."""
+    if length < cfg.kernel_size:
+        return 0
+    return (length - cfg.kernel_size) // cfg.kernel_stride + 1
+
+
+def new_chunks(past_k: torch.Tensor, k: torch.Tensor, cfg: SparseConfig) -> torch.Tensor:
+    """Mean-pooled keys [Cn, Hkv, D] (fp32) of the chunks completed by appending k to past_k.
+    Reads only the last kernel_size past rows: O(new tokens) work per step."""
+    P, T = past_k.shape[0], k.shape[0]
+    first, last = n_chunks(P, cfg), n_chunks(P + T, cfg)
+    if last == first:
+        return k.new_zeros((0, *k.shape[1:]), dtype=torch.float32)
+    start = first * cfg.kernel_stride
+    tail = torch.cat([past_k[start:], k]).float() if start < P else k[start - P :].float()
+    windows = tail.unfold(0, cfg.kernel_size, cfg.kernel_stride)  # [Cn, Hkv, D, kernel]
+    return windows.mean(-1)
+
+
+def block_scores(q: torch.Tensor, ck: torch.Tensor, pos: torch.Tensor, S: int, cfg: SparseConfig) -> torch.Tensor:
+    """Stage 1: [Hkv, T, nb] block scores (before init/window/top-k) for queries q [T, Hq, D]."""
+    T, Hq, D = q.shape
+    Hkv, nc = ck.shape[1], ck.shape[0]
+    G = Hq // Hkv
+    nb = math.ceil(S / cfg.block_size)
+    qg = q.float().reshape(T, Hkv, G, D).permute(1, 2, 0, 3)  # [Hkv, G, T, D]
+    s = torch.matmul(qg, ck.permute(1, 2, 0)[:, None]) / math.sqrt(D)  # [Hkv, G, T, nc]
+    chunk_end = torch.arange(nc) * cfg.kernel_stride + cfg.kernel_size - 1
+    s = s.masked_fill(chunk_end[None, :] > pos[:, None], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0).sum(1)  # [Hkv, T, nc]; no visible chunk -> zeros
+    # Block b pools chunks [4b-1, 4b+3]: max over its 4 own chunks and the one before.
+    per = cfg.block_size // cfg.kernel_stride
+    padded = torch.full((Hkv, T, nb * per), float("-inf"))
+    padded[..., :nc] = p
+    own = padded.reshape(Hkv, T, nb, per)
+    before = torch.cat([torch.full((Hkv, T, 1), float("-inf")), own[..., :-1, -1]], dim=-1)
+    return torch.maximum(own.amax(-1), before)
+
+
+def select_blocks(blk: torch.Tensor, pos: torch.Tensor, cfg: SparseConfig) -> torch.Tensor:
+    """Top-k selection with init blocks and the window: bool [Hkv, T, nb] of blocks to attend."""
+    Hkv, T, nb = blk.shape
+    qb = (pos // cfg.block_size)[:, None]  # [T, 1]
+    b = torch.arange(nb)[None, :]  # [1, nb]
+    local = cfg.window_size // cfg.block_size
+    blk = blk.clone()
+    blk[..., : cfg.init_blocks] = float("inf")
+    if cfg.semantics == "v1":
+        window = (b > qb - local) & (b <= qb)
+        blk = blk.masked_fill(window, float("-inf"))
+        k = min(cfg.topk, nb)
+    else:  # v2: the window competes inside top-k with +inf scores
+        window = (b >= qb - local) & (b <= qb)
+        blk = blk.masked_fill(window, float("inf"))
+        k = min(cfg.topk + local, nb)
+    # Overlapping pooling makes exact ties common (two blocks share a boundary chunk): the lower
+    # block index wins, as ONNX TopK specifies, hence a stable sort instead of torch.topk.
+    top = blk.sort(dim=-1, descending=True, stable=True).indices[..., :k]  # [Hkv, T, k]
+    chosen = torch.zeros(Hkv, T, nb, dtype=torch.bool).scatter_(-1, top, True)
+    chosen &= (b < qb) if cfg.semantics == "v1" else (b <= qb)
+    if cfg.semantics == "v1":
+        chosen |= window
+    dense = (pos + 1 < cfg.dense_len)[:, None] & (b <= qb)  # dense queries: every causal block
+    return chosen | dense
+
+
+def sparse_attend(q, k, v, past_k, past_v, pos, attn_mask, blocks, cfg: SparseConfig) -> torch.Tensor:
+    """Stage 2 over the selected blocks. Returns [T, Hq, D] in q's dtype."""
+    T, Hq, D = q.shape
+    P, Hkv = past_k.shape[0], past_k.shape[1]
+    G = Hq // Hkv
+    B = cfg.block_size
+    out = torch.empty(T, Hkv, G, D, dtype=q.dtype)
+    scale = 1.0 / math.sqrt(D)
+    for t0 in range(0, T, RUN):
+        t1 = min(t0 + RUN, T)
+        for h in range(Hkv):
+            sel = blocks[h, t0:t1]  # [Tr, nb]
+            used = sel.any(0).nonzero().flatten()
+            rows = (used[:, None] * B + torch.arange(B)).flatten()
+            rows = rows[rows < P + T]
+            in_past, in_new = rows[rows < P], rows[rows >= P] - P
+            keys = torch.cat([past_k[in_past, h], k[in_new, h]]).float()  # [U, D]
+            vals = torch.cat([past_v[in_past, h], v[in_new, h]]).float()
+            visible = sel[:, rows // B]  # [Tr, U] block selected for that query
+            # Past rows precede every new token; among the new ones the step's mask decides
+            # (causal for plain steps, ancestors for a draft tree).
+            visible[:, len(in_past):] &= attn_mask[t0:t1][:, in_new]
+            qh = q[t0:t1, h * G : (h + 1) * G].float()  # [Tr, G, D]
+            s = torch.einsum("tgd,ud->tgu", qh, keys) * scale
+            s = s.masked_fill(~visible[:, None, :], float("-inf"))
+            out[t0:t1, h] = torch.einsum("tgu,ud->tgd", torch.softmax(s, -1), vals).to(q.dtype)
+    return out.reshape(T, Hq, D)
+
+
+@torch.library.custom_op("edgecpm::infllmv2_attention", mutates_args=())
+def infllmv2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
+                       past_v: torch.Tensor, past_ck: torch.Tensor, position_ids: torch.Tensor,
+                       attn_mask: torch.Tensor, kernel_size: int, kernel_stride: int, block_size: int,
+                       init_blocks: int, window_size: int, topk: int, dense_len: int,
+                       semantics: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hq, D], k/v [T, Hkv, D], past_k/v [P, Hkv, D], past_ck [nc(P), Hkv, D] fp32,
+    position_ids [T], attn_mask [T, T] bool -> (out [T, Hq, D], new compressed keys [Cn, Hkv, D])."""
+    cfg = SparseConfig(kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size,
+                       init_blocks=init_blocks, window_size=window_size, topk=topk, dense_len=dense_len,
+                       semantics=f"v{semantics}")
+    ck_new = new_chunks(past_k, k, cfg)
+    S = past_k.shape[0] + k.shape[0]
+    blk = block_scores(q, torch.cat([past_ck.float(), ck_new]), position_ids, S, cfg)
+    blocks = select_blocks(blk, position_ids, cfg)
+    return sparse_attend(q, k, v, past_k, past_v, position_ids, attn_mask, blocks, cfg), ck_new
+
+
+@infllmv2_attention.register_fake
+def _(q, k, v, past_k, past_v, past_ck, position_ids, attn_mask, kernel_size, kernel_stride, block_size,
+      init_blocks, window_size, topk, dense_len, semantics):
+    n_new = torch.library.get_ctx().new_dynamic_size()
+    return torch.empty_like(q), q.new_empty((n_new, k.shape[1], k.shape[2]), dtype=torch.float32)
+
+
+def sparse_attention(q, k, v, past_k, past_v, past_ck, position_ids, attn_mask, cfg: SparseConfig):
+    """Model-facing call: unpacks the config into the op's attributes."""
+    return torch.ops.edgecpm.infllmv2_attention(
+        q, k, v, past_k, past_v, past_ck, position_ids, attn_mask, cfg.kernel_size, cfg.kernel_stride,
+        cfg.block_size, cfg.init_blocks, cfg.window_size, cfg.topk, cfg.dense_len, int(cfg.semantics[1:]))
