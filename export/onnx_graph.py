@@ -55,34 +55,102 @@ _IO_TYPES = {"int64": TensorProto.INT64, "bool": TensorProto.BOOL, "float32": Te
 
 
 class GraphBuilder:
-    """Appends nodes with fresh output names; initializers go through `weight_sink`."""
+    """Appends nodes with fresh output names. Inside a graph, constants and weights become
+    initializers (weights through `weight_sink`); inside a function body (no sink) constants
+    become Constant nodes, since functions cannot hold initializers."""
 
-    def __init__(self, weight_sink):
+    def __init__(self, weight_sink=None, prefix: str = ""):
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.sink = weight_sink
+        self.prefix = prefix
         self._n = 0
         self._consts: dict[tuple, str] = {}
 
-    def op(self, op_type: str, *inputs: str, n_out: int = 1, **attrs):
+    def op(self, op_type: str, *inputs: str, n_out: int = 1, domain: str = "", **attrs):
         self._n += 1
-        outs = [f"{op_type.lower()}_{self._n}" + (f"_{j}" if n_out > 1 else "") for j in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=f"{op_type}_{self._n}", **attrs))
+        base = f"{self.prefix}{op_type.lower()}_{self._n}"
+        outs = [base + (f"_{j}" if n_out > 1 else "") for j in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=base, domain=domain, **attrs))
         return outs[0] if n_out == 1 else outs
 
     def const(self, value, dtype=np.int64) -> str:
-        """A small constant (shapes, scalars), deduplicated, stored inline."""
+        """A small constant (shapes, scalars), deduplicated."""
         arr = np.asarray(value, dtype=dtype)
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self._consts:
-            name = f"const_{len(self._consts)}"
-            self.initializers.append(onnx.numpy_helper.from_array(arr, name))
+            name = f"{self.prefix}const_{len(self._consts)}"
+            tensor = onnx.numpy_helper.from_array(arr, name)
+            if self.sink is None:
+                self.nodes.append(helper.make_node("Constant", [], [name], value=tensor))
+            else:
+                self.initializers.append(tensor)
             self._consts[key] = name
         return self._consts[key]
 
     def weight(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(self.sink(name, array))
         return name
+
+    def dim(self, x: str, axis: int) -> str:
+        """x.shape[axis] as an int64 [1] tensor."""
+        return self.op("Shape", x, start=axis, end=axis + 1)
+
+    def f32(self, x: str) -> str:
+        return self.op("Cast", x, to=TensorProto.FLOAT)
+
+
+def grouped_scores(g: GraphBuilder, keys: str, q: str) -> str:
+    """q·k / sqrt(D) for every key row, kv head, query head of its group and query: fp32
+    [S, Hkv, G, T]. keys [S, Hkv, D] (token-major) are the left operand, viewed as [S*Hkv, D]:
+    read once and never copied (see the module docstring); q is [T, Hq, D]."""
+    T, Hq, Hkv, D = g.dim(q, 0), g.dim(q, 1), g.dim(keys, 1), g.dim(keys, 2)
+    G = g.op("Div", Hq, Hkv)
+    # Flat index of (kv head h, query group h) among the Hkv x Hkv pairs the MatMul scores.
+    diag = g.op("Mul", g.op("Range", g.const(0), g.op("Squeeze", Hkv), g.const(1)), g.op("Add", Hkv, g.const([1])))
+    # All queries as columns [D, Hkv*G*T], pre-scaled by 1/sqrt(D).
+    q4 = g.op("Reshape", q, g.op("Concat", T, Hkv, G, D, axis=0))
+    qt = g.op("Reshape", g.op("Transpose", q4, perm=[3, 1, 2, 0]), g.op("Concat", D, g.const([-1]), axis=0))
+    qt = g.op("CastLike", g.op("Mul", g.f32(qt), g.op("Reciprocal", g.op("Sqrt", g.f32(D)))), q)
+    rows = g.op("Reshape", keys, g.op("Concat", g.const([-1]), D, axis=0))
+    s = g.f32(g.op("MatMul", rows, qt))  # [S*Hkv, Hkv*G*T]
+    s = g.op("Reshape", s, g.op("Concat", g.const([-1]), g.op("Mul", Hkv, Hkv), G, T, axis=0))
+    return g.op("Gather", s, diag, axis=1)
+
+
+def attend(g: GraphBuilder, q, k, v, past_k, past_v, new_mask, past_mask=None):
+    """GQA attention of new queries over past + new keys (any dtype, any head counts).
+
+    q [T, Hq, D]; k, v [T, Hkv, D]; past_k, past_v [P, Hkv, D]; new_mask bool broadcastable to
+    [Tk, Hkv, 1, Tq] (visibility among the new tokens); past_mask, if given, [P, Hkv, 1, Tq].
+    Past and new score blocks share one fp32 softmax; their weighted sums are added, so the
+    cache is never concatenated. Returns [T, Hq*D] in q's dtype.
+    """
+    T, Hkv, D = g.dim(q, 0), g.dim(k, 1), g.dim(k, 2)
+    neg_inf = g.const(-np.inf, np.float32)
+    s_past = grouped_scores(g, past_k, q)
+    if past_mask is not None:
+        s_past = g.op("Where", past_mask, s_past, neg_inf)
+    s_new = g.op("Where", new_mask, grouped_scores(g, k, q), neg_inf)
+    probs = g.op("Softmax", g.op("Concat", s_past, s_new, axis=0), axis=0)  # [S, Hkv, G, T]
+    n_past = g.dim(past_k, 0)
+    n_queries = g.op("Mul", g.dim(q, 1), T)  # Hq*T = Hkv*G*T score columns
+
+    def weighted(first, count, values):  # probs rows [first, first+count) x values -> [Hkv*G*T, Hkv*D]
+        p = g.op("Slice", probs, first, g.op("Add", first, count), g.const([0]))
+        pt = g.op("Transpose", g.op("CastLike", p, q), perm=[1, 2, 3, 0])
+        # count may be 0 (first prefill): explicit dims with allowzero, since -1 or a 0 would not work.
+        pt = g.op("Reshape", pt, g.op("Concat", n_queries, count, axis=0), allowzero=1)
+        return g.op("MatMul", pt, g.op("Reshape", values, g.op("Concat", g.const([0]), g.op("Mul", Hkv, D), axis=0)))
+
+    both = g.op("Add", weighted(g.const([0]), n_past, past_v), weighted(n_past, T, v))  # [Hkv*G*T, Hkv*D]
+    # Keep the blocks where the query's kv head equals the value's kv head.
+    diag = g.op("Mul", g.op("Range", g.const(0), g.op("Squeeze", Hkv), g.const(1)), g.op("Add", Hkv, g.const([1])))
+    both = g.op("Reshape", both, g.op("Concat", Hkv, g.const([-1]), Hkv, D, axis=0))
+    both = g.op("Reshape", g.op("Transpose", both, perm=[0, 2, 1, 3]),
+                g.op("Concat", g.op("Mul", Hkv, Hkv), g.const([-1]), D, axis=0))
+    out = g.op("Reshape", g.op("Gather", both, diag, axis=0), g.op("Concat", Hkv, g.const([-1]), T, D, axis=0))
+    return g.op("Reshape", g.op("Transpose", out, perm=[2, 0, 1, 3]), g.op("Concat", T, g.const([-1]), axis=0))
 
 
 def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=None) -> onnx.ModelProto:
@@ -93,7 +161,7 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
     dt, npdt = ONNX_DTYPE[dtype], NUMPY_DTYPE[dtype]
     g = GraphBuilder(weight_sink)
     H, L, D = cfg.hidden_size, cfg.num_hidden_layers, cfg.head_dim
-    Hq, Hkv, G = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.group_size
+    Hq, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
 
     def to_dt(x):  # compute-dtype cast, skipped in fp32
         return x if dt == TensorProto.FLOAT else g.op("Cast", x, to=dt)
@@ -113,10 +181,8 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
         inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(cfg.rms_norm_eps, np.float32))))
         return g.op("Mul", to_dt(g.op("Mul", xf, inv)), g.weight(name, tensor(name).astype(npdt)))
 
-    # ---- dynamic sizes and per-step constants ----------------------------------------------
+    # ---- per-step values shared by all layers ------------------------------------------------
     ids = g.op("Squeeze", "input_ids", g.const([0]))  # [T]
-    T = g.op("Shape", ids)  # [1] int64
-    GT = g.op("Mul", T, g.const([G]))
     pos = g.op("Cast", g.op("Squeeze", "position_ids", g.const([0])), to=TensorProto.FLOAT)
     angle = g.op("Mul", g.op("Unsqueeze", pos, g.const([1])), g.const(cfg.rope_inv_freq(), np.float32))
     emb = g.op("Concat", angle, angle, axis=-1)  # [T, D] non-interleaved layout
@@ -124,58 +190,24 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
     if cfg.rope_attention_scale != 1.0:
         s = g.const(cfg.rope_attention_scale, np.float32)
         cos, sin = g.op("Mul", cos, s), g.op("Mul", sin, s)
-    cos_q, sin_q = (g.op("Reshape", c, g.const([0, 1, 1, D])) for c in (cos, sin))
-    cos_k, sin_k = (g.op("Reshape", c, g.const([0, 1, D])) for c in (cos, sin))
-    # attn_mask [Tq, Tk] -> [Tk, 1, 1, Tq], the layout of the new-token score block below.
-    mask = g.op("Unsqueeze", g.op("Transpose", "attn_mask", perm=[1, 0]), g.const([1, 2]))
-    neg_inf = g.const(-np.inf, np.float32)
-    diag = g.const([h * Hkv + h for h in range(Hkv)])  # (kv head h, query group h) pairs
-    qt_shape = g.op("Concat", g.const([D]), g.op("Mul", GT, g.const([Hkv])), axis=0)
-    score_shape = g.op("Concat", g.const([-1, Hkv * Hkv]), GT, axis=0)
-    new_shape = g.op("Concat", g.const([-1, Hkv, G]), T, axis=0)
-    new_flat = g.op("Concat", g.const([-1, Hkv]), GT, axis=0)
-    probs_t_shape = g.op("Concat", g.op("Mul", GT, g.const([Hkv])), g.const([-1]), axis=0)
-    out_shape = g.op("Concat", g.const([Hkv, G]), T, g.const([D]), axis=0)
-    inv_sqrt_d = g.const(1.0 / math.sqrt(D), np.float32)
+    cos, sin = (g.op("Unsqueeze", c, g.const([1])) for c in (cos, sin))  # [T, 1, D] over heads
+    # attn_mask [Tq, Tk] -> [Tk, 1, 1, Tq], the layout of attend()'s new-token score block.
+    new_mask = g.op("Unsqueeze", g.op("Transpose", "attn_mask", perm=[1, 0]), g.const([1, 2]))
 
-    def rope(x, c, s):
+    def rope(x):
         xf = to_f32(x)
         half = [g.op("Slice", xf, g.const([a]), g.const([b]), g.const([-1])) for a, b in ((0, D // 2), (D // 2, D))]
         rotated = g.op("Concat", g.op("Neg", half[1]), half[0], axis=-1)
-        return to_dt(g.op("Add", g.op("Mul", xf, c), g.op("Mul", rotated, s)))
-
-    def scores(keys, qt):  # keys [S, Hkv, D] -> [S, Hkv, G*T] fp32, reading keys once, no copy
-        flat = g.op("Reshape", keys, g.const([-1, D]))
-        s = g.op("Reshape", to_f32(g.op("MatMul", flat, qt)), score_shape)  # [S, Hkv*Hkv, G*T]
-        return g.op("Gather", s, diag, axis=1)
-
-    def weighted(probs, values):  # probs [S, Hkv, G*T] fp32, values [S, Hkv, D] -> [Hkv*G*T, Hkv*D]
-        pt = g.op("Reshape", g.op("Transpose", to_dt(probs), perm=[1, 2, 0]), probs_t_shape)
-        return g.op("MatMul", pt, g.op("Reshape", values, g.const([0, Hkv * D])))
+        return to_dt(g.op("Add", g.op("Mul", xf, cos), g.op("Mul", rotated, sin)))
 
     def attention(x, i):
         p = f"model.layers.{i}.self_attn."
-        q = g.op("Reshape", linear(x, p + "q_proj.weight"), g.const([0, Hkv, G, D]))
-        k = g.op("Reshape", linear(x, p + "k_proj.weight"), g.const([0, Hkv, D]))
-        v = g.op("Reshape", linear(x, p + "v_proj.weight"), g.const([0, Hkv, D]), )
-        q, k = rope(q, cos_q, sin_q), rope(k, cos_k, sin_k)
+        q = rope(g.op("Reshape", linear(x, p + "q_proj.weight"), g.const([0, Hq, D])))
+        k = rope(g.op("Reshape", linear(x, p + "k_proj.weight"), g.const([0, Hkv, D])))
+        v = g.op("Reshape", linear(x, p + "v_proj.weight"), g.const([0, Hkv, D]))
         g.nodes.append(helper.make_node("Identity", [k], [f"key.{i}"]))
         g.nodes.append(helper.make_node("Identity", [v], [f"value.{i}"]))
-        # All queries as columns [D, Hkv*G*T], pre-scaled by 1/sqrt(D).
-        qt = g.op("Reshape", g.op("Transpose", q, perm=[3, 1, 2, 0]), qt_shape)
-        qt = to_dt(g.op("Mul", to_f32(qt), inv_sqrt_d))
-        s_past = scores(f"past_key.{i}", qt)
-        s_new = g.op("Reshape", scores(k, qt), new_shape)  # [Tk, Hkv, G, Tq]
-        s_new = g.op("Reshape", g.op("Where", mask, s_new, neg_inf), new_flat)
-        probs = g.op("Softmax", g.op("Concat", s_past, s_new, axis=0), axis=0)
-        n_past = g.op("Shape", f"past_key.{i}", start=0, end=1)
-        p_past = g.op("Slice", probs, g.const([0]), n_past, g.const([0]))
-        p_new = g.op("Slice", probs, n_past, g.const([np.iinfo(np.int64).max]), g.const([0]))
-        both = g.op("Add", weighted(p_past, f"past_value.{i}"), weighted(p_new, v))  # [Hkv*G*T, Hkv*D]
-        both = g.op("Reshape", both, g.const([Hkv, -1, Hkv, D]))
-        both = g.op("Reshape", g.op("Transpose", both, perm=[0, 2, 1, 3]), g.const([Hkv * Hkv, -1, D]))
-        out = g.op("Reshape", g.op("Gather", both, diag, axis=0), out_shape)  # [Hkv, G, T, D]
-        out = g.op("Reshape", g.op("Transpose", out, perm=[2, 0, 1, 3]), g.const([0, Hq * D]))
+        out = attend(g, q, k, v, f"past_key.{i}", f"past_value.{i}", new_mask)
         return linear(out, p + "o_proj.weight")
 
     def mlp(x, i):

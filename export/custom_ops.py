@@ -1,0 +1,186 @@
+"""Every custom op of the edgecpm graphs, written once: schema, ONNX node, reference body.
+
+Custom ops live in ONNX domain `edgecpm` with op_type equal to the TensorRT plugin name and the
+attributes `plugin_version="1"`, `plugin_namespace=""` (DESIGN.md §6). Each node is backed by an
+ONNX local function in the same model that computes the reference result with standard ops, so
+onnxruntime runs the exported graph as is; `edgecpm build` strips the functions so TensorRT maps
+the nodes to the plugins. One spec, three implementations: the torch op
+(edgecpm.export.infllmv2), the function below, the CUDA plugin (plugins/).
+
+InfLLMv2Attention (plugin version "1")
+  inputs   q          [T, Hq, D]    roped queries, model dtype
+           k, v       [T, Hkv, D]   the new tokens' roped keys and values
+           past_k/v   [P, Hkv, D]   the cache (token-major)
+           past_ck    [C, Hkv, D]   float32 compressed keys of the past, C = n_chunks(P)
+           positions  [T] int64     the queries' positions (P + t for plain steps)
+           attn_mask  [T, T] bool   visibility among the new tokens (past always visible)
+  outputs  out        [T, Hq, D]    attention output, model dtype
+           ck_new     [Cn, Hkv, D]  float32 compressed keys of the chunks the new tokens complete,
+                                    Cn = n_chunks(P + T) - n_chunks(P); the runtime appends them
+  attributes (int): kernel_size (=2*kernel_stride), kernel_stride, block_size (=4*kernel_stride),
+           init_blocks, window_size, topk, dense_len, semantics (1 or 2)
+  Semantics: DESIGN.md §7 per query; ties in block scores go to the lower block index (ONNX TopK).
+  Blocks are indexed by cache row; for a draft tree the new rows are tree slots, so chunks that
+  a tree completes are recomputed after the accepted path is compacted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from edgecpm.config import SparseConfig
+from edgecpm.export.onnx_graph import GraphBuilder, attend, grouped_scores
+
+DOMAIN = "edgecpm"
+PLUGIN_VERSION = "1"
+
+INFLLMV2 = {
+    "op_type": "InfLLMv2Attention",
+    "inputs": ["q", "k", "v", "past_k", "past_v", "past_ck", "positions", "attn_mask"],
+    "outputs": ["out", "ck_new"],
+    "attributes": ["kernel_size", "kernel_stride", "block_size", "init_blocks", "window_size", "topk",
+                   "dense_len", "semantics"],
+}
+
+
+def infllmv2_attributes(cfg: SparseConfig) -> dict:
+    return {"kernel_size": cfg.kernel_size, "kernel_stride": cfg.kernel_stride, "block_size": cfg.block_size,
+            "init_blocks": cfg.init_blocks, "window_size": cfg.window_size, "topk": cfg.topk,
+            "dense_len": cfg.dense_len, "semantics": int(cfg.semantics[1:]),
+            "plugin_version": PLUGIN_VERSION, "plugin_namespace": ""}
+
+
+def register_schemas() -> None:
+    """Register the ops with onnx so the checker accepts the nodes (idempotent)."""
+    if onnx.defs.has(INFLLMV2["op_type"], DOMAIN):
+        return
+    ins = [onnx.defs.OpSchema.FormalParameter(n, "T" if n not in ("past_ck", "positions", "attn_mask")
+                                              else {"past_ck": "tensor(float)", "positions": "tensor(int64)",
+                                                    "attn_mask": "tensor(bool)"}[n]) for n in INFLLMV2["inputs"]]
+    outs = [onnx.defs.OpSchema.FormalParameter("out", "T"),
+            onnx.defs.OpSchema.FormalParameter("ck_new", "tensor(float)")]
+    attrs = [onnx.defs.OpSchema.Attribute(a, onnx.defs.OpSchema.AttrType.INT, "InfLLM v2 setting")
+             for a in INFLLMV2["attributes"]]
+    attrs += [onnx.defs.OpSchema.Attribute(a, onnx.defs.OpSchema.AttrType.STRING, "TensorRT plugin field")
+              for a in ("plugin_version", "plugin_namespace")]
+    schema = onnx.defs.OpSchema(
+        INFLLMV2["op_type"], DOMAIN, 1, inputs=ins, outputs=outs, attributes=attrs,
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "model dtype")],
+        doc="InfLLM v2 sparse attention (see edgecpm/export/custom_ops.py)",
+    )
+    onnx.defs.register_schema(schema)
+
+
+def infllmv2_node(g: GraphBuilder, q, k, v, past_k, past_v, past_ck, positions, attn_mask, cfg: SparseConfig):
+    return g.op(INFLLMV2["op_type"], q, k, v, past_k, past_v, past_ck, positions, attn_mask, n_out=2,
+                domain=DOMAIN, **infllmv2_attributes(cfg))
+
+
+def infllmv2_function() -> onnx.FunctionProto:
+    """The reference body of InfLLMv2Attention with standard ops (opset 17)."""
+    g = GraphBuilder(prefix="f_")
+    names = INFLLMV2["inputs"]
+    q, k, v, past_k, past_v, past_ck, pos, attn_mask = names
+
+    def attr(name):  # an int attribute of the calling node, as an int64 [1] tensor
+        ref = onnx.AttributeProto(name="value_int", type=onnx.AttributeProto.INT, ref_attr_name=name)
+        node = helper.make_node("Constant", [], [f"f_attr_{name}"])
+        node.attribute.append(ref)
+        g.nodes.append(node)
+        return g.op("Reshape", node.output[0], g.const([1]))
+
+    stride, block, init = attr("kernel_stride"), attr("block_size"), attr("init_blocks")
+    window, topk, dense_len, semantics = attr("window_size"), attr("topk"), attr("dense_len"), attr("semantics")
+    kernel = g.op("Mul", stride, g.const([2]))
+    one, zero = g.const([1]), g.const([0])
+    neg_inf, pos_inf = g.const(-np.inf, np.float32), g.const(np.inf, np.float32)
+
+    def n_chunks(length):  # (length - kernel) // stride + 1, or 0 below one kernel
+        return g.op("Where", g.op("Less", length, kernel), zero,
+                    g.op("Add", g.op("Div", g.op("Sub", length, kernel), stride), one))
+
+    P, T, Hkv = g.dim(past_k, 0), g.dim(k, 0), g.dim(k, 1)
+    S = g.op("Add", P, T)
+    # 1. compressed keys completed by the new tokens: pairs of stride-row sums, / kernel.
+    first, last = n_chunks(P), n_chunks(S)
+    n_new = g.op("Sub", last, first)
+    start = g.op("Mul", first, stride)
+    tail = g.f32(g.op("Concat", g.op("Slice", past_k, start, P, zero), k, axis=0))
+    need = g.op("Mul", g.op("Add", n_new, one), stride)
+    short = g.op("Max", g.op("Sub", need, g.dim(tail, 0)), zero)
+    tail = g.op("Pad", tail, g.op("Concat", zero, zero, zero, short, zero, zero, axis=0))
+    tail = g.op("Slice", tail, zero, need, zero)
+    halves = g.op("ReduceSum", g.op("Reshape", tail, g.op("Concat", g.const([-1]), stride, Hkv, g.dim(k, 2), axis=0)),
+                  g.const([1]), keepdims=0)
+    big = g.const([np.iinfo(np.int64).max])
+    ck_new = g.op("Div", g.op("Add", g.op("Slice", halves, zero, n_new, zero), g.op("Slice", halves, one, big, zero)),
+                  g.f32(kernel))
+    g.nodes.append(helper.make_node("Identity", [ck_new], ["ck_new"]))
+
+    # 2. stage 1: chunk scores, softmax over visible chunks, summed over the group.
+    ck_all = g.op("Concat", past_ck, ck_new, axis=0)  # 1/16 of the keys, fp32
+    nc = g.dim(ck_all, 0)
+    chunk_end = g.op("Add", g.op("Mul", g.op("Range", g.const(0), g.op("Squeeze", nc), g.const(1)), g.op("Squeeze", stride)),
+                     g.op("Squeeze", g.op("Sub", kernel, one)))
+    visible = g.op("LessOrEqual", g.op("Unsqueeze", chunk_end, one), g.op("Unsqueeze", pos, zero))  # [nc, T]
+    s = g.op("Where", g.op("Unsqueeze", visible, g.const([1, 2])), grouped_scores(g, ck_all, q), neg_inf)
+    p = g.op("Softmax", s, axis=0)
+    p = g.op("Where", g.op("IsNaN", p), g.const(0.0, np.float32), p)  # a query with no visible chunk
+    score = g.op("Transpose", g.op("ReduceSum", p, g.const([2]), keepdims=0), perm=[1, 2, 0])  # [Hkv, T, nc]
+
+    # 3. block scores: max over the block's own chunks and the one before it.
+    per = g.op("Div", block, stride)  # 4 chunks per block
+    nb = g.op("Div", g.op("Sub", g.op("Add", S, block), one), block)  # ceil(S / block)
+    score = g.op("Pad", score, g.op("Concat", zero, zero, zero, zero, zero, g.op("Sub", g.op("Mul", nb, per), nc),
+                                    axis=0), neg_inf)
+    own = g.op("Reshape", score, g.op("Concat", Hkv, T, nb, per, axis=0))
+    tail_chunk = g.op("Squeeze", g.op("Slice", own, g.op("Sub", per, one), per, g.const([3])), g.const([3]))
+    before = g.op("Pad", g.op("Slice", tail_chunk, zero, g.op("Sub", nb, one), g.const([2])),
+                  g.const([0, 0, 1, 0, 0, 0]), neg_inf)
+    blk = g.op("Max", g.op("ReduceMax", own, axes=[3], keepdims=0), before)  # [Hkv, T, nb]
+
+    # 4. selection. v1: window -inf, k = topk, keep b < qb, union the window.
+    #    v2: window +inf (one block wider), k = topk + local, keep b <= qb.
+    is_v2 = g.op("Equal", semantics, g.const([2]))
+    v2 = g.op("Cast", is_v2, to=TensorProto.INT64)
+    b = g.op("Range", g.const(0), g.op("Squeeze", nb), g.const(1))  # [nb]
+    qb = g.op("Unsqueeze", g.op("Div", pos, g.op("Squeeze", block)), one)  # [T, 1]
+    local = g.op("Div", window, block)
+    lo = g.op("Sub", g.op("Add", g.op("Sub", qb, local), one), v2)
+    in_window = g.op("And", g.op("GreaterOrEqual", b, lo), g.op("LessOrEqual", b, qb))  # [T, nb]
+    blk = g.op("Where", g.op("Less", b, init), pos_inf, blk)
+    blk = g.op("Where", in_window, g.op("Where", is_v2, pos_inf, neg_inf), blk)
+    k_eff = g.op("Min", g.op("Add", topk, g.op("Mul", v2, local)), nb)
+    _, top = g.op("TopK", blk, k_eff, axis=-1, largest=1, sorted=1, n_out=2)
+    chosen = g.op("ScatterElements", g.op("Expand", g.const(0.0, np.float32), g.op("Shape", blk)), top,
+                  g.op("Expand", g.const(1.0, np.float32), g.op("Shape", top)), axis=2)
+    chosen = g.op("And", g.op("Cast", chosen, to=TensorProto.BOOL), g.op("Less", b, g.op("Add", qb, v2)))
+    chosen = g.op("Or", chosen, g.op("And", in_window, g.op("Not", is_v2)))
+    dense = g.op("And", g.op("Less", g.op("Add", g.op("Unsqueeze", pos, one), one), dense_len),
+                 g.op("LessOrEqual", b, qb))
+    chosen = g.op("Or", chosen, dense)  # [Hkv, T, nb]
+
+    # 5. stage 2 over the selected rows: gather the union of the blocks from the cache (a decode
+    #    step reads ~topk+window blocks instead of P rows), mask per query and kv head.
+    row_block = g.op("Div", g.op("Range", g.const(0), g.op("Squeeze", P), g.const(1)), g.op("Squeeze", block))
+    union = g.op("Cast", g.op("ReduceMax", g.op("Cast", chosen, to=TensorProto.INT64), axes=[0, 1], keepdims=0),
+                 to=TensorProto.BOOL)  # [nb]
+    rows = g.op("Squeeze", g.op("NonZero", g.op("Gather", union, row_block, axis=0)), zero)  # [U]
+    sel_k, sel_v = g.op("Gather", past_k, rows, axis=0), g.op("Gather", past_v, rows, axis=0)
+    chosen_t = g.op("Transpose", chosen, perm=[2, 0, 1])  # [nb, Hkv, T]
+    past_mask = g.op("Unsqueeze", g.op("Gather", chosen_t, g.op("Gather", row_block, rows, axis=0), axis=0),
+                     g.const([2]))  # [U, Hkv, 1, T]
+    new_block = g.op("Div", g.op("Add", g.op("Range", g.const(0), g.op("Squeeze", T), g.const(1)), g.op("Squeeze", P)),
+                     g.op("Squeeze", block))
+    new_mask = g.op("And", g.op("Unsqueeze", g.op("Gather", chosen_t, new_block, axis=0), g.const([2])),
+                    g.op("Unsqueeze", g.op("Transpose", attn_mask, perm=[1, 0]), g.const([1, 2])))
+    out = attend(g, q, k, v, sel_k, sel_v, new_mask, past_mask)
+    g.nodes.append(helper.make_node("Reshape", [out, g.op("Shape", q)], ["out"]))
+
+    return helper.make_function(
+        DOMAIN, INFLLMV2["op_type"], names, INFLLMV2["outputs"], g.nodes,
+        opset_imports=[helper.make_opsetid("", 17)],
+        attributes=INFLLMV2["attributes"] + ["plugin_version", "plugin_namespace"],
+    )
