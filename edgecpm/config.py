@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +34,26 @@ class SparseConfig:
     semantics: str = "v1"
 
     @classmethod
-    def from_dict(cls, d: dict) -> SparseConfig:
+    def from_dict(cls, d: dict, source: str = "config") -> SparseConfig:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        sc = cls(**{k: v for k, v in d.items() if k in known})
+        # The 5-chunk block pooling of the reference assumes these ratios (DESIGN.md §7).
+        if sc.kernel_size != 2 * sc.kernel_stride or sc.block_size != 4 * sc.kernel_stride:
+            raise ConfigError(f"{source}: sparse_config needs kernel_size = 2*kernel_stride and block_size = "
+                              f"4*kernel_stride (got {sc.kernel_size}, {sc.kernel_stride}, {sc.block_size})")
+        if sc.window_size % sc.block_size:
+            raise ConfigError(f"{source}: sparse_config.window_size {sc.window_size} is not a multiple of "
+                              f"block_size {sc.block_size}")
+        if sc.semantics not in ("v1", "v2"):
+            raise ConfigError(f"{source}: sparse_config.semantics must be 'v1' (MiniCPM4-8B) or 'v2' (MiniCPM4.1)")
+        if sc.use_nope:
+            raise ConfigError(f"{source}: sparse_config.use_nope=true is not supported yet (compressed keys "
+                              f"from pre-RoPE keys); set it to false")
+        return sc
+
+    def n_chunks(self, length: int) -> int:
+        """Complete compressed-key chunks among `length` keys (chunk j = rows [stride*j, stride*j+kernel))."""
+        return 0 if length < self.kernel_size else (length - self.kernel_size) // self.kernel_stride + 1
 
 
 @dataclass(frozen=True)
@@ -101,6 +118,25 @@ class ModelConfig:
         exponents = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d
         base = np.float32(self.rope_theta) ** exponents
         return (1.0 / (self.rope_factors * base)).astype(np.float32)
+
+    def with_sparse(self, settings: dict | None = None) -> ModelConfig:
+        """This config with InfLLM v2 switched on (DESIGN.md §7 defaults, overridden by `settings`).
+
+        Only models trained with it qualify: MiniCPM4-8B / 4.1-8B, recognised by their 16 query
+        heads per kv head. MiniCPM4-0.5B's reference code runs dense only.
+        """
+        if self.group_size != 16:
+            raise ConfigError(
+                f"sparse attention needs a model trained with InfLLM v2 (MiniCPM4-8B: 16 query heads per kv "
+                f"head); this model has {self.group_size}. The reference runs it dense. To experiment anyway, "
+                f"put a sparse_config into its config.json"
+            )
+        sparse = SparseConfig.from_dict({**(self.raw.get("sparse_config") or {}), **(settings or {})})
+        return replace(self, sparse=sparse, raw={**self.raw, "sparse_config": self.to_dict_sparse(sparse)})
+
+    @staticmethod
+    def to_dict_sparse(sparse: SparseConfig) -> dict:
+        return {f.name: getattr(sparse, f.name) for f in fields(SparseConfig)}
 
     def n_params(self) -> int:
         h, i, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
@@ -208,7 +244,7 @@ class ModelConfig:
             tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
             bos_token_id=int(d.get("bos_token_id", 1)),
             eos_token_ids=eos,
-            sparse=SparseConfig.from_dict(sparse) if sparse is not None else None,
+            sparse=SparseConfig.from_dict(sparse, source) if sparse is not None else None,
             raw=dict(d),
         )
 
@@ -241,5 +277,5 @@ class ModelConfig:
             "hidden_act": "silu",
         }
         if self.sparse is not None:
-            d["sparse_config"] = {f.name: getattr(self.sparse, f.name) for f in fields(SparseConfig)}
+            d["sparse_config"] = self.to_dict_sparse(self.sparse)
         return d

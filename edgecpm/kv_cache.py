@@ -49,6 +49,11 @@ class KVCache:
         )
         self.keys = [self.arena[i, 0] for i in range(cfg.num_hidden_layers)]
         self.values = [self.arena[i, 1] for i in range(cfg.num_hidden_layers)]
+        # InfLLM v2: float32 compressed keys, one row per completed chunk, derived from the keys
+        # (their count always follows from `length`, so truncation needs no bookkeeping).
+        self.sparse = cfg.sparse
+        n_ck = cfg.sparse.n_chunks(capacity) if cfg.sparse else 0
+        self.ckeys = np.zeros((cfg.num_hidden_layers, n_ck, cfg.num_key_value_heads, cfg.head_dim), np.float32)
         self.length = 0
         self.peak_length = 0
 
@@ -66,7 +71,7 @@ class KVCache:
 
     @property
     def bytes_allocated(self) -> int:
-        return self.arena.nbytes
+        return self.arena.nbytes + self.ckeys.nbytes
 
     @property
     def bytes_in_use(self) -> int:
@@ -93,6 +98,13 @@ class KVCache:
         end = self.length + n_tokens
         return self.keys[layer][self.length : end], self.values[layer][self.length : end]
 
+    def past_ck(self, layer: int) -> np.ndarray:
+        return self.ckeys[layer][: self.sparse.n_chunks(self.length)]
+
+    def ck_slot(self, layer: int, n_tokens: int) -> np.ndarray:
+        """Where a step writes the compressed keys of the chunks its tokens complete."""
+        return self.ckeys[layer][self.sparse.n_chunks(self.length) : self.sparse.n_chunks(self.length + n_tokens)]
+
     def commit(self, n_tokens: int) -> None:
         """Make the rows a step wrote part of the context."""
         self.length += n_tokens
@@ -114,3 +126,8 @@ class KVCache:
         # One fancy-indexed gather per arena (copies only the kept tail rows).
         self.arena[:, :, start : start + n] = self.arena[:, :, rows]
         self.length = start + n
+        if self.sparse:  # chunks [n_chunks(start), ...) overlap the moved rows: recompute them
+            sp = self.sparse
+            for j in range(sp.n_chunks(start), sp.n_chunks(self.length)):
+                rows_j = self.arena[:, 0, j * sp.kernel_stride : j * sp.kernel_stride + sp.kernel_size]
+                self.ckeys[:, j] = rows_j.astype(np.float32).mean(axis=1)

@@ -31,7 +31,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgecpm.config import SparseConfig
-from edgecpm.export.onnx_graph import GraphBuilder, attend, grouped_scores
+from edgecpm.export.onnx_builder import GraphBuilder, attend, grouped_scores
 
 DOMAIN = "edgecpm"
 PLUGIN_VERSION = "1"

@@ -21,6 +21,7 @@ from edgecpm import __version__
 from edgecpm.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_record
 from edgecpm.errors import BundleError
 from edgecpm.export.checkpoint import Checkpoint
+from edgecpm.export.custom_ops import DOMAIN
 from edgecpm.export.onnx_graph import build_decoder, graph_io
 from edgecpm.tokenizer import Tokenizer
 
@@ -54,11 +55,13 @@ class ExternalDataWriter:
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, sparse: bool | dict = False) -> Path:
+    """sparse: True (or a dict of overrides) switches InfLLM v2 on with DESIGN.md §7's defaults."""
     checkpoint, out = Path(checkpoint), Path(out)
     ckpt = Checkpoint(checkpoint)
     ckpt.check()
-    cfg = ckpt.config
+    if sparse:
+        ckpt.config = ckpt.config.with_sparse(sparse if isinstance(sparse, dict) else None)
     if out.exists() and not force:
         raise BundleError(f"{out}: already exists; pass --force to replace it")
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -110,8 +113,8 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool) ->
         "config": cfg.to_dict(),
         "graphs": {"decoder": {"file": "decoder.onnx", "opset": model.opset_import[0].version,
                                "inputs": inputs, "outputs": outputs}},
-        "custom_ops": [],
-        "sparse": None,
+        "custom_ops": sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN}),
+        "sparse": cfg.to_dict().get("sparse_config"),
         "ternary": None,
         "spec": None,
         "tokenizer": {"files": tokenizer_files, "eos_token_ids": sorted(cfg.eos_token_ids)},

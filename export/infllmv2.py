@@ -24,18 +24,11 @@ from edgecpm.config import SparseConfig
 RUN = 64  # queries sharing one gathered key set in stage 2
 
 
-def n_chunks(length: int, cfg: SparseConfig) -> int:
-    """Complete chunks among `length` keys: chunk j covers [stride*j, stride*j + kernel)."""
-    if length < cfg.kernel_size:
-        return 0
-    return (length - cfg.kernel_size) // cfg.kernel_stride + 1
-
-
 def new_chunks(past_k: torch.Tensor, k: torch.Tensor, cfg: SparseConfig) -> torch.Tensor:
     """Mean-pooled keys [Cn, Hkv, D] (fp32) of the chunks completed by appending k to past_k.
     Reads only the last kernel_size past rows: O(new tokens) work per step."""
     P, T = past_k.shape[0], k.shape[0]
-    first, last = n_chunks(P, cfg), n_chunks(P + T, cfg)
+    first, last = cfg.n_chunks(P), cfg.n_chunks(P + T)
     if last == first:
         return k.new_zeros((0, *k.shape[1:]), dtype=torch.float32)
     start = first * cfg.kernel_stride

@@ -3,15 +3,19 @@
 One forward serves the torch runtime, ONNX export and training. Its contract is the decoder graph
 of DESIGN.md §6, with a leading batch dimension that the exported graph drops:
 
-    logits, keys, values = model(input_ids, position_ids, attn_mask, past_keys, past_values, logit_index)
+    logits, keys, values, ckeys = model(input_ids, position_ids, attn_mask, past_keys, past_values,
+                                        logit_index, past_ckeys)
 
 - input_ids, position_ids  [B, T] int64
 - attn_mask                [T, T] bool, True = visible, among the new tokens only (past is always visible)
 - past_keys/values         per layer [B, P, Hkv, D], token-major: a prefix of the runtime's KV arena
 - logit_index              [N] int64, rows of T that need logits (None: all rows)
-- returns logits [B, N, V] float32 and the new per-layer keys/values [B, T, Hkv, D]; the caller
-  writes them into its arena at rows P..P+T (the static, preallocated cache lives with the
-  runtime, gpt-fast style, so the same model exports without any cache state inside the graph).
+- past_ckeys                with InfLLM v2 (config.sparse), per layer [B, C, Hkv, D] float32
+                            compressed keys of the past; batch 1 only
+- returns logits [B, N, V] float32, the new per-layer keys/values [B, T, Hkv, D] and, with InfLLM
+  v2, the compressed keys the new tokens complete; the caller writes them into its arena (the
+  static, preallocated cache lives with the runtime, gpt-fast style, so the same model exports
+  without any cache state inside the graph).
 
 Parameter names match the Hugging Face checkpoint, so `load_state_dict` takes its tensors as is.
 """
@@ -19,12 +23,21 @@ Parameter names match the Hugging Face checkpoint, so `load_state_dict` takes it
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from edgecpm.config import ModelConfig
+from edgecpm.export.infllmv2 import sparse_attention
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    ckeys: list[torch.Tensor]  # InfLLM v2 compressed keys the step completed (empty when dense)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -98,16 +111,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, cfg.num_key_value_heads * d, bias=False)
         self.v_proj = nn.Linear(h, cfg.num_key_value_heads * d, bias=False)
         self.o_proj = nn.Linear(cfg.num_attention_heads * d, h, bias=False)
+        self.sparse = cfg.sparse
 
-    def forward(self, x, cos, sin, attn_mask, past_k, past_v):
+    def forward(self, x, cos, sin, attn_mask, past_k, past_v, positions, past_ck):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # The seam for InfLLM v2: a sparse attention op takes the same arguments.
-        out = dense_attention(q, k, v, past_k, past_v, attn_mask)
-        return self.o_proj(out), k, v
+        if self.sparse is None:
+            return self.o_proj(dense_attention(q, k, v, past_k, past_v, attn_mask)), k, v, None
+        if B != 1:
+            raise ValueError("InfLLM v2 sparse attention runs batch 1 (one sequence per KV arena)")
+        out, ck = sparse_attention(q[0], k[0], v[0], past_k[0], past_v[0], past_ck[0], positions[0], attn_mask,
+                                   self.sparse)
+        return self.o_proj(out.reshape(1, T, -1)), k, v, ck[None]
 
 
 class MLP(nn.Module):
@@ -130,11 +148,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.residual_scale = cfg.residual_scale  # muP depth scaling: scale_depth / sqrt(L)
 
-    def forward(self, h, cos, sin, attn_mask, past_k, past_v):
-        a, k, v = self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, past_k, past_v)
+    def forward(self, h, cos, sin, attn_mask, past_k, past_v, positions, past_ck):
+        a, k, v, ck = self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, past_k, past_v, positions, past_ck)
         h = h + a * self.residual_scale
         h = h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
-        return h, k, v
+        return h, k, v, ck
 
 
 class MiniCPMModel(nn.Module):
@@ -161,7 +179,7 @@ class MiniCPMForCausalLM(nn.Module):
         return self.lm_head.weight
 
     def forward(self, input_ids, position_ids=None, attn_mask=None, past_keys=None, past_values=None,
-                logit_index=None):
+                logit_index=None, past_ckeys=None) -> ModelOutput:
         cfg = self.config
         B, T = input_ids.shape
         if position_ids is None:
@@ -172,16 +190,20 @@ class MiniCPMForCausalLM(nn.Module):
             dtype = self.model.embed_tokens.weight.dtype
             empty = input_ids.new_zeros((B, 0, cfg.num_key_value_heads, cfg.head_dim), dtype=dtype)
             past_keys = past_values = [empty] * cfg.num_hidden_layers
+        if past_ckeys is None:
+            past_ckeys = [torch.zeros(B, 0, cfg.num_key_value_heads, cfg.head_dim)] * cfg.num_hidden_layers
 
         cos, sin = self.rope(position_ids)
         h = self.model.embed_tokens(input_ids) * cfg.scale_emb
-        keys, values = [], []
-        for layer, pk, pv in zip(self.model.layers, past_keys, past_values):
-            h, k, v = layer(h, cos, sin, attn_mask, pk, pv)
+        keys, values, ckeys = [], [], []
+        for layer, pk, pv, pck in zip(self.model.layers, past_keys, past_values, past_ckeys):
+            h, k, v, ck = layer(h, cos, sin, attn_mask, pk, pv, position_ids, pck)
             keys.append(k)
             values.append(v)
+            if ck is not None:
+                ckeys.append(ck)
         if logit_index is not None:
             h = h[:, logit_index]
         h = self.model.norm(h) / cfg.logit_divisor  # muP width scaling, also when tied
         logits = F.linear(h, self.lm_head_weight).float()
-        return logits, keys, values
+        return ModelOutput(logits, keys, values, ckeys)

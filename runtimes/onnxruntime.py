@@ -50,6 +50,7 @@ class OnnxRuntimeBackend:
         self.weight_bytes = bundle.file(graph["file"] + ".data").stat().st_size
         self.binding = self.session.io_binding()
         self._layers = range(self.config.num_hidden_layers)
+        self.sparse = self.config.sparse is not None
 
     def _check_io(self, graph: dict) -> None:
         want = {d["name"]: d["dtype"] for d in graph["inputs"] + graph["outputs"]}
@@ -74,6 +75,10 @@ class OnnxRuntimeBackend:
             b.bind_input(f"past_value.{i}", "cpu", 0, et, pv.shape, pv.ctypes.data)
             b.bind_output(f"key.{i}", "cpu", 0, et, nk.shape, nk.ctypes.data)
             b.bind_output(f"value.{i}", "cpu", 0, et, nv.shape, nv.ctypes.data)
+            if self.sparse:
+                pc, nc = cache.past_ck(i), cache.ck_slot(i, T)
+                b.bind_input(f"past_ckey.{i}", "cpu", 0, np.float32, pc.shape, pc.ctypes.data)
+                b.bind_output(f"ckey.{i}", "cpu", 0, np.float32, nc.shape, nc.ctypes.data)
         logits = np.empty((N, self.config.vocab_size), np.float32)
         b.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         self.session.run_with_iobinding(b)

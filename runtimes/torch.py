@@ -50,17 +50,21 @@ class TorchBackend:
         dev, dt = self.device, self.dtype
         layers = range(self.config.num_hidden_layers)
         past = [cache.past(i) for i in layers]
-        logits, keys, values = self.model(
+        sparse = self.config.sparse is not None
+        out = self.model(
             torch.from_numpy(input_ids).to(dev)[None],
             torch.from_numpy(position_ids).to(dev)[None],
             torch.from_numpy(attn_mask).to(dev),
             [_as_torch(k, dt).to(dev)[None] for k, _ in past],
             [_as_torch(v, dt).to(dev)[None] for _, v in past],
             torch.from_numpy(logit_index).to(dev),
+            [torch.from_numpy(cache.past_ck(i)).to(dev)[None] for i in layers] if sparse else None,
         )
         T = len(input_ids)
         for i in layers:
             k_slot, v_slot = cache.slot(i, T)
-            _as_torch(k_slot, dt).copy_(keys[i][0])
-            _as_torch(v_slot, dt).copy_(values[i][0])
-        return logits[0].float().cpu().numpy()
+            _as_torch(k_slot, dt).copy_(out.keys[i][0])
+            _as_torch(v_slot, dt).copy_(out.values[i][0])
+            if sparse:
+                torch.from_numpy(cache.ck_slot(i, T)).copy_(out.ckeys[i][0])
+        return out.logits[0].float().cpu().numpy()

@@ -90,7 +90,52 @@ def test_incremental_chunks_equal_recompute():
     for step in (1, 30, 1, 17, 64, 3, 100, 84):
         ck = torch.cat([ck, infllmv2.new_chunks(k[:done], k[done : done + step], cfg)])
         done += step
-        full = torch.stack([k[16 * j : 16 * j + 32].mean(0) for j in range(infllmv2.n_chunks(done, cfg))]) \
+        full = torch.stack([k[16 * j : 16 * j + 32].mean(0) for j in range(cfg.n_chunks(done))]) \
             if done >= 32 else ck[:0]
-        assert ck.shape[0] == infllmv2.n_chunks(done, cfg)
+        assert ck.shape[0] == cfg.n_chunks(done)
         assert torch.allclose(ck, full, atol=1e-6)
+
+
+# ---- the ONNX reference function ---------------------------------------------------------------
+
+def onnx_op_session(cfg):
+    """A one-node ONNX model: the InfLLMv2Attention node backed by its local function."""
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgecpm.export.custom_ops import DOMAIN, infllmv2_function, infllmv2_node, register_schemas
+    from edgecpm.export.onnx_builder import GraphBuilder
+
+    register_schemas()
+    g = GraphBuilder(weight_sink=lambda name, array: None)
+    out, ck = infllmv2_node(g, "q", "k", "v", "pk", "pv", "pck", "pos", "mask", cfg)
+    g.nodes += [helper.make_node("Identity", [out], ["out"]), helper.make_node("Identity", [ck], ["ck"])]
+    f = TensorProto.FLOAT
+    specs = [("q", f, ["T", "Hq", "D"]), ("k", f, ["T", "H", "D"]), ("v", f, ["T", "H", "D"]),
+             ("pk", f, ["P", "H", "D"]), ("pv", f, ["P", "H", "D"]), ("pck", f, ["C", "H", "D"]),
+             ("pos", TensorProto.INT64, ["T"]), ("mask", TensorProto.BOOL, ["T", "T"])]
+    graph = helper.make_graph(g.nodes, "op", [helper.make_tensor_value_info(*x) for x in specs],
+                              [helper.make_tensor_value_info("out", f, ["T", "Hq", "D"]),
+                               helper.make_tensor_value_info("ck", f, ["Cn", "H", "D"])], initializer=g.initializers)
+    model = helper.make_model(graph, functions=[infllmv2_function()],
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("S, T, Hq, Hk, semantics, over", CASES)
+def test_onnx_function_matches_reference(S, T, Hq, Hk, semantics, over):
+    cfgd = {**SMALL, **over, "semantics": semantics}
+    cfg = SparseConfig(**cfgd)
+    q, k, v = make(S, T, Hq, Hk, seed=S + T)
+    P = S - T
+    pck = infllmv2.new_chunks(k[:0], k[:P], cfg)
+    out, ck = onnx_op_session(cfg).run(None, {
+        "q": q.numpy(), "k": k[P:].numpy(), "v": v[P:].numpy(), "pk": k[:P].numpy(), "pv": v[:P].numpy(),
+        "pck": pck.numpy(), "pos": np.arange(P, S), "mask": np.tril(np.ones((T, T), bool))})
+    ref_out, _ = reference(q.numpy(), k.numpy(), v.numpy(), P, cfgd)
+    assert np.abs(out - ref_out).max() / np.abs(ref_out).max() <= 1e-5
+    full = infllmv2.new_chunks(k[:0], k, cfg).numpy()
+    assert np.allclose(np.concatenate([pck.numpy(), ck]), full, atol=1e-6)

@@ -1,0 +1,157 @@
+"""Shared paths and fixtures for the edgecpm test suite.
+
+- SHARED: the MiniCPM4 reference data (real configs, tokenizer, golden outputs); tests that need it
+  skip with a reason when it is absent (a fresh clone elsewhere).
+- make_checkpoint: writes tiny random MiniCPM4 checkpoints in the real Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Keep the suite cheap on small CI machines: at most 2 CPU threads for torch/BLAS.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("MKL_NUM_THREADS", "2")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "minicpm4"
+GOLDEN = SHARED / "golden"
+TORCH_THREADS = 2
+
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"MiniCPM4 reference data not found at {SHARED}")
+
+# The key layout of the shipped MiniCPM4-0.5B config.json; used only when SHARED is absent.
+_FALLBACK_05B_CONFIG = {
+    "_name_or_path": "openbmb/MiniCPM4-0.5B",
+    "architectures": ["MiniCPMForCausalLM"],
+    "bos_token_id": 1,
+    "eos_token_id": [2, 73440],
+    "hidden_act": "silu",
+    "hidden_size": 1024,
+    "initializer_range": 0.1,
+    "intermediate_size": 4096,
+    "max_position_embeddings": 32768,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 24,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {
+        "rope_type": "longrope",
+        "long_factor": [1.0 + 1.5 * i for i in range(32)],
+        "short_factor": [1.0 + 1.5 * i for i in range(32)],
+        "original_max_position_embeddings": 32768,
+    },
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.46.3",
+    "use_cache": True,
+    "vocab_size": 73448,
+    "scale_emb": 12,
+    "dim_model_base": 256,
+    "scale_depth": 1.4,
+}
+
+TOKENIZER_VOCAB = 73448
+TINY_VOCAB = 512
+
+
+def pytest_configure(config):
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(TORCH_THREADS)
+
+
+def real_config(name: str = "MiniCPM4-0.5B") -> dict:
+    return json.loads((SHARED / name / "config.json").read_text())
+
+
+def _resize(values: list[float], n: int) -> list[float]:
+    """Resample a LongRoPE factor list to n entries (keeps its first/last values and shape)."""
+    src = np.asarray(values, dtype=np.float64)
+    return [float(x) for x in np.interp(np.linspace(0, len(src) - 1, n), np.arange(len(src)), src)]
+
+
+def tiny_config(tie: bool = True, with_tokenizer: bool = False, **overrides) -> dict:
+    """A config.json dict in the real 0.5B key layout, shrunk to a tiny model."""
+    base = real_config() if SHARED.is_dir() else copy.deepcopy(_FALLBACK_05B_CONFIG)
+    base.pop("auto_map", None)  # remote-code pointers are meaningless for a random checkpoint
+    base.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, vocab_size=TOKENIZER_VOCAB if with_tokenizer else TINY_VOCAB)
+    if not tie:
+        base["tie_word_embeddings"] = False
+    user_rope = "rope_scaling" in overrides
+    base.update(overrides)
+    if not user_rope:
+        half = base["hidden_size"] // base["num_attention_heads"] // 2
+        rs = base["rope_scaling"]
+        rs["long_factor"] = _resize(rs["long_factor"], half)
+        rs["short_factor"] = _resize(rs["short_factor"], half)
+    return base
+
+
+def write_weights(folder: Path, cfg_dict: dict, dtype: str = "fp32", seed: int = 0) -> dict:
+    """Random weights ~N(0, 0.05) (norms = 1) with the names/shapes the model expects."""
+    import torch
+    from edgecpm.export.checkpoint import expected_shapes, torch_dtype
+    from safetensors.torch import save_file
+
+    from edgecpm.config import ModelConfig
+
+    cfg = ModelConfig.from_dict(cfg_dict)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in sorted(expected_shapes(cfg).items()):
+        if name.endswith("norm.weight"):
+            arr = np.ones(shape, dtype=np.float32)
+        else:
+            arr = rng.normal(0.0, 0.05, size=shape).astype(np.float32)
+        tensors[name] = torch.from_numpy(arr).to(torch_dtype(dtype)).contiguous()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return tensors
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory):
+    """Factory: make_checkpoint(**config_overrides, dtype="fp32", tie=True, with_tokenizer=False)
+    -> Path of a tiny random MiniCPM4 checkpoint folder. Identical requests share one folder, so
+    treat the result as read-only (copy it before editing)."""
+    made: dict[str, Path] = {}
+
+    def make(dtype: str = "fp32", tie: bool = True, with_tokenizer: bool = False, **overrides) -> Path:
+        if with_tokenizer and not SHARED.is_dir():
+            pytest.skip(f"tokenizer files of the MiniCPM4 reference data not found at {SHARED}")
+        key = json.dumps([dtype, tie, with_tokenizer, overrides], sort_keys=True)
+        if key in made:
+            return made[key]
+        folder = tmp_path_factory.mktemp("ckpt")
+        cfg = tiny_config(tie=tie, with_tokenizer=with_tokenizer, **overrides)
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+        write_weights(folder, cfg, dtype=dtype)
+        if with_tokenizer:
+            shutil.copy(SHARED / "tokenizer.json", folder / "tokenizer.json")
+            for f in ("tokenizer_config.json", "generation_config.json"):
+                shutil.copy(SHARED / "MiniCPM4-0.5B" / f, folder / f)
+        made[key] = folder
+        return folder
+
+    return make
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """A writable copy of a checkpoint folder (for tests that damage it)."""
+    shutil.copytree(src, dst)
+    for p in dst.iterdir():
+        p.chmod(0o644)
+    return dst
+
+
+def rel_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
