@@ -215,6 +215,8 @@ class _TextStream:
                 yield text[shown:safe]
                 shown = safe
         tokens.close()
+        if detok and finish != "stop":
+            text += detok.flush()
         if shown < len(text):
             yield text[shown:]
         timer_stats = timer.as_stats(s.cache)
@@ -259,6 +261,9 @@ class Chat:
         yield from s.stream(prompt, **kwargs)
         g = s.last
         self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": g.text}]
-        # The reply's ids as generated, closed the way the template closes a message.
+        # The reply's ids as generated (re-encoded when a stop string cut the text, so the model
+        # never sees what the user did not), closed the way the template closes a message. The
+        # next turn reuses the cache up to the first difference.
+        reply = s.tokenizer.encode(g.text, add_bos=False) if g.finish_reason == "stop" else g.token_ids
         end = s.tokenizer.encode("<|im_end|>\n", add_bos=False)
-        self.ids = prompt + g.token_ids + end
+        self.ids = prompt + reply + end

@@ -135,3 +135,10 @@ class StreamDecoder:
         emitted = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
         self.prefix, self.read = self.read, len(self.ids)
         return window[len(emitted) :]
+
+    def flush(self) -> str:
+        """Text still held back at the end (an incomplete character decodes to U+FFFD)."""
+        window = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        emitted = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        self.prefix = self.read = len(self.ids)
+        return window[len(emitted) :]

@@ -222,3 +222,11 @@ def test_from_sentencepiece_model_only(tok, tmp_path):
     # EOS from tokenizer_config.json's eos_token (<|im_end|>) even without config/generation files.
     assert IM_END in conv.eos_token_ids
     assert json.loads((SHARED / "MiniCPM4-0.5B" / "added_tokens.json").read_text())["<|im_end|>"] == IM_END
+
+
+def test_stream_decoder_flush_shows_an_incomplete_character(tok):
+    ids = tok.encode("ok 𠀀", add_bos=False)  # the rare character is byte-fallback pieces
+    dec = tok.stream_decoder()
+    shown = "".join(dec.add(t) for t in ids[:-1])  # its last byte never arrives
+    assert shown == "ok "
+    assert dec.flush() == tok.decode(ids[:-1])[len("ok "):] and "\ufffd" in tok.decode(ids[:-1])

@@ -1,0 +1,623 @@
+"""The `edgecpm` command line (DESIGN.md §3): export, build, run, chat, bench, freq, inspect, demo.
+
+Each subcommand is one `cmd_<name>(args) -> int` function registered in `build_parser()`;
+options shared by several subcommands come from `add_session_options` (backend, KV budget, dtype,
+threads) and `add_sampling_options` (max new tokens, temperature, top-p/k, penalty, seed, stop,
+ignore-eos), and `sampling_kwargs(args)` turns them into keyword arguments of `Session.generate`.
+
+Errors: an `edgecpm.EdgeCPMError` or `ValueError` prints `edgecpm: error: <message>` and exits 2
+without a traceback (`--debug` shows it). Importing this module, and `inspect`, never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import struct
+import sys
+import traceback
+from pathlib import Path
+
+from edgecpm.errors import BackendUnavailable, CheckpointError, ConfigError, EdgeCPMError
+
+PROG = "edgecpm"
+
+
+# ---- shared options ---------------------------------------------------------------------------
+def add_session_options(p: argparse.ArgumentParser) -> None:
+    """Options that open a Session (DESIGN.md §3: Session(path, backend, kv_budget, dtype, threads))."""
+    g = p.add_argument_group("session")
+    g.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime", "tensorrt"),
+                   help="runtime to use (default: auto = tensorrt > onnxruntime > torch by what is installed)")
+    g.add_argument("--kv-budget", default="1GiB", metavar="SIZE",
+                   help="KV cache byte budget, e.g. 512MiB, 2GB or a plain byte count (default: 1GiB)")
+    g.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
+                   help="compute dtype (default: the backend's choice; fp32 for torch)")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for the backend (default: the runtime's default)")
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """The generation options of Session.generate/stream/chat (names as in DESIGN.md §3)."""
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="default: 128")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling, in (0, 1] (default: 1)")
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="0 disables it (default: 0)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="> 0; 1 disables it (default: 1)")
+    g.add_argument("--seed", type=int, default=None, metavar="N", help="random seed for sampling")
+    g.add_argument("--stop", action="extend", nargs="+", default=None, metavar="S",
+                   help="stop strings (the text ends right before the first one); repeatable; "
+                        "\\n and \\t are understood as newline and tab")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    g.add_argument("--stats", action="store_true", help="print speed and KV statistics to stderr afterwards")
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """Backslash escapes a shell cannot type easily: \\n, \\t, \\r, \\\\ (others stay as they are)."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop": [unescape(x) for x in args.stop] if args.stop else None,
+        "ignore_eos": args.ignore_eos,
+    }
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    """Validate the sampling options before the (slow) model load, with the library's messages."""
+    from edgecpm.sampling import SamplingParams
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be an integer >= 1")
+    SamplingParams(args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed)
+    if args.stop is not None and not all(args.stop):
+        raise ValueError("--stop: stop strings must be non-empty")
+
+
+def open_session(args: argparse.Namespace):
+    from edgecpm.session import Session
+
+    return Session(args.path, backend=args.backend, kv_budget=args.kv_budget, dtype=args.dtype,
+                   threads=args.threads)
+
+
+def _write(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def print_stats(generation, file=None) -> None:
+    file = file or sys.stderr
+    print(f"finish_reason: {generation.finish_reason}", file=file)
+    for key, value in generation.stats.items():
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        print(f"{key}: {text}", file=file)
+
+
+def _stream_reply(pieces) -> str:
+    """Write pieces to stdout as they come; end the reply with a newline. Returns the text."""
+    text = ""
+    for piece in pieces:
+        _write(piece)
+        text += piece
+    if not text.endswith("\n"):
+        _write("\n")
+    return text
+
+
+# ---- run --------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    prompt = args.prompt
+    if prompt == "-":
+        prompt = sys.stdin.read().rstrip("\n")
+    if not prompt:
+        raise ValueError("-p/--prompt: the prompt is empty")
+    check_sampling(args)
+    kwargs = sampling_kwargs(args)
+    s = open_session(args)
+    _stream_reply(s.stream(prompt, **kwargs))
+    if args.stats and s.last is not None:
+        print_stats(s.last)
+    return 0
+
+
+# ---- chat -------------------------------------------------------------------------------------
+CHAT_HELP = "commands: /reset starts a new chat, /exit (or Ctrl-D) quits, Ctrl-C stops a reply"
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    check_sampling(args)
+    kwargs = sampling_kwargs(args)
+    s = open_session(args)
+    chat = s.chat(system=args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(CHAT_HELP, file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            if interactive:
+                print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 130
+        command = line.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit"):
+            return 0
+        if command == "/reset":
+            chat = s.chat(system=args.system)
+            print("(new chat)", file=sys.stderr)
+            continue
+        if command in ("/help", "/?"):
+            print(CHAT_HELP, file=sys.stderr)
+            continue
+        try:
+            _stream_reply(chat.stream(line, **kwargs))
+        except KeyboardInterrupt:
+            # The interrupted turn is not added to the history; the session stays usable.
+            print("\n(interrupted; this turn is not kept)", file=sys.stderr)
+            continue
+        if args.stats and s.last is not None:
+            print_stats(s.last)
+
+
+# ---- inspect (no torch) ------------------------------------------------------------------------
+# Bytes per element of safetensors dtypes.
+ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+                  "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+KV_DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (name -> {dtype, shape, data_offsets}), validated
+    against the file size so a truncated or corrupted file is reported, not half-read."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes); re-download it")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 * 2**20):
+            raise CheckpointError(f"{path}: corrupted safetensors header (claims {n} bytes in a {size}-byte "
+                                  f"file); re-download it")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupted safetensors header ({e}); re-download it") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupted safetensors header (not a JSON object); re-download it")
+    header.pop("__metadata__", None)
+    for name, t in header.items():
+        ok = (isinstance(t, dict) and isinstance(t.get("shape"), list) and isinstance(t.get("data_offsets"), list)
+              and len(t["data_offsets"]) == 2 and t.get("dtype") in ST_DTYPE_BYTES)
+        if not ok or math.prod(t["shape"]) * ST_DTYPE_BYTES[t["dtype"]] != t["data_offsets"][1] - t["data_offsets"][0]:
+            raise CheckpointError(f"{path}: corrupted safetensors header entry for {name!r}; re-download it")
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated ({size} bytes, the header needs {8 + n + end}); re-download it")
+    return header
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{index}: unreadable index ({e!r}); re-download it") from None
+        files = [folder / n for n in names]
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{f}: listed in {index.name} but missing; re-download the checkpoint")
+        return files
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    return []
+
+
+def inspect_info(path: str | Path, kv_budget: int | str = "1GiB") -> dict:
+    """Everything `edgecpm inspect` shows, as a JSON-able dict."""
+    from edgecpm.config import ModelConfig
+    from edgecpm.kv_cache import parse_bytes
+
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file or folder; pass a checkpoint or bundle folder")
+    budget = parse_bytes(kv_budget)
+    manifest = None
+    if path.is_dir() and (path / "manifest.json").exists():
+        manifest = _read_manifest(path / "manifest.json")
+        cfg = ModelConfig.from_dict(manifest["config"], source=str(path / "manifest.json"))
+    else:
+        cfg = ModelConfig.from_file(path)
+
+    config = {
+        "layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "attention_heads": cfg.num_attention_heads,
+        "kv_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "gqa_group": cfg.group_size,
+        "vocab_size": cfg.vocab_size,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "scale_emb": cfg.scale_emb,
+        "scale_depth": cfg.scale_depth,
+        "residual_scale": cfg.residual_scale,
+        "dim_model_base": cfg.dim_model_base,
+        "logit_divisor": cfg.logit_divisor,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "original_max_position_embeddings": cfg.original_max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_factor": ("long_factor" if cfg.max_position_embeddings > cfg.original_max_position_embeddings
+                        else "short_factor"),
+        "rope_factors_equal": cfg.long_factor == cfg.short_factor,
+        "rope_attention_scale": cfg.rope_attention_scale,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_ids": list(cfg.eos_token_ids),
+        "attention": "dense" if cfg.sparse is None else "infllmv2",
+        "sparse_config": None if cfg.sparse is None else dataclasses.asdict(cfg.sparse),
+    }
+
+    if manifest is not None:
+        files = [folder / name for name in manifest.get("files", {})]
+        missing = [f.name for f in files if not f.exists()]
+        weights = {
+            "files": [f.name for f in files],
+            "bytes_on_disk": sum(f.stat().st_size for f in files if f.exists()),
+            "bundle": {k: manifest.get(k) for k in ("format_version", "dtype", "exporter", "created", "source")},
+        }
+        notes = [f"files listed in manifest.json but missing: {', '.join(missing)}"] if missing else []
+    else:
+        weights, notes = _checkpoint_weights(folder, cfg)
+
+    kv_per_token = {name: cfg.kv_bytes_per_token(b) for name, b in KV_DTYPES.items()}
+    return {
+        "path": str(path),
+        "kind": "bundle" if manifest is not None else "checkpoint",
+        "config": config,
+        "params": cfg.n_params(),
+        "weights": weights,
+        "kv": {
+            "bytes_per_token": kv_per_token,
+            "budget_bytes": budget,
+            # What fits in the budget; a session's arena is also capped at max_position_embeddings.
+            "tokens_in_budget": {name: budget // per for name, per in kv_per_token.items()},
+        },
+        "notes": notes,
+    }
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e}); re-export or re-copy the bundle") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+        raise ConfigError(f"{path}: no model config in this manifest; is this an edgecpm bundle?")
+    return manifest
+
+
+def _checkpoint_weights(folder: Path, cfg) -> tuple[dict, list[str]]:
+    """Per-dtype bytes and element counts from the safetensors headers (weights are not read)."""
+    files = checkpoint_files(folder)
+    by_dtype: dict[str, dict] = {}
+    n_tensors = n_elements = 0
+    names: set[str] = set()
+    for f in files:
+        for name, t in read_safetensors_header(f).items():
+            numel = math.prod(t["shape"])
+            entry = by_dtype.setdefault(t["dtype"], {"tensors": 0, "bytes": 0})
+            entry["tensors"] += 1
+            entry["bytes"] += t["data_offsets"][1] - t["data_offsets"][0]
+            n_tensors += 1
+            n_elements += numel
+            names.add(name)
+    notes = []
+    if not files:
+        notes.append("no model.safetensors or model.safetensors.index.json: weights not inspected")
+    elif cfg.tie_word_embeddings and "lm_head.weight" in names:
+        notes.append("lm_head.weight is present but the config ties embeddings (tie_word_embeddings absent/true)")
+    elif not cfg.tie_word_embeddings and "lm_head.weight" not in names:
+        notes.append("lm_head.weight is missing but the config does not tie embeddings")
+    if files and n_elements != cfg.n_params():
+        notes.append(f"the files hold {n_elements} elements but the config implies {cfg.n_params()} parameters")
+    weights = {
+        "files": [f.name for f in files],
+        "bytes_on_disk": sum(f.stat().st_size for f in files),
+        "tensors": n_tensors,
+        "elements": n_elements,
+        "by_dtype": by_dtype,
+    }
+    return weights, notes
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _inspect_sections(info: dict) -> list[tuple[str, list[tuple[str, str]]]]:
+    c, w, kv = info["config"], info["weights"], info["kv"]
+    sparse = "dense" if c["sparse_config"] is None else "InfLLM v2 " + ", ".join(
+        f"{k}={v}" for k, v in c["sparse_config"].items())
+    model = [
+        ("layers", str(c["layers"])),
+        ("hidden / intermediate", f"{c['hidden_size']} / {c['intermediate_size']}"),
+        ("heads / kv heads / head_dim", f"{c['attention_heads']} / {c['kv_heads']} / {c['head_dim']}"),
+        ("GQA group", str(c["gqa_group"])),
+        ("vocab", str(c["vocab_size"])),
+        ("tied embeddings", "yes" if c["tie_word_embeddings"] else "no"),
+        ("rms_norm_eps", f"{c['rms_norm_eps']:g}"),
+        ("scale_emb", f"{c['scale_emb']:g}"),
+        ("residual scale", f"{c['residual_scale']:.6g} (scale_depth {c['scale_depth']:g} / sqrt({c['layers']}))"),
+        ("logit divisor", f"{c['logit_divisor']:g} (hidden / dim_model_base {c['dim_model_base']:g})"),
+        ("max positions", f"{c['max_position_embeddings']} (original {c['original_max_position_embeddings']})"),
+        ("rope", (f"longrope, theta {c['rope_theta']:g}, {c['rope_factor']}"
+                  f"{' (long == short)' if c['rope_factors_equal'] else ''}, "
+                  f"scale {c['rope_attention_scale']:.4g}")),
+        ("bos / eos", f"{c['bos_token_id']} / {c['eos_token_ids']}"),
+        ("attention", sparse),
+    ]
+    weights = [("parameters (config)", f"{info['params']:,} ({info['params'] / 1e6:.1f} M)"),
+               ("files", ", ".join(w["files"]) or "none"),
+               ("bytes on disk", f"{w['bytes_on_disk']:,} ({_human_bytes(w['bytes_on_disk'])})")]
+    if "bundle" in w:
+        b = w["bundle"]
+        weights += [("bundle", f"format {b['format_version']}, dtype {b['dtype']}, {b['exporter']}, {b['created']}")]
+    else:
+        weights += [("tensors / elements", f"{w['tensors']} / {w['elements']:,}")]
+        weights += [(f"  {dt}", f"{d['tensors']} tensors, {d['bytes']:,} bytes ({_human_bytes(d['bytes'])})")
+                    for dt, d in sorted(w["by_dtype"].items())]
+    budget = _human_bytes(kv["budget_bytes"])
+    max_pos = c["max_position_embeddings"]
+    cache = [(f"{dt}", f"{per:,} bytes/token, {kv['tokens_in_budget'][dt]:,} tokens in {budget}"
+                       + (f" (a session holds at most max positions = {max_pos:,})"
+                          if kv["tokens_in_budget"][dt] > max_pos else ""))
+             for dt, per in kv["bytes_per_token"].items()]
+    sections = [("model", model), ("weights", weights), ("KV cache", cache)]
+    if info["notes"]:
+        sections.append(("notes", [("!", n) for n in info["notes"]]))
+    return sections
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    info = inspect_info(args.path, args.kv_budget)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    sections = _inspect_sections(info)
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        console = Console()
+        for title, rows in sections:
+            table = Table(title=title, show_header=False, title_justify="left")
+            table.add_column(style="bold")
+            table.add_column()
+            for k, v in rows:
+                table.add_row(k, v)
+            console.print(table)
+    else:
+        print(info["path"])
+        for title, rows in sections:
+            print(f"\n[{title}]")
+            width = max(len(k) for k, _ in rows)
+            for k, v in rows:
+                print(f"  {k:<{width}}  {v}")
+    return 0
+
+
+# ---- not implemented yet (seams for the lead) --------------------------------------------------
+def not_implemented(command: str, issue: str) -> int:
+    print(f"{PROG} {command}: not implemented yet: {issue}", file=sys.stderr)
+    return 2
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from edgecpm.export.exporter import export_bundle
+    except ImportError as e:
+        raise BackendUnavailable(f"edgecpm export needs the export extra ({e}); "
+                                 f"pip install 'edgecpm[export]'") from None
+    out = export_bundle(args.path, args.output, dtype=args.dtype, force=args.force,
+                        progress=sys.stderr.isatty())
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    return not_implemented("build", "TensorRT engine build on the device")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    return not_implemented("bench", "speed/memory benchmark of a bundle (see benchmarks/ meanwhile)")
+
+
+def cmd_freq(args: argparse.Namespace) -> int:
+    return not_implemented("freq", "FR-Spec frequency table (freq.npy) from a corpus")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return not_implemented("demo", "issue 4 (self-contained demo on a random checkpoint)")
+
+
+# ---- parser -----------------------------------------------------------------------------------
+def _sub(subparsers, name: str, help: str, description: str, epilog: str, parents):
+    return subparsers.add_parser(name, help=help, description=description, epilog=epilog, parents=parents,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from edgecpm import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="edgecpm: on-device inference for the MiniCPM4 family (export on a workstation, "
+                    "run on Jetson / laptop / CPU).",
+        epilog="""examples:
+  edgecpm inspect path/to/MiniCPM4-0.5B
+  edgecpm run path/to/MiniCPM4-0.5B -p "The capital of France is" --max-new-tokens 32
+  edgecpm chat path/to/MiniCPM4-0.5B --system "Be brief."
+  edgecpm <command> --help
+
+errors print "edgecpm: error: ..." and exit with status 2; add --debug for a traceback.""",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    # --debug is also accepted after the subcommand (SUPPRESS keeps the top-level value otherwise).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = _sub(subs, "export", "export a Hugging Face checkpoint to a deploy bundle (ONNX)",
+             "Export a Hugging Face MiniCPM4 checkpoint to a self-describing bundle folder: ONNX decoder +\n"
+             "external weights, tokenizer files, manifest.json with sizes and sha256. The bundle is written\n"
+             "to a temporary folder and renamed into place when complete. Runs on the workstation (needs\n"
+             "the export extra: torch, onnx); the bundle then runs with --backend onnxruntime, no torch.",
+             """examples:
+  edgecpm export path/to/MiniCPM4-0.5B -o bundle-0.5B/
+  edgecpm export path/to/MiniCPM4-0.5B -o bundle-0.5B-fp16/ --dtype fp16 --force
+  edgecpm run bundle-0.5B/ -p "The capital of France is" --backend onnxruntime""", [common])
+    p.add_argument("path", metavar="PATH", help="Hugging Face checkpoint folder")
+    p.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle folder to write")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"), help="weights/compute dtype (default: fp32)")
+    p.add_argument("--force", action="store_true", help="replace BUNDLE if it exists")
+    p.set_defaults(func=cmd_export)
+
+    p = _sub(subs, "build", "build a TensorRT engine for a bundle, on the device (not implemented yet)",
+             "Build a TensorRT engine for an exported bundle on the device that will run it. Not implemented yet.",
+             """examples:
+  edgecpm build bundle-0.5B/""", [common])
+    p.add_argument("path", help="bundle folder")
+    p.set_defaults(func=cmd_build)
+
+    p = _sub(subs, "run", "generate text for one prompt, streamed to stdout",
+             "Generate a continuation of one prompt and stream it to stdout as it is produced.\n"
+             "PATH is a Hugging Face checkpoint folder (torch backend) or an exported bundle.\n"
+             "The folder needs tokenizer files (tokenizer.json or tokenizer.model) for text prompts.",
+             """examples:
+  edgecpm run path/to/MiniCPM4-0.5B -p "The capital of France is" --max-new-tokens 32
+  edgecpm run path/to/MiniCPM4-0.5B -p "Once upon a time" --temperature 0.8 --top-p 0.95 --seed 0
+  echo "Write a haiku about the sea." | edgecpm run path/to/MiniCPM4-0.5B -p - --stop "\\n\\n" --stats
+  edgecpm run path/to/MiniCPM4-0.5B -p "Hello" --backend torch --kv-budget 256MiB --threads 4""", [common])
+    p.add_argument("path", metavar="PATH", help="checkpoint or bundle folder")
+    p.add_argument("-p", "--prompt", required=True, help='the prompt text; "-" reads it from stdin')
+    add_session_options(p)
+    add_sampling_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = _sub(subs, "chat", "interactive multi-turn chat on stdin/stdout",
+             "Chat with a model, one line per user turn (ChatML template; the KV cache is reused across\n"
+             "turns). " + CHAT_HELP + ".",
+             """examples:
+  edgecpm chat path/to/MiniCPM4-0.5B
+  edgecpm chat path/to/MiniCPM4-0.5B --system "You are a concise assistant." --temperature 0.7 --seed 1
+  printf 'hi\\n/reset\\nwhat is 2+2?\\n' | edgecpm chat path/to/MiniCPM4-0.5B --max-new-tokens 64""", [common])
+    p.add_argument("path", metavar="PATH", help="checkpoint or bundle folder (with tokenizer files)")
+    p.add_argument("--system", default=None, metavar="S", help="system prompt")
+    add_session_options(p)
+    add_sampling_options(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = _sub(subs, "bench", "measure prefill/decode speed and memory (not implemented yet)",
+             "Measure prefill and decode tokens/s, peak memory and the memory-bandwidth roofline for a model.\n"
+             "Not implemented yet; see benchmarks/decode_torch.py meanwhile.",
+             """examples:
+  edgecpm bench bundle-0.5B/
+  python benchmarks/decode_torch.py --threads 2""", [common])
+    p.add_argument("path", help="checkpoint or bundle folder")
+    p.set_defaults(func=cmd_bench)
+
+    p = _sub(subs, "freq", "build an FR-Spec token frequency table (not implemented yet)",
+             "Count tokens over a text corpus and write the FR-Spec frequency table freq.npy (int32, the r\n"
+             "most frequent ids, EOS ids forced in). Not implemented yet.",
+             """examples:
+  edgecpm freq bundle-0.5B/ corpus.txt -r 16384 -o bundle-0.5B/draft/freq.npy""", [common])
+    p.add_argument("path", help="checkpoint or bundle folder (for its tokenizer)")
+    p.add_argument("corpus", nargs="*", help="text files")
+    p.set_defaults(func=cmd_freq)
+
+    p = _sub(subs, "inspect", "summarize a checkpoint or bundle: config, parameters, bytes, KV cache per token",
+             "Summarize a MiniCPM4 checkpoint or bundle folder without loading its weights (reads config.json\n"
+             "and the safetensors headers, or manifest.json, only; torch is not needed): architecture, muP\n"
+             "scalings, RoPE choice, sparse attention, parameter count, bytes on disk per dtype, KV cache\n"
+             "bytes per token.\n"
+             "Rich tables on a terminal, plain text otherwise, JSON with --json.",
+             """examples:
+  edgecpm inspect path/to/MiniCPM4-0.5B
+  edgecpm inspect path/to/MiniCPM4-8B --kv-budget 4GiB
+  edgecpm inspect bundle-0.5B/
+  edgecpm inspect path/to/MiniCPM4-0.5B --json | python -m json.tool""", [common])
+    p.add_argument("path", metavar="PATH", help="checkpoint folder (or its config.json) or bundle folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--kv-budget", default="1GiB", metavar="SIZE",
+                   help="budget for the 'tokens that fit' figure (default: 1GiB)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = _sub(subs, "demo", "download-free end-to-end demo (not implemented yet: issue 4)",
+             "A self-contained demo of the whole flow on a fresh machine. Not implemented yet (issue 4).",
+             """examples:
+  edgecpm demo""", [common])
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (EdgeCPMError, ValueError) as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader went away (e.g. `edgecpm run ... | head`): not an error of ours.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
