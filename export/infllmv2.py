@@ -44,7 +44,7 @@ def block_scores(q: torch.Tensor, ck: torch.Tensor, pos: torch.Tensor, S: int, c
     G = Hq // Hkv
     nb = math.ceil(S / cfg.block_size)
     qg = q.float().reshape(T, Hkv, G, D).permute(1, 2, 0, 3)  # [Hkv, G, T, D]
-    s = torch.matmul(qg, ck.permute(1, 2, 0)[:, None]) / math.sqrt(D)  # [Hkv, G, T, nc]
+    s = torch.einsum("hgtd,chd->hgtc", qg, ck) / math.sqrt(D)  # [Hkv, G, T, nc]
     chunk_end = torch.arange(nc) * cfg.kernel_stride + cfg.kernel_size - 1
     s = s.masked_fill(chunk_end[None, :] > pos[:, None], float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0).sum(1)  # [Hkv, T, nc]; no visible chunk -> zeros
