@@ -454,7 +454,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise BackendUnavailable(f"edgecpm export needs the export extra ({e}); "
                                  f"pip install 'edgecpm[export]'") from None
     out = export_bundle(args.path, args.output, dtype=args.dtype, force=args.force,
-                        progress=sys.stderr.isatty())
+                        progress=sys.stderr.isatty(), sparse=args.sparse)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -512,11 +512,15 @@ errors print "edgecpm: error: ..." and exit with status 2; add --debug for a tra
              """examples:
   edgecpm export path/to/MiniCPM4-0.5B -o bundle-0.5B/
   edgecpm export path/to/MiniCPM4-0.5B -o bundle-0.5B-fp16/ --dtype fp16 --force
+  edgecpm export path/to/MiniCPM4-8B -o bundle-8B-sparse/ --sparse
   edgecpm run bundle-0.5B/ -p "The capital of France is" --backend onnxruntime""", [common])
     p.add_argument("path", metavar="PATH", help="Hugging Face checkpoint folder")
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle folder to write")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"), help="weights/compute dtype (default: fp32)")
     p.add_argument("--force", action="store_true", help="replace BUNDLE if it exists")
+    p.add_argument("--sparse", action="store_true",
+                   help="switch InfLLM v2 sparse attention on (DESIGN.md §7 defaults) when the checkpoint's "
+                        "config.json has no sparse_config")
     p.set_defaults(func=cmd_export)
 
     p = _sub(subs, "build", "build a TensorRT engine for a bundle, on the device (not implemented yet)",

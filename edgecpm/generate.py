@@ -44,6 +44,8 @@ class Timer:
     decode_tokens: int = 0
     decode_s: float = 0.0
     steps: int = 0
+    accepted: list = field(default_factory=list)  # speculative: draft tokens accepted per step
+    drafted: list = field(default_factory=list)  # speculative: draft tokens proposed per step
 
     def as_stats(self, cache: KVCache) -> dict:
         return {
@@ -52,14 +54,28 @@ class Timer:
             "decode_tokens": self.decode_tokens,
             "decode_tok_s": self.decode_tokens / self.decode_s if self.decode_s else 0.0,
             "accepted_per_step": self.decode_tokens / self.steps if self.steps else 0.0,
+            "acceptance_by_position": acceptance_by_position(self.accepted, self.drafted),
             "kv_tokens": cache.length,
             "kv_bytes_in_use": cache.bytes_in_use,
         }
 
 
-def run_step(backend, cache: KVCache, ids: np.ndarray, attn_mask: np.ndarray, logit_index: np.ndarray) -> np.ndarray:
-    """One forward over `ids` placed right after the cached context; commits their K/V."""
-    positions = np.arange(cache.length, cache.length + len(ids), dtype=np.int64)
+def acceptance_by_position(accepted: list[int], drafted: list[int]) -> list[float]:
+    """For i = 0, 1, ...: the share of steps accepting at least i+1 draft tokens among the steps
+    that drafted at least i+1 (for a chain: the acceptance rate of draft position i)."""
+    if not accepted:
+        return []
+    acc, dr = np.asarray(accepted), np.asarray(drafted)
+    depth = int(dr.max(initial=0))
+    return [float((acc > i).sum() / max((dr > i).sum(), 1)) for i in range(depth)]
+
+
+def run_step(backend, cache: KVCache, ids: np.ndarray, attn_mask: np.ndarray, logit_index: np.ndarray,
+             positions: np.ndarray | None = None) -> np.ndarray:
+    """One forward over `ids` placed right after the cached context; commits their K/V.
+    Positions default to consecutive ones (a draft tree passes each node's depth instead)."""
+    if positions is None:
+        positions = np.arange(cache.length, cache.length + len(ids), dtype=np.int64)
     logits = backend.forward(ids, positions, attn_mask, cache, logit_index)
     cache.commit(len(ids))
     return logits
@@ -113,3 +129,55 @@ def decode_tokens(backend, cache: KVCache, logits: np.ndarray, sampler: Sampler,
         timer.decode_tokens += 1
         timer.steps += 1
     return "length"
+
+
+def speculative_tokens(backend, cache: KVCache, logits: np.ndarray, sampler: Sampler, max_new_tokens: int,
+                       eos_ids: set[int], timer: Timer, drafter, context: list[int]):
+    """Like decode_tokens, verifying a draft tree per target pass (DESIGN.md §10).
+
+    Each step feeds [root, *draft] with the tree's ancestor mask, then walks the tree: at each node
+    the sampler picks the target's token from that node's logits (argmax when greedy); if a child
+    carries that token the walk descends, otherwise that token ends the step. Every emitted token
+    is therefore exactly what plain decoding would emit (sample-then-match: sampling stays
+    lossless). The cache keeps the rows of the root and the accepted nodes, compacted.
+    `context` (the prompt ids) is extended in place with the emitted tokens.
+    """
+    n = 0
+    token = sampler(logits)
+    while True:
+        sampler.observe(token)
+        context.append(token)
+        yield token
+        n += 1
+        if token in eos_ids:
+            return "eos"
+        if n == max_new_tokens or cache.free < 1:
+            return "length"
+        t0 = time.perf_counter()
+        tree = drafter.propose(context)
+        tree = tree.truncated(min(len(tree), cache.free - 1))
+        start = cache.length
+        out = run_step(backend, cache, np.concatenate([[token], tree.tokens]).astype(np.int64),
+                       tree.ancestor_mask(), np.arange(len(tree) + 1, dtype=np.int64), positions=start + tree.depths())
+        kids = tree.children()
+        row, keep, accepted = 0, [start], []
+        while True:
+            token = sampler(out[row])
+            child = kids[row].get(token)
+            # A token that ends generation is emitted by the loop head; its row is not kept.
+            if child is None or token in eos_ids or n + len(accepted) + 1 >= max_new_tokens:
+                break
+            sampler.observe(token)
+            context.append(token)
+            accepted.append(token)
+            row = child
+            keep.append(start + row)
+        cache.keep(start, np.array(keep))
+        timer.decode_s += time.perf_counter() - t0
+        timer.decode_tokens += len(accepted) + 1
+        timer.steps += 1
+        timer.accepted.append(len(accepted))
+        timer.drafted.append(len(tree))
+        for x in accepted:
+            yield x
+            n += 1

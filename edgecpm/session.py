@@ -20,9 +20,10 @@ import numpy as np
 
 from edgecpm.bundle import is_bundle, load_bundle
 from edgecpm.errors import BackendUnavailable, BudgetError, ConfigError
-from edgecpm.generate import Generation, Timer, decode_tokens, prefill
+from edgecpm.generate import Generation, Timer, decode_tokens, prefill, speculative_tokens
 from edgecpm.kv_cache import KVCache, parse_bytes
 from edgecpm.sampling import Sampler, SamplingParams
+from edgecpm.speculative import SpecConfig, make_drafter, open_draft_backend
 from edgecpm.tokenizer import Tokenizer
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
@@ -62,21 +63,48 @@ def open_backend(path: Path, backend: str, dtype: str | None, threads: int | Non
 class Session:
     def __init__(self, path, backend: str = "auto", kv_budget: int | str = "1GiB", draft=None,
                  dtype: str | None = None, threads: int | None = None):
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise ConfigError(f"{self.path}: not a folder; pass a checkpoint or bundle folder")
-        if draft is not None:
-            raise NotImplementedError("speculative decoding (draft=...) is not implemented yet")
-        self.backend = open_backend(self.path, backend, dtype, threads)
-        self.config = self.backend.config
+        path = Path(path)
+        if not path.is_dir():
+            raise ConfigError(f"{path}: not a folder; pass a checkpoint or bundle folder")
         # A folder without tokenizer files (e.g. a bare test checkpoint) runs on token ids only.
-        has_tokenizer = any((self.path / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
-        self.tokenizer = Tokenizer.from_pretrained(self.path) if has_tokenizer else None
+        has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
+        self._setup(open_backend(path, backend, dtype, threads), Tokenizer.from_pretrained(path) if has_tokenizer
+                    else None, kv_budget, draft, threads, path)
+
+    @classmethod
+    def from_backend(cls, backend, kv_budget: int | str = "1GiB", tokenizer: Tokenizer | None = None, draft=None,
+                     path: Path | None = None) -> Session:
+        """A session over a backend object you built yourself (anything with the runtimes.Backend protocol)."""
+        s = cls.__new__(cls)
+        s._setup(backend, tokenizer, kv_budget, draft, None, path)
+        return s
+
+    def _setup(self, backend, tokenizer, kv_budget, draft, threads, path):
+        self.path, self.backend, self.tokenizer = path, backend, tokenizer
+        self.config = backend.config
         self.kv_budget = parse_bytes(kv_budget)
-        self.cache = KVCache.from_budget(self.config, self.kv_budget, self.backend.kv_dtype)
-        self._cached_ids: list[int] = []  # the token ids whose K/V the arena holds, in order
-        self.eos_ids = set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else ())
+        self.eos_ids = set(self.config.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
         self.last: Generation | None = None  # the most recent finished generation (after stream())
+        self._cached_ids: list[int] = []  # the token ids whose K/V the arena holds, in order
+        spec = None if draft is None else draft if isinstance(draft, SpecConfig) else SpecConfig(draft=draft)
+        draft_backend = open_draft_backend(spec, self.config, threads) if spec else None
+        # One budget for both arenas: the draft's share is its bytes per token (+ room for a tree).
+        per_token = self.config.kv_bytes_per_token(backend.kv_dtype.itemsize)
+        draft_per_token = draft_backend.config.kv_bytes_per_token(draft_backend.kv_dtype.itemsize) if draft_backend else 0
+        margin = spec.tree_size + 1 if draft_backend else 0
+        capacity = min((self.kv_budget - margin * draft_per_token) // (per_token + draft_per_token),
+                       self.config.max_position_embeddings)
+        if capacity < 1:
+            raise BudgetError(f"kv_budget of {self.kv_budget} bytes holds no token: this model needs {per_token} "
+                              f"bytes per token of KV cache (+{draft_per_token} for the draft); raise kv_budget")
+        self.cache = KVCache(self.config, capacity, backend.kv_dtype)
+        self.drafter = None
+        if spec:
+            draft_session = None
+            if draft_backend:
+                draft_session = Session.from_backend(draft_backend, (capacity + margin) * draft_per_token,
+                                                     path=Path(spec.draft))
+            self.drafter = make_drafter(spec, draft_session)
 
     # ---- public API ------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
@@ -112,9 +140,11 @@ class Session:
 
     def memory(self) -> dict:
         c = self.cache
+        draft = getattr(self.drafter, "s", None)  # a model drafter's session: its arena shares the budget
         return {
-            "weights_bytes": self.backend.weight_bytes,
+            "weights_bytes": self.backend.weight_bytes + (draft.backend.weight_bytes if draft else 0),
             "kv_budget_bytes": self.kv_budget,
+            "draft_kv_allocated_bytes": draft.cache.bytes_allocated if draft else 0,
             "kv_bytes_per_token": c.bytes_per_token,
             "kv_capacity_tokens": c.capacity,
             "kv_allocated_bytes": c.bytes_allocated,
@@ -188,7 +218,11 @@ class _TextStream:
         t0 = time.perf_counter()
         logits = s._prefill_reusing_cache(self.ids, timer)
         sampler = Sampler(self.params, s.config.vocab_size, self.ids)
-        tokens = decode_tokens(s.backend, s.cache, logits, sampler, self.max_new, self.eos, timer)
+        if s.drafter is None:
+            tokens = decode_tokens(s.backend, s.cache, logits, sampler, self.max_new, self.eos, timer)
+        else:
+            tokens = speculative_tokens(s.backend, s.cache, logits, sampler, self.max_new, self.eos, timer,
+                                        s.drafter, list(self.ids))
         detok = s.tokenizer.stream_decoder() if s.tokenizer else None
         out_ids: list[int] = []
         text, shown = "", 0
@@ -200,9 +234,11 @@ class _TextStream:
             except StopIteration as end:
                 finish = end.value
                 break
-            if s.cache.length > len(s._cached_ids):  # the previous token was fed to the model
-                s._cached_ids.append(out_ids[-1])
             out_ids.append(token)
+            # The cache holds a prefix of prompt + output: record the tokens it gained.
+            if s.cache.length > len(s._cached_ids):
+                done = len(s._cached_ids) - len(self.ids)
+                s._cached_ids.extend(out_ids[done : s.cache.length - len(self.ids)])
             if token in self.eos:
                 continue
             text += detok.add(token) if detok else ""

@@ -20,6 +20,7 @@ from onnx import TensorProto, helper
 from edgecpm import __version__
 from edgecpm.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_record
 from edgecpm.errors import BundleError
+from edgecpm.speculative import load_freq_table
 from edgecpm.export.checkpoint import Checkpoint
 from edgecpm.export.custom_ops import DOMAIN
 from edgecpm.export.onnx_graph import build_decoder, graph_io
@@ -55,8 +56,10 @@ class ExternalDataWriter:
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False,
-                  progress: bool = True, sparse: bool | dict = False) -> Path:
-    """sparse: True (or a dict of overrides) switches InfLLM v2 on with DESIGN.md §7's defaults."""
+                  progress: bool = True, sparse: bool | dict = False, frspec: str | Path | None = None) -> Path:
+    """sparse: True (or a dict of overrides) switches InfLLM v2 on with DESIGN.md §7's defaults.
+    frspec: a freq.npy of r ids (from `edgecpm freq -r R`) for a draft model: those rows become the
+    draft's LM head and the table is copied into the bundle."""
     checkpoint, out = Path(checkpoint), Path(out)
     ckpt = Checkpoint(checkpoint)
     ckpt.check()
@@ -67,8 +70,11 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    head_ids = None
+    if frspec is not None:
+        head_ids = load_freq_table(frspec, ckpt.config.vocab_size, ckpt.config.eos_token_ids)
     try:
-        _write_bundle(ckpt, tmp, dtype, progress)
+        _write_bundle(ckpt, tmp, dtype, progress, head_ids)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -78,7 +84,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     return out
 
 
-def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool) -> None:
+def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, head_ids: np.ndarray | None) -> None:
     from rich.progress import Progress
 
     cfg = ckpt.config
@@ -90,6 +96,7 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool) ->
             tensor=lambda name: ckpt.tensor(name, torch.float32).numpy(),
             weight_sink=writer.add,
             progress=lambda done, total: bar.update(task, completed=done),
+            head_ids=head_ids,
         )
     writer.close()
     onnx.save(model, folder / "decoder.onnx")
@@ -101,8 +108,13 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool) ->
         tok.save(folder)
         tokenizer_files = ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
 
-    inputs, outputs = graph_io(cfg, dtype)
+    inputs, outputs = graph_io(cfg, dtype, None if head_ids is None else len(head_ids))
     files = ["decoder.onnx", "decoder.onnx.data", *tokenizer_files]
+    spec = None
+    if head_ids is not None:
+        np.save(folder / "freq.npy", head_ids.astype(np.int32))
+        files.append("freq.npy")
+        spec = {"frspec": {"file": "freq.npy", "r": len(head_ids)}}
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -116,7 +128,7 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool) ->
         "custom_ops": sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN}),
         "sparse": cfg.to_dict().get("sparse_config"),
         "ternary": None,
-        "spec": None,
+        "spec": spec,
         "tokenizer": {"files": tokenizer_files, "eos_token_ids": sorted(cfg.eos_token_ids)},
         "files": {name: file_record(folder / name) for name in files},
     }

@@ -27,8 +27,9 @@ ONNX_DTYPE = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
 NUMPY_DTYPE = {"fp32": np.float32, "fp16": np.float16}
 
 
-def graph_io(cfg: ModelConfig, dtype: str) -> tuple[list[dict], list[dict]]:
-    """Names, dtypes and shapes of the decoder graph's inputs and outputs (recorded in the manifest)."""
+def graph_io(cfg: ModelConfig, dtype: str, n_logits: int | None = None) -> tuple[list[dict], list[dict]]:
+    """Names, dtypes and shapes of the decoder graph's inputs and outputs (recorded in the manifest).
+    n_logits: the logit columns (the vocabulary, or r for an FR-Spec draft head)."""
     kv = [cfg.num_key_value_heads, cfg.head_dim]
     inputs = [
         {"name": "input_ids", "dtype": "int64", "shape": [1, "T"]},
@@ -36,7 +37,7 @@ def graph_io(cfg: ModelConfig, dtype: str) -> tuple[list[dict], list[dict]]:
         {"name": "attn_mask", "dtype": "bool", "shape": ["T", "T"]},
         {"name": "logit_index", "dtype": "int64", "shape": ["N"]},
     ]
-    outputs = [{"name": "logits", "dtype": "float32", "shape": ["N", cfg.vocab_size]}]
+    outputs = [{"name": "logits", "dtype": "float32", "shape": ["N", n_logits or cfg.vocab_size]}]
     kvdt = {"fp32": "float32", "fp16": "float16"}[dtype]
     for i in range(cfg.num_hidden_layers):
         inputs += [{"name": f"past_key.{i}", "dtype": kvdt, "shape": ["P", *kv]},
@@ -53,9 +54,12 @@ _IO_TYPES = {"int64": TensorProto.INT64, "bool": TensorProto.BOOL, "float32": Te
              "float16": TensorProto.FLOAT16}
 
 
-def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=None) -> onnx.ModelProto:
+def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=None,
+                  head_ids: np.ndarray | None = None) -> onnx.ModelProto:
     """The decoder graph. `tensor(name)` returns a checkpoint tensor as float32 numpy;
-    `weight_sink(name, array)` stores it (external data) and returns its TensorProto."""
+    `weight_sink(name, array)` stores it (external data) and returns its TensorProto.
+    head_ids: FR-Spec — the LM head keeps only these rows, a separate [r, H] weight, so the last
+    matmul of a draft costs r/V of the full one; logit column j is token head_ids[j]."""
     if dtype not in ONNX_DTYPE:
         raise ValueError(f"dtype={dtype!r}: the ONNX bundle supports fp32 and fp16")
     dt, npdt = ONNX_DTYPE[dtype], NUMPY_DTYPE[dtype]
@@ -134,11 +138,17 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
             progress(i + 1, L)
     h = g.op("Gather", h, "logit_index", axis=0)
     h = g.op("Div", rms_norm(h, "model.norm.weight"), scalar(cfg.logit_divisor))
-    head = embed if cfg.tie_word_embeddings else g.weight("lm_head.weight", tensor("lm_head.weight").astype(npdt))
+    head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    if head_ids is not None:
+        head = g.weight("lm_head.frspec", tensor(head_name)[head_ids].astype(npdt))
+    elif cfg.tie_word_embeddings:
+        head = embed
+    else:
+        head = g.weight("lm_head.weight", tensor("lm_head.weight").astype(npdt))
     logits = to_f32(g.op("Gemm", h, head, transB=1))  # [N, H] x [V, H]^T: the tied matrix is shared
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
 
-    inputs, outputs = graph_io(cfg, dtype)
+    inputs, outputs = graph_io(cfg, dtype, None if head_ids is None else len(head_ids))
 
     def vinfo(d):
         return helper.make_tensor_value_info(d["name"], _IO_TYPES[d["dtype"]], d["shape"])
