@@ -79,8 +79,9 @@ def main(argv=None) -> int:
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
 
-    import edgecpm
     from edgecpm.export.exporter import export_bundle
+
+    import edgecpm
 
     with tempfile.TemporaryDirectory(prefix="edgecpm-bench-") as tmp:
         ckpt, bundle = Path(tmp) / "ckpt", Path(tmp) / "bundle"

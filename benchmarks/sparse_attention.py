@@ -42,12 +42,10 @@ def median_time(fn, repeats: int) -> float:
 
 def ort_sessions(cfg, threads):
     """Two one-node graphs over the same inputs: dense `attend` and the InfLLMv2Attention node."""
-    import onnx
     import onnxruntime as ort
-    from onnx import TensorProto, helper
-
     from edgecpm.export.custom_ops import DOMAIN, infllmv2_function, infllmv2_node, register_schemas
     from edgecpm.export.onnx_builder import GraphBuilder, attend
+    from onnx import TensorProto, helper
 
     register_schemas()
     f = TensorProto.FLOAT
@@ -78,7 +76,6 @@ def ort_sessions(cfg, threads):
 
 def measure(P: int, T: int, cfg, dense_ort, sparse_ort, repeats: int) -> dict:
     import torch
-
     from edgecpm.export import infllmv2
     from edgecpm.export.modeling_minicpm import dense_attention
 

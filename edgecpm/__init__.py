@@ -7,13 +7,31 @@
 Importing edgecpm needs only numpy and tokenizers; backends are imported when a Session needs them.
 """
 
-from edgecpm.errors import (BackendUnavailable, BudgetError, BundleError, CheckpointError, ConfigError,
-                            EdgeCPMError)
+from edgecpm.errors import (
+                            BackendUnavailable,
+                            BudgetError,
+                            BundleError,
+                            CheckpointError,
+                            ConfigError,
+                            EdgeCPMError,
+)
 from edgecpm.generate import Generation
 from edgecpm.sampling import SamplingParams
 from edgecpm.session import Chat, Session
 from edgecpm.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["Session", "Chat", "Generation", "SamplingParams", "Tokenizer", "EdgeCPMError", "ConfigError",
-           "CheckpointError", "BundleError", "BudgetError", "BackendUnavailable", "__version__"]
+__all__ = [
+                            "BackendUnavailable",
+                            "BudgetError",
+                            "BundleError",
+                            "Chat",
+                            "CheckpointError",
+                            "ConfigError",
+                            "EdgeCPMError",
+                            "Generation",
+                            "SamplingParams",
+                            "Session",
+                            "Tokenizer",
+                            "__version__",
+]

@@ -82,6 +82,9 @@ class Session:
     def _setup(self, backend, tokenizer, kv_budget, draft, threads, path):
         self.path, self.backend, self.tokenizer = path, backend, tokenizer
         self.config = backend.config
+        if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
+            raise ConfigError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                              f"{self.config.vocab_size}; the tokenizer files belong to another model")
         self.kv_budget = parse_bytes(kv_budget)
         self.eos_ids = set(self.config.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
         self.last: Generation | None = None  # the most recent finished generation (after stream())

@@ -196,13 +196,13 @@ def build_freq_table(counts: np.ndarray, r: int, eos_ids, special_ids) -> np.nda
     """The r most frequent ids (special tokens not counted), every EOS id forced in, unique,
     length exactly r, int32. Ties rank the lower id first."""
     vocab = len(counts)
-    eos = sorted(set(int(e) for e in eos_ids))
+    eos = sorted({int(e) for e in eos_ids})
     if r > vocab:
         raise ValueError(f"r={r} is larger than the vocabulary ({vocab})")
     if r <= len(eos):
         raise ValueError(f"r={r} leaves no room beside the {len(eos)} EOS ids")
     counts = np.asarray(counts, dtype=np.int64).copy()
-    counts[list(set(int(i) for i in special_ids) | set(eos))] = -1  # specials: not ranked; EOS: forced below
+    counts[list({int(i) for i in special_ids} | set(eos))] = -1  # specials: not ranked; EOS: forced below
     ranked = np.argsort(-counts, kind="stable")[: r - len(eos)]
     return np.concatenate([ranked, eos]).astype(np.int32)
 
@@ -221,7 +221,7 @@ def load_freq_table(path: str | Path, vocab_size: int, eos_ids) -> np.ndarray:
     uniq, counts = np.unique(ids, return_counts=True)
     if len(uniq) != len(ids):
         raise ConfigError(f"{path}: duplicate ids {uniq[counts > 1][:5].tolist()}; rebuild it with `edgecpm freq`")
-    missing = sorted(set(int(e) for e in eos_ids) - set(uniq.tolist()))
+    missing = sorted({int(e) for e in eos_ids} - set(uniq.tolist()))
     if missing:
         raise ConfigError(f"{path}: EOS ids {missing} are missing; the draft could never propose the end")
     return ids.astype(np.int64)

@@ -11,11 +11,11 @@ import json
 from pathlib import Path
 
 import torch
+from edgecpm.export.modeling_minicpm import LongRoPE, MiniCPMForCausalLM
 from safetensors import SafetensorError, safe_open
 
 from edgecpm.config import ModelConfig
 from edgecpm.errors import CheckpointError
-from edgecpm.export.modeling_minicpm import LongRoPE, MiniCPMForCausalLM
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -60,7 +60,8 @@ class Checkpoint:
                     raise CheckpointError(f"{f}: listed in {index.name} but missing; re-download the checkpoint")
             return files
         if single.exists():
-            return {name: single for name in self._open(single).keys()}
+            names = self._open(single).keys()  # safe_open is not a dict: keys() is its listing
+            return dict.fromkeys(names, single)
         raise CheckpointError(
             f"{self.folder}: no model.safetensors or model.safetensors.index.json "
             f"(only safetensors checkpoints are supported; .bin files would need pickle)"

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from edgecpm.export.onnx_builder import GraphBuilder, attend, grouped_scores
 from onnx import TensorProto, helper
 
 from edgecpm.config import SparseConfig
-from edgecpm.export.onnx_builder import GraphBuilder, attend, grouped_scores
 
 DOMAIN = "edgecpm"
 PLUGIN_VERSION = "1"

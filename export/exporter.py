@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from edgecpm.export.checkpoint import Checkpoint
+from edgecpm.export.custom_ops import DOMAIN
+from edgecpm.export.onnx_graph import build_decoder, graph_io
 from onnx import TensorProto, helper
 
 from edgecpm import __version__
 from edgecpm.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_record
 from edgecpm.errors import BundleError
 from edgecpm.speculative import load_freq_table
-from edgecpm.export.checkpoint import Checkpoint
-from edgecpm.export.custom_ops import DOMAIN
-from edgecpm.export.onnx_graph import build_decoder, graph_io
 from edgecpm.tokenizer import Tokenizer
 
 ALIGN = 4096  # page-aligned external tensors can be memory-mapped by the runtime
@@ -34,7 +34,7 @@ class ExternalDataWriter:
 
     def __init__(self, path: Path):
         self.path = path
-        self.f = open(path, "wb")
+        self.f = open(path, "wb")  # noqa: SIM115 (closed by close() once the graph is built)
         self.offset = 0
 
     def add(self, name: str, array: np.ndarray) -> TensorProto:

@@ -27,10 +27,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from edgecpm.export.infllmv2 import sparse_attention
 from torch import nn
 
 from edgecpm.config import ModelConfig
-from edgecpm.export.infllmv2 import sparse_attention
 
 
 class ModelOutput(NamedTuple):

@@ -12,15 +12,13 @@ Attention and the node builder live in `onnx_builder` (shared with the custom op
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx
+from edgecpm.export.custom_ops import DOMAIN, infllmv2_function, infllmv2_node, register_schemas
+from edgecpm.export.onnx_builder import GraphBuilder, attend
 from onnx import TensorProto, helper
 
 from edgecpm.config import ModelConfig
-from edgecpm.export.custom_ops import DOMAIN, infllmv2_function, infllmv2_node, register_schemas
-from edgecpm.export.onnx_builder import GraphBuilder, attend
 
 OPSET = 17
 ONNX_DTYPE = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
@@ -64,7 +62,7 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
         raise ValueError(f"dtype={dtype!r}: the ONNX bundle supports fp32 and fp16")
     dt, npdt = ONNX_DTYPE[dtype], NUMPY_DTYPE[dtype]
     g = GraphBuilder(weight_sink)
-    H, L, D = cfg.hidden_size, cfg.num_hidden_layers, cfg.head_dim
+    L, D = cfg.num_hidden_layers, cfg.head_dim
     Hq, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
 
     def to_dt(x):  # compute-dtype cast, skipped in fp32

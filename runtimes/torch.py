@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from edgecpm.export.checkpoint import load_model, torch_dtype
 
 from edgecpm.config import ModelConfig
-from edgecpm.export.checkpoint import load_model, torch_dtype
 from edgecpm.kv_cache import KVCache
 
 # numpy has no bfloat16 of its own; ml_dtypes' bfloat16 has the same bits as torch.bfloat16.

@@ -17,7 +17,7 @@ from edgecpm.errors import BudgetError, BundleError
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")
-from edgecpm.export.exporter import export_bundle  # noqa: E402
+from edgecpm.export.exporter import export_bundle
 
 GOLDEN_MODELS = ["like-0.5B", "like-8B"]
 
@@ -125,7 +125,7 @@ def test_session_runs_where_torch_cannot_import(make_checkpoint, tmp_path):
         print(s.generate([1, 5, 9, 30], max_new_tokens=6, ignore_eos=True).token_ids)
         assert "torch" not in sys.modules
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(ref)
 

@@ -7,13 +7,14 @@ import pytest
 from infllmv2_reference import reference
 
 torch = pytest.importorskip("torch")
-from edgecpm.config import SparseConfig  # noqa: E402
-from edgecpm.export import infllmv2  # noqa: E402
+from edgecpm.export import infllmv2
+
+from edgecpm.config import SparseConfig
 
 # Small settings so that a few hundred tokens already exercise every rule (block 64, 5-chunk
 # pooling as shipped; window of 2 blocks; top-3).
-SMALL = dict(kernel_size=32, kernel_stride=16, block_size=64, init_blocks=1, window_size=128, topk=3,
-             dense_len=100)
+SMALL = {"kernel_size": 32, "kernel_stride": 16, "block_size": 64, "init_blocks": 1, "window_size": 128,
+         "topk": 3, "dense_len": 100}
 
 
 def make(S, T, Hq, Hk, d=16, seed=0):
@@ -102,10 +103,9 @@ def onnx_op_session(cfg):
     """A one-node ONNX model: the InfLLMv2Attention node backed by its local function."""
     ort = pytest.importorskip("onnxruntime")
     import onnx
-    from onnx import TensorProto, helper
-
     from edgecpm.export.custom_ops import DOMAIN, infllmv2_function, infllmv2_node, register_schemas
     from edgecpm.export.onnx_builder import GraphBuilder
+    from onnx import TensorProto, helper
 
     register_schemas()
     g = GraphBuilder(weight_sink=lambda name, array: None)

@@ -13,12 +13,12 @@ from edgecpm.errors import ConfigError
 
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
-from edgecpm.export.exporter import export_bundle  # noqa: E402
+from edgecpm.export.exporter import export_bundle
 
 # 8B-style attention (head_dim 128, 16 query heads per kv head), two small layers.
 SPARSE = {"dense_len": 512, "window_size": 128, "topk": 2}
-EIGHT_B_STYLE = dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=1, intermediate_size=256,
-                     num_hidden_layers=2, rms_norm_eps=1e-6)
+EIGHT_B_STYLE = {"hidden_size": 2048, "num_attention_heads": 16, "num_key_value_heads": 1,
+                 "intermediate_size": 256, "num_hidden_layers": 2, "rms_norm_eps": 1e-6}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,216 @@
+"""Pieces every benchmark shares: random checkpoints of real shapes, memory bandwidth, RSS,
+the decode roofline, machine facts, and the JSON + markdown outputs (DESIGN.md §12).
+
+Run benchmarks as scripts (`python benchmarks/<name>.py`); this module is imported as `common`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+SHARED = ROOT.parent / "shared" / "minicpm4"
+
+# MiniCPM4-0.5B's shipped config.json (openbmb/MiniCPM4-0.5B), used when ../shared is absent.
+_LONGROPE_05B = [
+    1.0004360675811768, 1.0668443441390991, 1.1631425619125366, 1.3025742769241333, 1.5040205717086792,
+    1.7941505908966064, 2.2101221084594727, 2.802666664123535, 3.6389970779418945, 4.804192543029785,
+    6.39855432510376, 8.527148246765137, 11.277542114257812, 14.684998512268066, 18.69317054748535,
+    23.13019371032715, 27.72362518310547, 32.1606559753418, 36.168827056884766, 39.57627868652344,
+    42.32667541503906, 44.45526885986328, 46.04962921142578, 47.21482849121094, 48.05115509033203,
+    48.64370346069336, 49.05967712402344, 49.34980392456055, 49.551246643066406, 49.69068145751953,
+    49.78697967529297, 49.85338592529297,
+]
+MINICPM4_05B_CONFIG = {
+    "architectures": ["MiniCPMForCausalLM"],
+    "bos_token_id": 1,
+    "eos_token_id": [2, 73440],
+    "hidden_act": "silu",
+    "hidden_size": 1024,
+    "initializer_range": 0.1,
+    "intermediate_size": 4096,
+    "max_position_embeddings": 32768,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 24,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {
+        "rope_type": "longrope",
+        "long_factor": _LONGROPE_05B,
+        "short_factor": _LONGROPE_05B,
+        "original_max_position_embeddings": 32768,
+    },
+    "torch_dtype": "bfloat16",
+    "vocab_size": 73448,
+    "scale_emb": 12,
+    "dim_model_base": 256,
+    "scale_depth": 1.4,
+}
+
+
+def minicpm4_config(name: str = "MiniCPM4-0.5B") -> tuple[dict, str]:
+    """The real config dict and where it came from (../shared copy, else the embedded 0.5B one)."""
+    path = SHARED / name / "config.json"
+    if path.exists():
+        return json.loads(path.read_text()), str(path)
+    if name != "MiniCPM4-0.5B":
+        raise FileNotFoundError(f"{path} not found (only MiniCPM4-0.5B's config is embedded)")
+    return json.loads(json.dumps(MINICPM4_05B_CONFIG)), "embedded copy of MiniCPM4-0.5B/config.json"
+
+
+# ---- random checkpoints ----------------------------------------------------------------------
+_ST_DTYPE = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
+
+
+def write_random_checkpoint(folder: str | Path, config: dict, seed: int = 0, std: float = 0.02,
+                            dtype=np.float32) -> Path:
+    """Write config.json + model.safetensors with every tensor the model expects (names and shapes
+    from `edgecpm.export.checkpoint.expected_shapes`): matrices ~ N(0, std), norm weights = 1.
+
+    The safetensors file is streamed one tensor at a time, so peak memory is one tensor, not the
+    model. Needs torch (for expected_shapes); returns the folder.
+    """
+    from edgecpm.export.checkpoint import expected_shapes
+
+    from edgecpm.config import ModelConfig
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    shapes = expected_shapes(ModelConfig.from_dict(config, source=str(folder / "config.json")))
+    dtype = np.dtype(dtype)
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes
+    rng = np.random.default_rng(seed)
+    tmp = folder / "model.safetensors.tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape in shapes.items():
+            if name.endswith("norm.weight"):
+                t = np.ones(shape, dtype)
+            else:
+                t = (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(dtype, copy=False)
+            f.write(t.tobytes())
+        # Flush to disk now, so write-back of a GB-sized file does not run during the timed runs.
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(folder / "model.safetensors")
+    return folder
+
+
+# ---- machine measurements ---------------------------------------------------------------------
+def memory_bandwidth(size_bytes: int = 512 * 2**20, repeats: int = 3) -> dict:
+    """Best-of-N numpy copy of a `size_bytes` array: (bytes read + bytes written) / seconds.
+
+    numpy copies on one thread, so this is the single-stream bandwidth; both buffers are touched
+    first so page faults are not timed.
+    """
+    n = size_bytes // 8
+    src = np.ones(n, dtype=np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    del src, dst
+    return {"bytes_per_s": 2 * n * 8 / best, "array_bytes": n * 8, "best_s": best, "times_s": times,
+            "method": f"numpy copyto of a {n * 8 // 2**20} MiB float64 array, best of {repeats}, (read+write)/s"}
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def current_rss_bytes() -> int | None:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def decode_weight_bytes(cfg, bytes_per_weight: int) -> dict:
+    """Bytes of weights one decode token reads: every linear layer, the LM head (the embedding
+    matrix when tied), all RMSNorm weights, and one embedding row for the lookup."""
+    h, i, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    q = cfg.num_attention_heads * cfg.head_dim
+    linear = L * (h * q + 2 * h * kv + q * h + 3 * h * i)
+    lm_head = cfg.vocab_size * h
+    norms = (2 * L + 1) * h
+    embed_row = h
+    elems = linear + lm_head + norms + embed_row
+    return {"linear_elements": linear, "lm_head_elements": lm_head, "norm_elements": norms,
+            "embedding_row_elements": embed_row, "bytes_per_weight": bytes_per_weight,
+            "bytes": elems * bytes_per_weight}
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpus_visible": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "numpy": np.__version__}
+    try:
+        affinity = len(os.sched_getaffinity(0))
+        info["cpus_usable"] = affinity
+    except AttributeError:
+        pass
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=ROOT, capture_output=True,
+                                            text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
+    return info
+
+
+# ---- outputs ----------------------------------------------------------------------------------
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    columns = columns or list(rows[0])
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, data: dict, path: str | Path | None = None) -> Path:
+    path = Path(path) if path else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
