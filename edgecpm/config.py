@@ -223,9 +223,12 @@ class ModelConfig:
 
         eos = d.get("eos_token_id", 2)
         eos = tuple(int(x) for x in (eos if isinstance(eos, list) else [eos]))
+        vocab = int(need("vocab_size"))
+        if any(not 0 <= e < vocab for e in eos):
+            raise ConfigError(f"{source}: eos_token_id {list(eos)} lies outside the vocabulary (vocab_size {vocab})")
         sparse = d.get("sparse_config")
         return cls(
-            vocab_size=int(need("vocab_size")),
+            vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=int(need("intermediate_size")),
             num_hidden_layers=int(need("num_hidden_layers")),

@@ -51,6 +51,8 @@ class OnnxRuntimeBackend:
         self.binding = self.session.io_binding()
         self._layers = range(self.config.num_hidden_layers)
         self.sparse = self.config.sparse is not None
+        # The vocabulary, or r for an FR-Spec draft head.
+        self.n_logits = next(d["shape"][1] for d in graph["outputs"] if d["name"] == "logits")
 
     def _check_io(self, graph: dict) -> None:
         want = {d["name"]: d["dtype"] for d in graph["inputs"] + graph["outputs"]}
@@ -79,7 +81,7 @@ class OnnxRuntimeBackend:
                 pc, nc = cache.past_ck(i), cache.ck_slot(i, T)
                 b.bind_input(f"past_ckey.{i}", "cpu", 0, np.float32, pc.shape, pc.ctypes.data)
                 b.bind_output(f"ckey.{i}", "cpu", 0, np.float32, nc.shape, nc.ctypes.data)
-        logits = np.empty((N, self.config.vocab_size), np.float32)
+        logits = np.empty((N, self.n_logits), np.float32)
         b.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         self.session.run_with_iobinding(b)
         return logits

@@ -84,6 +84,8 @@ def tiny_config(tie: bool = True, with_tokenizer: bool = False, **overrides) -> 
     base.pop("auto_map", None)  # remote-code pointers are meaningless for a random checkpoint
     base.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=128, vocab_size=TOKENIZER_VOCAB if with_tokenizer else TINY_VOCAB)
+    if not with_tokenizer:
+        base["eos_token_id"] = [2]  # 73440 (<|im_end|>) lies outside the tiny vocabulary
     if not tie:
         base["tie_word_embeddings"] = False
     user_rope = "rope_scaling" in overrides
