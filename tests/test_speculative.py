@@ -67,7 +67,7 @@ def test_greedy_identical(ckpt, greedy, kind):
         "self-chain": lambda: SpecConfig(draft=str(ckpt), depth=4, tree_size=4),
         "self-tree": lambda: SpecConfig(draft=str(ckpt), depth=3, branch=2, tree_size=6),
     }[kind]()
-    s, g = run(ckpt, draft)
+    _, g = run(ckpt, draft)
     assert g.token_ids == greedy
     if kind.startswith("oracle"):
         assert g.stats["accepted_per_step"] == pytest.approx(5.0, abs=0.6)  # 4 drafted + 1 per step
@@ -149,7 +149,7 @@ def test_frspec_draft_bundle_target_token_outside_subset(ckpt, greedy, tmp_path)
     assert not set(greedy) & set(table.tolist())
     np.save(tmp_path / "freq.npy", table)
     draft = export_bundle(ckpt, tmp_path / "draft", frspec=tmp_path / "freq.npy", progress=False)
-    s, g = run(ckpt, SpecConfig(draft=str(draft), depth=3))
+    _, g = run(ckpt, SpecConfig(draft=str(draft), depth=3))
     assert g.token_ids == greedy
     assert g.stats["accepted_per_step"] == 1.0  # nothing the draft can say is ever right
 
