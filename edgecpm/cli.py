@@ -38,6 +38,28 @@ def add_session_options(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default: the backend's choice; fp32 for torch)")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for the backend (default: the runtime's default)")
+    add_draft_options(p)
+
+
+def add_draft_options(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding (DESIGN.md §10): Session(draft=SpecConfig(...))."""
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--draft", default=None, metavar="DRAFT",
+                   help="'ngram' (prompt lookup) or a draft bundle/checkpoint folder with the same tokenizer")
+    g.add_argument("--draft-depth", type=int, default=5, metavar="N", help="longest draft path (default: 5)")
+    g.add_argument("--draft-tree-size", type=int, default=8, metavar="N",
+                   help="draft tokens verified per step (default: 8)")
+    g.add_argument("--draft-branch", type=int, default=1, metavar="K",
+                   help="children per expanded node; 1 drafts a chain (default: 1)")
+
+
+def spec_config(args: argparse.Namespace, draft: str | None = None):
+    from edgecpm.speculative import SpecConfig
+
+    draft = draft or args.draft
+    if draft is None:
+        return None
+    return SpecConfig(draft=draft, depth=args.draft_depth, tree_size=args.draft_tree_size, branch=args.draft_branch)
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -101,7 +123,7 @@ def open_session(args: argparse.Namespace):
     from edgecpm.session import Session
 
     return Session(args.path, backend=args.backend, kv_budget=args.kv_budget, dtype=args.dtype,
-                   threads=args.threads)
+                   threads=args.threads, draft=spec_config(args))
 
 
 def _write(piece: str) -> None:
@@ -454,7 +476,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise BackendUnavailable(f"edgecpm export needs the export extra ({e}); "
                                  f"pip install 'edgecpm[export]'") from None
     out = export_bundle(args.path, args.output, dtype=args.dtype, force=args.force,
-                        progress=sys.stderr.isatty(), sparse=args.sparse)
+                        progress=sys.stderr.isatty(), sparse=args.sparse, frspec=args.frspec)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -464,11 +486,37 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    return not_implemented("bench", "speed/memory benchmark of a bundle (see benchmarks/ meanwhile)")
+    from edgecpm.bench import run_bench
+
+    drafts = [spec_config(args, d) for d in (args.draft_compare or ([args.draft] if args.draft else []))]
+    result = run_bench(args.path, backend=args.backend, kv_budget=args.kv_budget, threads=args.threads,
+                       dtype=args.dtype, prompts=args.prompt or (), prompt_len=args.prompt_len,
+                       new_tokens=args.new_tokens, repeats=args.repeats, drafts=drafts)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"{'config':<28} {'prefill tok/s':>14} {'decode tok/s':>13} {'tok/step':>9} {'speedup':>8} {'KV used':>10}")
+    for name, r in result["configs"].items():
+        print(f"{name[-28:]:<28} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.2f} {r['tokens_per_step']:>9.2f} "
+              f"{r['decode_speedup']:>7.2f}x {_human_bytes(r['kv_bytes_in_use']):>10}")
+    print(f"peak RSS {_human_bytes(result['peak_rss_bytes'])}")
+    return 0
 
 
 def cmd_freq(args: argparse.Namespace) -> int:
-    return not_implemented("freq", "FR-Spec frequency table (freq.npy) from a corpus")
+    import numpy as np
+
+    from edgecpm.speculative import build_freq_table, count_tokens
+    from edgecpm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(args.tokenizer)
+    counts = count_tokens(tok, [Path(c) for c in args.corpus], progress=sys.stderr.isatty())
+    table = build_freq_table(counts, args.r, tok.eos_token_ids, tok.special_ids)
+    covered = counts[table].sum() / max(counts.sum(), 1)
+    np.save(args.output, table)
+    print(f"wrote {args.output}: {len(table)} ids covering {covered:.1%} of {counts.sum()} corpus tokens",
+          file=sys.stderr)
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -513,6 +561,8 @@ errors print "edgecpm: error: ..." and exit with status 2; add --debug for a tra
   edgecpm export path/to/MiniCPM4-0.5B -o bundle-0.5B/
   edgecpm export path/to/MiniCPM4-0.5B -o bundle-0.5B-fp16/ --dtype fp16 --force
   edgecpm export path/to/MiniCPM4-8B -o bundle-8B-sparse/ --sparse
+  edgecpm freq --tokenizer path/to/MiniCPM4-0.5B corpus/ -r 16384 -o freq.npy
+  edgecpm export path/to/MiniCPM4-0.5B -o draft-0.5B/ --frspec freq.npy
   edgecpm run bundle-0.5B/ -p "The capital of France is" --backend onnxruntime""", [common])
     p.add_argument("path", metavar="PATH", help="Hugging Face checkpoint folder")
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle folder to write")
@@ -521,6 +571,8 @@ errors print "edgecpm: error: ..." and exit with status 2; add --debug for a tra
     p.add_argument("--sparse", action="store_true",
                    help="switch InfLLM v2 sparse attention on (DESIGN.md §7 defaults) when the checkpoint's "
                         "config.json has no sparse_config")
+    p.add_argument("--frspec", default=None, metavar="FREQ.npy",
+                   help="export a draft model whose LM head keeps only these ids (from `edgecpm freq`)")
     p.set_defaults(func=cmd_export)
 
     p = _sub(subs, "build", "build a TensorRT engine for a bundle, on the device (not implemented yet)",
@@ -558,22 +610,38 @@ errors print "edgecpm: error: ..." and exit with status 2; add --debug for a tra
     add_sampling_options(p)
     p.set_defaults(func=cmd_chat)
 
-    p = _sub(subs, "bench", "measure prefill/decode speed and memory (not implemented yet)",
-             "Measure prefill and decode tokens/s, peak memory and the memory-bandwidth roofline for a model.\n"
-             "Not implemented yet; see benchmarks/decode_torch.py meanwhile.",
+    p = _sub(subs, "bench", "measure prefill/decode speed, memory and speculative decoding",
+             "Measure prefill and decode tokens/s, tokens per verification step, KV use and peak RSS.\n"
+             "With --draft (or several --draft-compare), plain decoding and each drafter run in the same\n"
+             "process on the same prompts, so the speed-ups are comparable. Prompts: --prompt texts, or\n"
+             "--repeats random-token prompts of --prompt-len tokens.",
              """examples:
   edgecpm bench bundle-0.5B/
-  python benchmarks/decode_torch.py --threads 2""", [common])
+  edgecpm bench target/ --draft ngram --prompt "def fibonacci(n):" --new-tokens 64
+  edgecpm bench target/ --draft-compare ngram draft/ draft-frspec/ --json > bench.json""", [common])
     p.add_argument("path", help="checkpoint or bundle folder")
+    add_session_options(p)
+    p.add_argument("--draft-compare", nargs="+", default=None, metavar="DRAFT",
+                   help="several drafters to compare with plain decoding (each as --draft)")
+    p.add_argument("--prompt", action="append", default=None, help="a prompt text; repeatable")
+    p.add_argument("--prompt-len", type=int, default=128, help="tokens of each random prompt (default: 128)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt (default: 64)")
+    p.add_argument("--repeats", type=int, default=3, help="random prompts when no --prompt (default: 3)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_bench)
 
-    p = _sub(subs, "freq", "build an FR-Spec token frequency table (not implemented yet)",
-             "Count tokens over a text corpus and write the FR-Spec frequency table freq.npy (int32, the r\n"
-             "most frequent ids, EOS ids forced in). Not implemented yet.",
+    p = _sub(subs, "freq", "build an FR-Spec token frequency table (freq.npy) from a corpus",
+             "Count tokens over text files (or folders) with a model's tokenizer and write the FR-Spec table:\n"
+             "the r most frequent ids (special tokens not counted, every EOS id forced in, no duplicates,\n"
+             "exactly r entries), int32 .npy. A draft exported with --frspec then computes only these r\n"
+             "logits; the target still verifies over the full vocabulary.",
              """examples:
-  edgecpm freq bundle-0.5B/ corpus.txt -r 16384 -o bundle-0.5B/draft/freq.npy""", [common])
-    p.add_argument("path", help="checkpoint or bundle folder (for its tokenizer)")
-    p.add_argument("corpus", nargs="*", help="text files")
+  edgecpm freq --tokenizer path/to/MiniCPM4-0.5B corpus.txt more/ -r 16384 -o freq.npy
+  edgecpm export path/to/MiniCPM4-0.5B -o draft/ --frspec freq.npy""", [common])
+    p.add_argument("corpus", nargs="+", help="text files or folders")
+    p.add_argument("--tokenizer", required=True, metavar="PATH", help="checkpoint or bundle folder with tokenizer files")
+    p.add_argument("-r", type=int, default=16384, help="table length (default: 16384)")
+    p.add_argument("-o", "--output", required=True, help="where to write freq.npy")
     p.set_defaults(func=cmd_freq)
 
     p = _sub(subs, "inspect", "summarize a checkpoint or bundle: config, parameters, bytes, KV cache per token",

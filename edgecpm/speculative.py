@@ -13,6 +13,7 @@ Drafters (anything with `propose(context) -> DraftTree`):
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,6 +192,24 @@ def make_drafter(spec: SpecConfig, draft_session=None):
 
 
 # ---- FR-Spec frequency tables -------------------------------------------------------------------
+
+def count_tokens(tokenizer, paths: list[Path], progress: bool = True) -> np.ndarray:
+    """Token counts [vocab] over text files (folders: every file below them, sorted)."""
+    from rich.progress import Progress
+
+    files = sorted(f for p in map(Path, paths) for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    if not files:
+        raise ConfigError(f"no files found in {[str(p) for p in paths]}")
+    counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("counting tokens", total=sum(f.stat().st_size for f in files))
+        for f in files:
+            lines = f.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+            ids = np.fromiter(itertools.chain.from_iterable(tokenizer.encode_batch(lines)), dtype=np.int64)
+            counts += np.bincount(ids, minlength=len(counts))
+            bar.advance(task, f.stat().st_size)
+    return counts
+
 
 def build_freq_table(counts: np.ndarray, r: int, eos_ids, special_ids) -> np.ndarray:
     """The r most frequent ids (special tokens not counted), every EOS id forced in, unique,

@@ -90,6 +90,15 @@ class Tokenizer:
             ids = [self.bos_token_id] + ids
         return ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Ids of many texts at once (no BOS), encoded in parallel by the tokenizers library."""
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    @property
+    def special_ids(self) -> list[int]:
+        """Ids of the special tokens (BOS, EOS, ChatML markers, ...)."""
+        return sorted(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 

@@ -1,0 +1,58 @@
+"""`edgecpm bench`: prefill/decode speed, memory and (optionally) speculative decoding, measured
+for every configuration in the same run so the ratios are meaningful on a shared machine."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+
+import numpy as np
+
+from edgecpm.session import Session
+
+
+def _prompts(session: Session, texts: list[str], prompt_len: int, n: int) -> list[list[int]]:
+    if texts:
+        if session.tokenizer is None:
+            raise ValueError("--prompt needs tokenizer files in the model folder")
+        return [session.tokenizer.encode(t) for t in texts]
+    rng = np.random.default_rng(0)
+    return [[1, *rng.integers(3, session.config.vocab_size, size=prompt_len - 1).tolist()] for _ in range(n)]
+
+
+def measure(session: Session, prompts: list[list[int]], new_tokens: int) -> dict:
+    session.generate(prompts[0], max_new_tokens=4, ignore_eos=True)  # warm-up: pages in the weights
+    runs = []
+    for ids in prompts:
+        session._reset()  # every prompt is prefilled in full
+        runs.append(session.generate(ids, max_new_tokens=new_tokens, ignore_eos=True).stats)
+
+    def med(key):
+        return statistics.median(r[key] for r in runs)
+
+    return {
+        "prefill_tok_s": med("prefill_tok_s"),
+        "decode_tok_s": med("decode_tok_s"),
+        "tokens_per_step": med("accepted_per_step"),
+        "kv_bytes_in_use": max(r["kv_bytes_in_use"] for r in runs),
+        "runs": len(runs),
+    }
+
+
+def run_bench(path, backend="auto", kv_budget="1GiB", threads=None, dtype=None, prompts=(), prompt_len=128,
+              new_tokens=64, repeats=3, drafts=()) -> dict:
+    """Plain decoding, then each drafter in `drafts` (SpecConfig or its draft argument), same prompts."""
+    results = {}
+    for draft in (None, *drafts):
+        s = Session(path, backend=backend, kv_budget=kv_budget, draft=draft, dtype=dtype, threads=threads)
+        ids = _prompts(s, list(prompts), prompt_len, repeats)
+        name = "plain" if draft is None else str(getattr(draft, "draft", draft))
+        results[name] = {**measure(s, ids, new_tokens), "memory": s.memory(), "backend": s.backend.name}
+        print(f"{name}: decode {results[name]['decode_tok_s']:.2f} tok/s", file=sys.stderr)
+        del s
+    plain = results["plain"]["decode_tok_s"]
+    for r in results.values():
+        r["decode_speedup"] = r["decode_tok_s"] / plain if plain else 0.0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return {"path": str(path), "new_tokens": new_tokens, "configs": results, "peak_rss_bytes": rss}

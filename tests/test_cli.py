@@ -1,0 +1,58 @@
+"""The edgecpm command line, run in-process through edgecpm.cli.main."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgecpm.cli import build_parser, main
+
+pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("command", ["export", "build", "run", "chat", "bench", "freq", "inspect", "demo"])
+def test_every_command_has_help_with_examples(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([command, "--help"])
+    assert e.value.code == 0
+    assert "examples:" in capsys.readouterr().out
+
+
+def test_export_run_inspect(make_checkpoint, tmp_path, capsys):
+    ckpt = make_checkpoint(tie=False, with_tokenizer=True)
+    assert main(["export", str(ckpt), "-o", str(tmp_path / "b")]) == 0
+    assert main(["run", str(tmp_path / "b"), "-p", "Hello", "--max-new-tokens", "5", "--ignore-eos", "--stats"]) == 0
+    out = capsys.readouterr()
+    assert "finish_reason: length" in out.err and "decode_tokens: 4" in out.err
+    assert main(["inspect", str(tmp_path / "b"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert json.dumps(info)  # a JSON object naming the bundle's facts
+    assert main(["run", str(tmp_path / "b"), "-p", "Hello", "--temperature", "-1"]) == 2
+    assert "temperature" in capsys.readouterr().err
+
+
+def test_freq_then_frspec_export_then_bench_with_drafts(make_checkpoint, tmp_path, capsys):
+    ckpt = make_checkpoint(tie=False, with_tokenizer=True)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("def add(a, b):\n    return a + b\n" * 50)
+    (corpus / "b.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    assert main(["freq", "--tokenizer", str(ckpt), str(corpus), "-r", "64", "-o", str(tmp_path / "freq.npy")]) == 0
+    table = np.load(tmp_path / "freq.npy")
+    assert table.dtype == np.int32 and len(table) == 64 and len(set(table.tolist())) == 64
+    assert {2, 73440} <= set(table.tolist()) and 1 not in table  # EOS forced in, BOS (special) not counted
+    assert main(["export", str(ckpt), "-o", str(tmp_path / "draft"), "--frspec", str(tmp_path / "freq.npy")]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(ckpt), "--draft-compare", "ngram", str(tmp_path / "draft"), "--repeats", "1",
+                 "--prompt-len", "16", "--new-tokens", "8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["configs"]) == {"plain", "ngram", str(tmp_path / "draft")}
+    assert all(r["decode_tok_s"] > 0 for r in result["configs"].values())
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nothing"), "-p", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgecpm: error:") and "Traceback" not in err
