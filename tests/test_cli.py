@@ -56,3 +56,18 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert main(["run", str(tmp_path / "nothing"), "-p", "x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("edgecpm: error:") and "Traceback" not in err
+
+
+def test_demo_exports_once_then_reuses_the_cache(make_checkpoint, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    ckpt = make_checkpoint(tie=False, with_tokenizer=True)
+    for name in ("target", "draft"):
+        shutil.copytree(ckpt, tmp_path / "models" / name)
+    monkeypatch.setenv("EDGECPM_CACHE", str(tmp_path / "cache"))
+    args = ["demo", "--models", str(tmp_path / "models"), "--max-new-tokens", "6"]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert first.err.count("exporting") == 2 and "tokens per step" in first.err
+    assert main(args) == 0
+    assert "exporting" not in capsys.readouterr().err
