@@ -1,0 +1,102 @@
+"""Speculative decoding on the wind-tunnel pair, onnxruntime CPU, all drafters in the same run.
+
+    python samples/wind_tunnel/make_corpus.py          # once: the corpus (train + held-out split)
+    python benchmarks/speculative.py                   # plain vs draft vs FR-Spec draft vs n-gram
+
+Prompts: the first --prompt-tokens tokens of --prompts held-out documents (the wind-tunnel
+corpus's held-out split: files the models never saw). The FR-Spec table is built from the train
+split with r = V/4 (`edgecpm freq` rules). Every configuration decodes the same prompts greedily,
+so all produce the same text; reported: tokens/s, tokens per target step (mean accepted length
++ 1), and ratios to plain decoding. Writes benchmarks/results/speculative.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+MODELS = common.ROOT / "samples" / "wind_tunnel"
+CORPUS = Path("~/.cache/edgecpm/wind_tunnel/corpus").expanduser()
+
+
+def heldout_prompts(tokenizer, path: Path, n: int, n_tokens: int) -> list[list[int]]:
+    docs = [d for d in path.read_text(encoding="utf-8").split("\n\x1e\n") if len(d) > 2000]
+    rng = np.random.default_rng(0)
+    picks = rng.choice(len(docs), size=min(n, len(docs)), replace=False)
+    return [tokenizer.encode(docs[i])[:n_tokens] for i in sorted(picks)]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=8, help="held-out documents used as prompts (default: 8)")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=96)
+    p.add_argument("--depth", type=int, default=4, help="draft depth (default: 4)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--corpus", type=Path, default=CORPUS)
+    p.add_argument("--output", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    import edgecpm
+    from edgecpm.bench import measure
+    from edgecpm.export.exporter import export_bundle
+    from edgecpm.speculative import SpecConfig, build_freq_table, count_tokens
+
+    if not (args.corpus / "heldout.txt").exists():
+        sys.exit(f"{args.corpus}/heldout.txt not found: run python samples/wind_tunnel/make_corpus.py first")
+    with tempfile.TemporaryDirectory(prefix="edgecpm-spec-") as tmp:
+        tmp = Path(tmp)
+        tok = edgecpm.Tokenizer.from_pretrained(MODELS / "target")
+        counts = count_tokens(tok, [args.corpus / "train.txt"], progress=False)
+        r = tok.vocab_size // 4
+        np.save(tmp / "freq.npy", build_freq_table(counts, r, tok.eos_token_ids, tok.special_ids))
+        target = export_bundle(MODELS / "target", tmp / "target", progress=False)
+        draft = export_bundle(MODELS / "draft", tmp / "draft", progress=False)
+        frspec = export_bundle(MODELS / "draft", tmp / "draft-frspec", frspec=tmp / "freq.npy", progress=False)
+        configs = {
+            "plain": None,
+            "draft model": SpecConfig(draft=str(draft), depth=args.depth, tree_size=args.depth),
+            f"FR-Spec draft (r={r})": SpecConfig(draft=str(frspec), depth=args.depth, tree_size=args.depth),
+            "n-gram": SpecConfig(draft="ngram", depth=args.depth, tree_size=args.depth),
+        }
+        rows, texts = [], {}
+        prompts = heldout_prompts(tok, args.corpus / "heldout.txt", args.prompts, args.prompt_tokens)
+        for name, spec in configs.items():
+            s = edgecpm.Session(target, kv_budget="64MiB", draft=spec, threads=args.threads)
+            m = measure(s, prompts, args.new_tokens)
+            texts[name] = s.last.token_ids
+            rows.append({"config": name, "decode tok/s": m["decode_tok_s"], "tokens/step": m["tokens_per_step"],
+                         "prefill tok/s": m["prefill_tok_s"]})
+            print(rows[-1], file=sys.stderr)
+            del s
+    plain = rows[0]["decode tok/s"]
+    for row in rows:
+        row["speedup"] = row["decode tok/s"] / plain
+    same = all(t == texts["plain"] for t in texts.values())
+    result = {
+        "benchmark": "speculative",
+        "command": "python benchmarks/speculative.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {**common.machine_info(), "threads": args.threads},
+        "settings": vars(args) | {"corpus": str(args.corpus), "output": str(args.output), "frspec_r": r,
+                                  "vocab": tok.vocab_size},
+        "identical_outputs": same,
+        "rows": rows,
+    }
+    path = common.write_results("speculative", result, args.output)
+    print(common.markdown_table(rows, ["config", "decode tok/s", "tokens/step", "speedup", "prefill tok/s"]))
+    print(f"\nidentical greedy outputs across configs: {same}\nwrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
