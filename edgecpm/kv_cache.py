@@ -56,6 +56,9 @@ class KVCache:
         self.ckeys = np.zeros((cfg.num_hidden_layers, n_ck, cfg.num_key_value_heads, cfg.head_dim), np.float32)
         self.length = 0
         self.peak_length = 0
+        # Called as hook(start, rows) after keep(): a backend holding a device copy of the arena
+        # (TensorRT) compacts its own rows the same way.
+        self.keep_hooks: list = []
 
     @classmethod
     def from_budget(cls, cfg: ModelConfig, budget: int | str, dtype: np.dtype) -> KVCache:
@@ -131,3 +134,5 @@ class KVCache:
             for j in range(sp.n_chunks(start), sp.n_chunks(self.length)):
                 rows_j = self.arena[:, 0, j * sp.kernel_stride : j * sp.kernel_stride + sp.kernel_size]
                 self.ckeys[:, j] = rows_j.astype(np.float32).mean(axis=1)
+        for hook in self.keep_hooks:
+            hook(start, rows)

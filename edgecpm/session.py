@@ -30,14 +30,15 @@ BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
 def open_backend(path: Path, backend: str, dtype: str | None, threads: int | None, verify: bool = False):
-    """auto: a bundle runs on onnxruntime, a checkpoint on torch (tensorrt joins with issue 8)."""
+    """auto: a checkpoint runs on torch; a bundle on TensorRT when it has an engine built for this
+    GPU and TensorRT version, else on onnxruntime."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     bundle = is_bundle(path)
     if not bundle and not (path / "config.json").exists():
         raise ConfigError(f"{path}: neither an exported bundle (manifest.json) nor a checkpoint (config.json)")
-    if backend == "auto":
-        backend = "onnxruntime" if bundle else "torch"
+    if backend == "auto" and not bundle:
+        backend = "torch"
     if backend == "torch":
         if bundle:
             raise ConfigError(f"{path}: the torch backend runs Hugging Face checkpoints; this is a bundle "
@@ -51,6 +52,16 @@ def open_backend(path: Path, backend: str, dtype: str | None, threads: int | Non
         raise ConfigError(f"{path}: backend {backend!r} runs exported bundles; export one first with "
                           f"`edgecpm export {path} -o BUNDLE`")
     b = load_bundle(path, verify=verify)
+    if backend == "auto":  # an engine built for this GPU and TensorRT wins; onnxruntime otherwise
+        backend = "onnxruntime"
+        if b.manifest.get("engines"):
+            from edgecpm.runtimes.tensorrt import usable_engine
+
+            backend = "tensorrt" if usable_engine(b)[0] else "onnxruntime"
+    if backend == "tensorrt":
+        from edgecpm.runtimes.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(b, threads=threads, verify=verify)
     if dtype is not None and dtype != b.dtype:
         raise ConfigError(f"{path}: bundle was exported as {b.dtype}; dtype={dtype!r} needs a re-export")
     if backend == "onnxruntime":
@@ -101,6 +112,8 @@ class Session:
             raise BudgetError(f"kv_budget of {self.kv_budget} bytes holds no token: this model needs {per_token} "
                               f"bytes per token of KV cache (+{draft_per_token} for the draft); raise kv_budget")
         self.cache = KVCache(self.config, capacity, backend.kv_dtype)
+        if hasattr(backend, "on_keep"):
+            self.cache.keep_hooks.append(backend.on_keep)
         self.drafter = None
         if spec:
             draft_session = None

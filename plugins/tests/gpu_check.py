@@ -1,0 +1,681 @@
+#!/usr/bin/env python3
+"""GPU check of the edgecpm CUDA kernels (DESIGN.md §11): each kernel against the torch reference on
+fresh random inputs, then timings; prints one markdown table and writes JSON.
+
+    plugins/tests/gpu_check.sh                          # builds the kernels for this GPU, runs this
+    python3 plugins/tests/gpu_check.py --lib build/gpu_check/libedgecpm_kernels.so
+    python3 plugins/tests/gpu_check.py --dry-run        # CPU only: the reference side, small shapes
+
+Correctness (‖out − ref‖ / ‖ref‖, tolerance 1e-4 for fp32 results, 1e-2 for fp16 ones; block sets
+must be identical): InfLLM v2 compressed keys, stage-1 scores, block selection (on the reference's
+scores: exact; on the kernels' own scores: identical up to exact near-ties), stage-2 decode and
+prefill attention and the whole op, for v1/v2, fp32/fp16, several group sizes, a draft-tree mask;
+ternary GEMV/GEMM against a dequantized matmul. References: edgecpm.export.infllmv2 (CPU).
+Timings (median over many runs after warm-up, CUDA events): the card's device-to-device copy
+bandwidth, the ternary GEMV's achieved bandwidth as a fraction of it (goal >= 0.6), ternary vs fp16
+matmul, and InfLLM v2 decode attention vs dense attention at 32K/64K/128K for the MiniCPM4-8B shape
+(32 query heads, 2 kv heads, head_dim 128). Fits in 8 minutes on an H100.
+
+--dry-run runs everything that needs no GPU: argument parsing, the reference computations at small
+shapes on CPU (the "device" results are the reference itself, so every comparison path runs), the
+ternary packing, the table and the JSON; with --lib it also loads the library and checks the ctypes
+signatures against include/edgecpm_kernels.h and the host-only functions (sizes, config checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib.util
+import json
+import math
+import platform
+import re
+import statistics
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+HEADER = ROOT / "plugins" / "include" / "edgecpm_kernels.h"
+DEFAULT_LIB = ROOT / "build" / "gpu_check" / "libedgecpm_kernels.so"
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu_check.json"
+TOL = {"fp32": 1e-4, "fp16": 1e-2}
+GEMV_GOAL = 0.6  # achieved bandwidth / copy bandwidth (issue 8)
+F32, F16 = 0, 1  # ecpm_dtype
+
+
+# ---- the reference, importable from a source tree that is not installed ---------------------------
+def load_reference():
+    """edgecpm.export.infllmv2 (torch). On a machine where edgecpm is not installed (the GPU box), it
+    is loaded from export/infllmv2.py, with a bare `edgecpm` package if edgecpm/__init__ cannot import."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    try:
+        from edgecpm.export import infllmv2
+
+        return infllmv2
+    except ImportError:
+        pass
+    try:
+        importlib.import_module("edgecpm")
+    except ImportError:  # e.g. tokenizers missing: config.py needs only numpy
+        pkg = types.ModuleType("edgecpm")
+        pkg.__path__ = [str(ROOT / "edgecpm")]
+        sys.modules["edgecpm"] = pkg
+    spec = importlib.util.spec_from_file_location("edgecpm_export_infllmv2", ROOT / "export" / "infllmv2.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def sparse_config(**kw):
+    from edgecpm.config import SparseConfig
+
+    return SparseConfig(**kw)
+
+
+# ---- the C ABI through ctypes -----------------------------------------------------------------------
+class Config(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int32) for n in ("kernel_size", "kernel_stride", "block_size", "init_blocks",
+                                              "window_size", "topk", "dense_len", "semantics")]
+
+    @classmethod
+    def of(cls, cfg) -> Config:
+        return cls(cfg.kernel_size, cfg.kernel_stride, cfg.block_size, cfg.init_blocks, cfg.window_size, cfg.topk,
+                   cfg.dense_len, int(cfg.semantics[1:]))
+
+
+class Dims(ctypes.Structure):
+    _fields_ = [("T", ctypes.c_int64), ("P", ctypes.c_int64), ("Hq", ctypes.c_int32), ("Hkv", ctypes.c_int32),
+                ("D", ctypes.c_int32)]
+
+
+_P, _I, _I64, _SZ, _CFG = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_size_t, ctypes.POINTER(Config)
+SIGNATURES = {  # name: (restype, argtypes) -- checked against the header by check_header()
+    "ecpm_status_string": (ctypes.c_char_p, [_I]),
+    "ecpm_version": (_I, []),
+    "ecpm_infllmv2_n_chunks": (_I64, [_CFG, _I64]),
+    "ecpm_infllmv2_check_config": (_I, [_CFG]),
+    "ecpm_infllmv2_compress": (_I, [_I, _P, _P, Dims, _CFG, _P, _P]),
+    "ecpm_infllmv2_stage1_workspace_size": (_SZ, [Dims, _CFG]),
+    "ecpm_infllmv2_stage1": (_I, [_I, _P, _P, _P, _P, Dims, _CFG, _P, _P, _SZ, _P]),
+    "ecpm_infllmv2_select": (_I, [_P, _P, Dims, _CFG, _P, _P, _P, _P]),
+    "ecpm_infllmv2_decode_workspace_size": (_SZ, [Dims, _CFG]),
+    "ecpm_infllmv2_attend_decode": (_I, [_I, _P, _P, _P, _P, _P, _P, _P, _P, Dims, _CFG, _P, _P, _SZ, _P]),
+    "ecpm_infllmv2_attend_prefill": (_I, [_I, _P, _P, _P, _P, _P, _P, _P, _P, Dims, _CFG, _P, _P]),
+    "ecpm_infllmv2_workspace_size": (_SZ, [Dims, _CFG]),
+    "ecpm_infllmv2_forward": (_I, [_I, _P, _P, _P, _P, _P, _P, _P, _P, Dims, _CFG, _P, _P, _P, _SZ, _P]),
+    "ecpm_convert_index": (_I, [_P, _I, _P, _I64, _P]),
+    "ecpm_convert_mask": (_I, [_P, _I, _P, _I64, _P]),
+    "ecpm_gather_rows": (_I, [_P, _I64, _I64, _I64, _I64, _P, ctypes.c_int32, _P]),
+    "ecpm_ternary_gemv": (_I, [_I, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P]),
+    "ecpm_ternary_gemm": (_I, [_I, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P]),
+    "ecpm_ternary_matmul": (_I, [_I, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P]),
+}
+
+
+def header_arities(path: Path = HEADER) -> dict[str, int]:
+    """Parameter counts of the ECPM_API functions declared in the header."""
+    text = re.sub(r"/\*.*?\*/", "", path.read_text(), flags=re.DOTALL)
+    out = {}
+    for m in re.finditer(r"ECPM_API\s+[\w\s\*]+?\b(ecpm_\w+)\s*\(([^)]*)\)\s*;", text):
+        params = m.group(2).strip()
+        out[m.group(1)] = 0 if params in ("", "void") else params.count(",") + 1
+    return out
+
+
+def check_header() -> list[str]:
+    """Differences between SIGNATURES and the header (empty when they agree)."""
+    arities = header_arities()
+    problems = [f"{n}: missing from SIGNATURES" for n in arities if n not in SIGNATURES]
+    problems += [f"{n}: not in the header" for n in SIGNATURES if n not in arities]
+    problems += [f"{n}: {len(SIGNATURES[n][1])} ctypes args, header has {arities[n]}"
+                 for n in SIGNATURES if n in arities and len(SIGNATURES[n][1]) != arities[n]]
+    return problems
+
+
+def load_lib(path: Path):
+    lib = ctypes.CDLL(str(path))
+    for name, (restype, argtypes) in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+class KernelError(RuntimeError):
+    pass
+
+
+# ---- results ----------------------------------------------------------------------------------------
+@dataclass
+class Report:
+    rows: list = field(default_factory=list)  # table rows
+    correctness: list = field(default_factory=list)
+    timings: list = field(default_factory=list)
+    facts: dict = field(default_factory=dict)
+
+    def check(self, kernel: str, case: str, dtype: str, value: float, limit: float, what: str = "rel err",
+              ok: bool | None = None, note: str = "") -> bool:
+        ok = bool(value <= limit) if ok is None else bool(ok)
+        self.correctness.append({"kernel": kernel, "case": case, "dtype": dtype, "metric": what, "value": value,
+                                 "limit": limit, "ok": ok, "note": note})
+        shown = f"{value:.2e}" if isinstance(value, float) else str(value)
+        self.rows.append((kernel, case, dtype, f"{what} {shown}", f"<= {limit:g}" if what == "rel err" else
+                          str(limit), ("ok" if ok else "FAIL") + (f" ({note})" if note else "")))
+        return ok
+
+    def timing(self, kernel: str, case: str, dtype: str, us: float, baseline: str = "", base_us: float | None = None,
+               extra: dict | None = None, result: str = ""):
+        rec = {"kernel": kernel, "case": case, "dtype": dtype, "median_us": us, "baseline": baseline,
+               "baseline_us": base_us, **(extra or {})}
+        if base_us:
+            rec["speedup"] = base_us / us
+        self.timings.append(rec)
+        base = f"{baseline} {base_us:.1f} µs" if base_us else baseline
+        ratio = f"{base_us / us:.2f}x" if base_us else ""
+        self.rows.append((kernel, case, dtype, f"{us:.1f} µs", base, " ".join(x for x in (ratio, result) if x)))
+
+    @property
+    def passed(self) -> bool:
+        return all(c["ok"] for c in self.correctness)
+
+    def table(self) -> str:
+        head = ("kernel", "case", "dtype", "result", "reference / baseline", "verdict")
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(str(x) for x in r) + " |" for r in self.rows]
+        return "\n".join(lines)
+
+
+def rel_err(torch, ours, ref) -> float:
+    ours, ref = ours.detach().double().cpu(), ref.detach().double().cpu()
+    denom = ref.norm().item()
+    diff = (ours - ref).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+# ---- InfLLM v2 --------------------------------------------------------------------------------------
+@dataclass
+class AttnCase:
+    name: str
+    T: int
+    P: int
+    Hq: int
+    Hkv: int
+    D: int
+    cfg: dict
+    tree: bool = False
+
+
+def attn_cases(dry_run: bool) -> list[AttnCase]:
+    small = {"window_size": 256, "topk": 6, "dense_len": 1024}  # 4-block window, so short caches are sparse
+    if dry_run:  # tiny shapes: every rule still fires (dense and sparse queries, window, ties)
+        s = {"window_size": 128, "topk": 3, "dense_len": 200}
+        return [AttnCase("decode", 1, 517, 8, 2, 16, s),
+                AttnCase("prefill", 40, 150, 4, 1, 16, {**s, "semantics": "v2"}),
+                AttnCase("tree", 5, 300, 4, 2, 8, s, tree=True)]
+    return [
+        AttnCase("decode G16 v1", 1, 4095, 32, 2, 128, small),
+        AttnCase("decode G16 v2", 1, 4095, 32, 2, 128, {**small, "semantics": "v2"}),
+        AttnCase("verify T=5 tree", 5, 3000, 32, 2, 128, small, tree=True),
+        AttnCase("decode G3 D64", 2, 2047, 12, 4, 64, small),
+        AttnCase("prefill G16 mixed dense/sparse", 256, 900, 32, 2, 128, small),
+        AttnCase("prefill G1 v2", 100, 1333, 2, 2, 64, {**small, "semantics": "v2"}),
+        AttnCase("first chunk P=0", 512, 0, 16, 2, 64, {"window_size": 128, "topk": 2, "dense_len": 200}),
+    ]
+
+
+def stage1_reference(torch, q, ck, pos, cfg):
+    """[Hkv, T, nc] chunk scores: the first half of edgecpm.export.infllmv2.block_scores."""
+    T, Hq, D = q.shape
+    Hkv, nc = ck.shape[1], ck.shape[0]
+    qg = q.float().reshape(T, Hkv, Hq // Hkv, D).permute(1, 2, 0, 3)
+    s = torch.einsum("hgtd,chd->hgtc", qg, ck) / math.sqrt(D)
+    chunk_end = torch.arange(nc) * cfg.kernel_stride + cfg.kernel_size - 1
+    s = s.masked_fill(chunk_end[None, :] > pos[:, None], float("-inf"))
+    return torch.softmax(s, dim=-1).nan_to_num(0.0).sum(1)
+
+
+def tree_mask(torch, T: int, g) -> tuple:
+    """A random draft tree: each node's parent is an earlier node (or the root); mask = ancestors."""
+    parent = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, T)]
+    mask = torch.zeros(T, T, dtype=torch.bool)
+    depth = [0] * T
+    for i in range(T):
+        j = i
+        while j >= 0:
+            mask[i, j] = True
+            j = parent[j]
+        depth[i] = 0 if parent[i] < 0 else depth[parent[i]] + 1
+    return mask, torch.tensor(depth)
+
+
+def near_tie_rows(torch, ref, q, ck, pos, S, cfg, ours, theirs, eps=1e-5) -> tuple[int, int]:
+    """(rows whose block sets differ, of which explained by near-ties): a row's sets may differ only
+    where the differing blocks' reference scores lie within eps of the k-th selected score."""
+    blk = ref.block_scores(q, ck, pos, S, cfg)
+    diff = (ours != theirs).any(-1)  # [Hkv, T]
+    rows = diff.nonzero().tolist()
+    explained = 0
+    for h, t in rows:
+        d = (ours[h, t] != theirs[h, t]).nonzero().flatten()
+        chosen = blk[h, t][theirs[h, t]]
+        finite = chosen[torch.isfinite(chosen)]
+        thr = finite.min() if finite.numel() else torch.tensor(0.0)
+        explained += bool(((blk[h, t][d] - thr).abs() <= eps * max(1.0, abs(float(thr)))).all())
+    return len(rows), explained
+
+
+class Device:
+    """Runs the kernels through the C ABI on torch CUDA tensors (or, in a dry run, stands in for them
+    with the reference so that every comparison path runs)."""
+
+    def __init__(self, torch, lib, dry_run: bool):
+        self.torch, self.lib, self.dry = torch, lib, dry_run
+
+    def call(self, name, *args):
+        status = getattr(self.lib, name)(*args)
+        if status != 0:
+            raise KernelError(f"{name}: {self.lib.ecpm_status_string(status).decode()}")
+
+    def ptr(self, t):
+        return ctypes.c_void_p(t.data_ptr()) if t is not None and t.numel() else ctypes.c_void_p(0)
+
+    @property
+    def stream(self):
+        return ctypes.c_void_p(self.torch.cuda.current_stream().cuda_stream)
+
+    def empty(self, shape, dtype):
+        return self.torch.empty(shape, dtype=dtype, device="cuda")
+
+
+def run_attn_case(torch, ref, dev: Device, rep: Report, case: AttnCase, dtype: str, seed: int):
+    cfg = sparse_config(**case.cfg)
+    g = torch.Generator().manual_seed(seed)
+    tdt = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    T, P, Hq, Hkv, D = case.T, case.P, case.Hq, case.Hkv, case.D
+    S = P + T
+    q = torch.randn(T, Hq, D, generator=g).to(tdt)
+    k_all = torch.randn(S, Hkv, D, generator=g).to(tdt)
+    v_all = torch.randn(S, Hkv, D, generator=g).to(tdt)
+    past_k, past_v, k, v = k_all[:P], v_all[:P], k_all[P:], v_all[P:]
+    if case.tree:
+        mask, depth = tree_mask(torch, T, g)
+        pos = P + depth
+    else:
+        mask, pos = torch.ones(T, T, dtype=torch.bool).tril(), torch.arange(P, S)
+    ck_past = ref.new_chunks(k_all[:0], past_k, cfg)
+
+    # Reference (CPU).
+    ck_new_ref = ref.new_chunks(past_k, k, cfg)
+    ck = torch.cat([ck_past, ck_new_ref])
+    score_ref = stage1_reference(torch, q, ck, pos, cfg)
+    blocks_ref = ref.select_blocks(ref.block_scores(q, ck, pos, S, cfg), pos, cfg)
+    out_ref = ref.sparse_attend(q, k, v, past_k, past_v, pos, mask, blocks_ref, cfg)
+    nb = blocks_ref.shape[-1]
+    label = f"{case.name} (T={T} P={P} Hq={Hq} Hkv={Hkv} D={D} {cfg.semantics})"
+
+    if dev.dry:  # the reference stands in for the device: exercises the comparisons
+        ck_new, score, blocks_a, blocks_b = ck_new_ref, score_ref, blocks_ref, blocks_ref
+        out_dec = out_pre = out_fwd = out_ref
+        ck_fwd = ck_new_ref
+    else:
+        ck_new, score, blocks_a, blocks_b, out_dec, out_pre, out_fwd, ck_fwd = device_attn(
+            torch, dev, cfg, q, k, v, past_k, past_v, ck_past, ck_new_ref, score_ref, blocks_ref, pos, mask, nb)
+
+    tol = TOL[dtype]
+    rep.check("infllmv2 compress", label, dtype, rel_err(torch, ck_new, ck_new_ref), TOL["fp32"])
+    rep.check("infllmv2 stage1", label, dtype, rel_err(torch, score, score_ref), TOL["fp32"])
+    same = bool((blocks_a == blocks_ref).all())
+    rep.check("infllmv2 select (ref scores)", label, "-", int((blocks_a != blocks_ref).any(-1).sum()), 0,
+              what="rows differing", ok=same)
+    n_diff, n_tie = near_tie_rows(torch, ref, q, ck, pos, S, cfg, blocks_b, blocks_ref)
+    rep.check("infllmv2 select (own scores)", label, "-", n_diff, 0, what="rows differing", ok=n_diff == n_tie,
+              note=f"{n_tie} near-ties" if n_diff else "")
+    rep.check("infllmv2 attend decode", label, dtype, rel_err(torch, out_dec, out_ref), tol)
+    rep.check("infllmv2 attend prefill", label, dtype, rel_err(torch, out_pre, out_ref), tol)
+    if n_diff == 0:
+        rep.check("infllmv2 forward", label, dtype, rel_err(torch, out_fwd, out_ref), tol)
+    rep.check("infllmv2 forward ck_new", label, dtype, rel_err(torch, ck_fwd, ck_new_ref), TOL["fp32"])
+
+
+def device_attn(torch, dev: Device, cfg, q, k, v, past_k, past_v, ck_past, ck_new_ref, score_ref, blocks_ref, pos,
+                mask, nb):
+    """Every InfLLM v2 stage on the GPU; stage inputs come from the reference where that isolates a stage."""
+    T, Hq, D = q.shape
+    P, Hkv = past_k.shape[0], k.shape[1]
+    dt = F16 if q.dtype == torch.float16 else F32
+    host = {"q": q, "k": k, "v": v, "pk": past_k, "pv": past_v, "ckp": ck_past}
+    cu = {n: t.cuda().contiguous() for n, t in host.items()}
+    pos32 = pos.to(torch.int32).cuda()
+    mask8 = mask.to(torch.uint8).cuda()
+    dims, c = Dims(T, P, Hq, Hkv, D), Config.of(cfg)
+    p, s, lib = dev.ptr, dev.stream, dev.lib
+    nc = ck_past.shape[0] + ck_new_ref.shape[0]
+
+    ck_new = dev.empty((ck_new_ref.shape[0], Hkv, D), torch.float32)
+    dev.call("ecpm_infllmv2_compress", dt, p(cu["pk"]), p(cu["k"]), dims, ctypes.byref(c), p(ck_new), s)
+    score = dev.empty((Hkv, T, nc), torch.float32)
+    ws1 = dev.empty((max(lib.ecpm_infllmv2_stage1_workspace_size(dims, ctypes.byref(c)), 1),), torch.uint8)
+    dev.call("ecpm_infllmv2_stage1", dt, p(cu["q"]), p(cu["ckp"]), p(ck_new), p(pos32), dims, ctypes.byref(c),
+             p(score), p(ws1), ws1.numel(), s)
+
+    def select(scores):
+        blocks = dev.empty((Hkv, T, nb), torch.uint8)
+        lst, cnt = dev.empty((Hkv, T, nb), torch.int32), dev.empty((Hkv, T), torch.int32)
+        dev.call("ecpm_infllmv2_select", p(scores), p(pos32), dims, ctypes.byref(c), p(blocks), p(lst), p(cnt), s)
+        return blocks, lst, cnt
+
+    blocks_a, _, _ = select(score_ref.cuda().contiguous())  # exact: same scores in, same sets out
+    blocks_b, _, _ = select(score)
+    # Stage 2 on the reference's blocks (list form for decode, built here).
+    ref_blocks = blocks_ref.to(torch.uint8).cuda()
+    cnt = blocks_ref.sum(-1).to(torch.int32).cuda()
+    order = torch.sort((~blocks_ref).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32).cuda()
+    out_dec, out_pre = torch.empty_like(cu["q"]), torch.empty_like(cu["q"])
+    wsd = dev.empty((max(lib.ecpm_infllmv2_decode_workspace_size(dims, ctypes.byref(c)), 1),), torch.uint8)
+    dev.call("ecpm_infllmv2_attend_decode", dt, p(cu["q"]), p(cu["k"]), p(cu["v"]), p(cu["pk"]), p(cu["pv"]), p(mask8),
+             p(order), p(cnt), dims, ctypes.byref(c), p(out_dec), p(wsd), wsd.numel(), s)
+    dev.call("ecpm_infllmv2_attend_prefill", dt, p(cu["q"]), p(cu["k"]), p(cu["v"]), p(cu["pk"]), p(cu["pv"]),
+             p(mask8), p(ref_blocks), p(pos32), dims, ctypes.byref(c), p(out_pre), s)
+    # The whole op.
+    out_fwd, ck_fwd = torch.empty_like(cu["q"]), torch.empty_like(ck_new)
+    ws = dev.empty((max(lib.ecpm_infllmv2_workspace_size(dims, ctypes.byref(c)), 1),), torch.uint8)
+    dev.call("ecpm_infllmv2_forward", dt, p(cu["q"]), p(cu["k"]), p(cu["v"]), p(cu["pk"]), p(cu["pv"]), p(cu["ckp"]),
+             p(pos32), p(mask8), dims, ctypes.byref(c), p(out_fwd), p(ck_fwd), p(ws), ws.numel(), s)
+    torch.cuda.synchronize()
+    return (ck_new.cpu(), score.cpu(), blocks_a.cpu().bool(), blocks_b.cpu().bool(), out_dec.cpu(), out_pre.cpu(),
+            out_fwd.cpu(), ck_fwd.cpu())
+
+
+# ---- ternary ----------------------------------------------------------------------------------------
+def pack_codes(codes: np.ndarray) -> np.ndarray:
+    """uint8 codes [N, K] in {0, 1, 2} -> uint32 [N, ceil(K/16)], 16 per word, lowest bits first
+    (the TernaryMatMul contract); the padding past K is code 1 (weight 0)."""
+    N, K = codes.shape
+    kw = -(-K // 16)
+    padded = np.ones((N, kw * 16), np.uint64)
+    padded[:, :K] = codes
+    shifts = 2 * np.arange(16, dtype=np.uint64)
+    return (padded.reshape(N, kw, 16) << shifts).sum(-1, dtype=np.uint64).astype(np.uint32)
+
+
+def unpack_codes(packed: np.ndarray, K: int) -> np.ndarray:
+    shifts = 2 * np.arange(16, dtype=np.uint32)
+    codes = (packed[:, :, None] >> shifts) & 3
+    return codes.reshape(packed.shape[0], -1)[:, :K].astype(np.uint8)
+
+
+def ternary_reference(torch, x, codes, scales, gs):
+    """y = x @ W^T with W = (code - 1) * scale, in float64."""
+    w = (torch.from_numpy(codes).double() - 1.0) * scales.double().cpu().repeat_interleave(gs, dim=1)
+    return x.double().cpu() @ w.T
+
+
+TERNARY_CASES = [  # (M, N, K, group_size)
+    (1, 1000, 4096, 128), (3, 2048, 1024, 1024), (4, 777, 4096, 4096), (2, 640, 2048, 32), (1, 300, 1000, 200),
+    (17, 1000, 4096, 128), (130, 515, 2048, 2048), (64, 256, 1000, 1000),
+]
+
+
+def run_ternary_case(torch, dev: Device, rep: Report, M, N, K, gs, dtype, seed):
+    rng = np.random.default_rng(seed)
+    tdt = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    codes = rng.integers(0, 3, size=(N, K), dtype=np.uint8)
+    packed = pack_codes(codes)
+    scales = torch.from_numpy(rng.uniform(0.01, 0.05, size=(N, K // gs)).astype(np.float32)).to(tdt)
+    x = torch.from_numpy(rng.standard_normal((M, K)).astype(np.float32)).to(tdt)
+    ref = ternary_reference(torch, x, codes, scales, gs)
+    label = f"M={M} N={N} K={K} gs={gs}"
+    if dev.dry:
+        assert (unpack_codes(packed, K) == codes).all(), "pack/unpack round trip"
+        outs = {"gemv": ref, "gemm": ref}
+    else:
+        xc, sc = x.cuda(), scales.cuda()
+        pc = torch.from_numpy(packed.view(np.int32)).cuda()
+        outs = {}
+        for kind in ("gemv", "gemm"):
+            y = dev.empty((M, N), tdt)
+            dev.call(f"ecpm_ternary_{kind}", F16 if dtype == "fp16" else F32, dev.ptr(xc), dev.ptr(pc), dev.ptr(sc),
+                     dev.ptr(y), M, N, K, gs, dev.stream)
+            outs[kind] = y
+        torch.cuda.synchronize()
+    for kind, y in outs.items():
+        if kind == "gemv" and M > 4 and not dev.dry:
+            continue  # the GEMV serves decode (M <= 4); larger M is the GEMM's
+        rep.check(f"ternary {kind}", label, dtype, rel_err(torch, y, ref), TOL[dtype])
+
+
+# ---- timings ----------------------------------------------------------------------------------------
+def time_us(torch, fn, batch: int = 20, repeats: int = 15, warmup: int = 5) -> float:
+    """Median over `repeats` of the mean time of `batch` back-to-back calls (CUDA events), after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    pairs = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(batch):
+            fn()
+        end.record()
+        pairs.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) * 1e3 / batch for s, e in pairs)
+
+
+def copy_bandwidth(torch) -> float:
+    """Device-to-device cudaMemcpy (tensor.copy_) bandwidth, counting bytes read + written, GB/s."""
+    n = 1 << 30
+    src, dst = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
+    us = time_us(torch, lambda: dst.copy_(src), batch=5, repeats=11)
+    return 2 * n / us / 1e3
+
+
+def time_ternary(torch, dev: Device, rep: Report, copy_gbps: float):
+    """MiniCPM4-8B's projections: gate/up [16384 x 4096], down [4096 x 16384], q/o [4096 x 4096]."""
+    for N, K, gs in ((16384, 4096, 4096), (4096, 16384, 128), (4096, 4096, 128)):
+        time_ternary_shape(torch, dev, rep, copy_gbps, N, K, gs)
+
+
+def time_ternary_shape(torch, dev: Device, rep: Report, copy_gbps: float, N: int, K: int, gs: int):
+    rng = np.random.default_rng(7)
+    pc = torch.from_numpy(pack_codes(rng.integers(0, 3, size=(N, K), dtype=np.uint8)).view(np.int32)).cuda()
+    sc = torch.rand(N, K // gs, device="cuda", dtype=torch.float16) * 0.05
+    w16 = torch.randn(N, K, device="cuda", dtype=torch.float16)  # the fp16 baseline's weights
+    x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+    y = torch.empty(1, N, device="cuda", dtype=torch.float16)
+    us = time_us(torch, lambda: dev.call("ecpm_ternary_gemv", F16, dev.ptr(x), dev.ptr(pc), dev.ptr(sc), dev.ptr(y),
+                                         1, N, K, gs, dev.stream), batch=50)
+    moved = pc.numel() * 4 + sc.numel() * 2 + x.numel() * 2 + y.numel() * 2
+    gbps = moved / us / 1e3
+    base = time_us(torch, lambda: torch.matmul(x, w16.T), batch=50)
+    frac = gbps / copy_gbps
+    rep.timing("ternary gemv", f"M=1 N={N} K={K} gs={gs}", "fp16", us, "fp16 matmul", base,
+               {"achieved_GBps": gbps, "fraction_of_copy_bw": frac, "bytes": moved},
+               f"{gbps:.0f} GB/s = {frac:.2f} of copy bw (goal {GEMV_GOAL})")
+    M = 512
+    xm = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    ym = torch.empty(M, N, device="cuda", dtype=torch.float16)
+    us = time_us(torch, lambda: dev.call("ecpm_ternary_gemm", F16, dev.ptr(xm), dev.ptr(pc), dev.ptr(sc), dev.ptr(ym),
+                                         M, N, K, gs, dev.stream), batch=5, repeats=7)
+    base = time_us(torch, lambda: torch.matmul(xm, w16.T), batch=5, repeats=7)
+    rep.timing("ternary gemm", f"M={M} N={N} K={K} gs={gs}", "fp16", us, "fp16 matmul", base,
+               {"TFLOPs": 2 * M * N * K / us / 1e6})
+
+
+def time_attention(torch, dev: Device, rep: Report):
+    """InfLLM v2 decode (the whole op, T=1) vs dense attention, MiniCPM4-8B shape, shipped settings."""
+    for S in (32768, 65536, 131072):
+        time_attention_context(torch, dev, rep, S)
+
+
+def time_attention_context(torch, dev: Device, rep: Report, S: int):
+    cfg = sparse_config()  # kernel 32/16, block 64, window 2048, topk 64, dense_len 8192, v1
+    c = Config.of(cfg)
+    Hq, Hkv, D = 32, 2, 128
+    F = torch.nn.functional
+    P, T = S - 1, 1
+    k_all = torch.randn(S, Hkv, D, device="cuda", dtype=torch.float16)
+    v_all = torch.randn(S, Hkv, D, device="cuda", dtype=torch.float16)
+    ck_past = k_all[:P].float().unfold(0, cfg.kernel_size, cfg.kernel_stride).mean(-1).contiguous()
+    q = torch.randn(T, Hq, D, device="cuda", dtype=torch.float16)
+    pk, pv, k, v = k_all[:P], v_all[:P], k_all[P:], v_all[P:]
+    pos = torch.tensor([P], device="cuda", dtype=torch.int32)
+    mask = torch.ones(1, 1, device="cuda", dtype=torch.uint8)
+    dims = Dims(T, P, Hq, Hkv, D)
+    nb = -(-S // cfg.block_size)
+    cn = cfg.n_chunks(S) - cfg.n_chunks(P)
+    out, ck_new = torch.empty_like(q), torch.empty(max(cn, 1), Hkv, D, device="cuda")
+    ws = torch.empty(lib_size(dev, "ecpm_infllmv2_workspace_size", dims, c), device="cuda", dtype=torch.uint8)
+    p, s = dev.ptr, dev.stream
+    us = time_us(torch, lambda: dev.call("ecpm_infllmv2_forward", F16, p(q), p(k), p(v), p(pk), p(pv), p(ck_past),
+                                         p(pos), p(mask), dims, ctypes.byref(c), p(out), p(ck_new), p(ws), ws.numel(),
+                                         s))
+    # Dense baselines: the same stage-2 kernel over every block, and PyTorch's SDPA (flash) on its
+    # preferred [1, H, S, D] layout.
+    all_blocks = torch.arange(nb, device="cuda", dtype=torch.int32).repeat(Hkv, 1).reshape(Hkv, T, nb)
+    cnt = torch.full((Hkv, T), nb, device="cuda", dtype=torch.int32)
+    wsd = torch.empty(lib_size(dev, "ecpm_infllmv2_decode_workspace_size", dims, c), device="cuda", dtype=torch.uint8)
+    dense_us = time_us(torch, lambda: dev.call("ecpm_infllmv2_attend_decode", F16, p(q), p(k), p(v), p(pk), p(pv),
+                                               p(mask), p(all_blocks), p(cnt), dims, ctypes.byref(c), p(out), p(wsd),
+                                               wsd.numel(), s))
+    kd, vd = k_all.permute(1, 0, 2)[None].contiguous(), v_all.permute(1, 0, 2)[None].contiguous()
+    qd = q.permute(1, 0, 2)[None].contiguous()
+    try:
+        sdpa_us = time_us(torch, lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True))
+    except (TypeError, RuntimeError):
+        kx, vx = kd.repeat_interleave(Hq // Hkv, 1), vd.repeat_interleave(Hq // Hkv, 1)
+        sdpa_us = time_us(torch, lambda: F.scaled_dot_product_attention(qd, kx, vx))
+    case = f"decode S={S // 1024}K Hq={Hq} Hkv={Hkv} D={D}"
+    rep.timing("infllmv2 decode (whole op)", case, "fp16", us, "dense, same kernel", dense_us)
+    rep.timing("infllmv2 decode (whole op)", case, "fp16", us, "dense, torch SDPA", sdpa_us)
+    if S == 131072:
+        time_stages(torch, dev, rep, q, k, v, pk, pv, ck_past, pos, mask, dims, c, cfg, nb, case)
+
+
+def lib_size(dev: Device, name: str, dims, c) -> int:
+    return max(int(getattr(dev.lib, name)(dims, ctypes.byref(c))), 1)
+
+
+def time_stages(torch, dev, rep, q, k, v, pk, pv, ck_past, pos, mask, dims, c, cfg, nb, case):
+    p, s = dev.ptr, dev.stream
+    Hkv, T, D = dims.Hkv, dims.T, dims.D
+    nc = cfg.n_chunks(dims.P + dims.T)
+    ck_new = torch.empty(max(nc - ck_past.shape[0], 1), Hkv, D, device="cuda")
+    score = torch.empty(Hkv, T, nc, device="cuda")
+    ws1 = torch.empty(lib_size(dev, "ecpm_infllmv2_stage1_workspace_size", dims, c), device="cuda", dtype=torch.uint8)
+    blocks = torch.empty(Hkv, T, nb, device="cuda", dtype=torch.uint8)
+    lst, cnt = torch.empty(Hkv, T, nb, device="cuda", dtype=torch.int32), torch.empty(Hkv, T, device="cuda",
+                                                                                       dtype=torch.int32)
+    wsd = torch.empty(lib_size(dev, "ecpm_infllmv2_decode_workspace_size", dims, c), device="cuda", dtype=torch.uint8)
+    out = torch.empty_like(q)
+    stages = {
+        "compress": lambda: dev.call("ecpm_infllmv2_compress", F16, p(pk), p(k), dims, ctypes.byref(c), p(ck_new), s),
+        "stage1": lambda: dev.call("ecpm_infllmv2_stage1", F16, p(q), p(ck_past), p(ck_new), p(pos), dims,
+                                   ctypes.byref(c), p(score), p(ws1), ws1.numel(), s),
+        "select": lambda: dev.call("ecpm_infllmv2_select", p(score), p(pos), dims, ctypes.byref(c), p(blocks), p(lst),
+                                   p(cnt), s),
+        "attend decode": lambda: dev.call("ecpm_infllmv2_attend_decode", F16, p(q), p(k), p(v), p(pk), p(pv), p(mask),
+                                          p(lst), p(cnt), dims, ctypes.byref(c), p(out), p(wsd), wsd.numel(), s),
+    }
+    for name, fn in stages.items():
+        fn()  # in order, so that each stage's inputs are real
+    torch.cuda.synchronize()
+    selected = int(cnt.max().item())
+    for name, fn in stages.items():
+        rep.timing(f"infllmv2 {name}", case, "fp16", time_us(torch, fn),
+                   extra={"blocks_selected": selected} if name == "attend decode" else None,
+                   result=f"{selected}/{nb} blocks" if name == "attend decode" else "")
+
+
+# ---- main -------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--lib", type=Path, help=f"libedgecpm_kernels.so (default: {DEFAULT_LIB.relative_to(ROOT)})")
+    ap.add_argument("--out", type=Path, help=f"JSON results (default: {DEFAULT_OUT.relative_to(ROOT)}; "
+                                             f"a dry run writes none unless given)")
+    ap.add_argument("--dry-run", action="store_true", help="CPU only: reference side at small shapes, no GPU")
+    ap.add_argument("--no-timings", action="store_true", help="correctness only")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def host_checks(lib, rep: Report):
+    """What the library answers without a GPU: version, config checks, chunk counts, workspace sizes."""
+    rep.check("C ABI", "ctypes signatures = header", "-", len(check_header()), 0, what="differences",
+              ok=not check_header())
+    rep.check("C ABI", "ecpm_version", "-", lib.ecpm_version(), 100, what="version", ok=lib.ecpm_version() == 100)
+    cfg = sparse_config()
+    c = Config.of(cfg)
+    ok = all(lib.ecpm_infllmv2_n_chunks(ctypes.byref(c), n) == cfg.n_chunks(n) for n in range(300))
+    rep.check("C ABI", "n_chunks = SparseConfig.n_chunks", "-", int(not ok), 0, what="mismatches", ok=ok)
+    bad = Config.of(cfg)
+    bad.kernel_size = 48
+    ok = lib.ecpm_infllmv2_check_config(ctypes.byref(c)) == 0 and lib.ecpm_infllmv2_check_config(ctypes.byref(bad)) == 1
+    rep.check("C ABI", "check_config accepts/refuses", "-", int(not ok), 0, what="mismatches", ok=ok)
+    sizes = [lib.ecpm_infllmv2_workspace_size(Dims(1, P, 32, 2, 128), ctypes.byref(c)) for P in (0, 4096, 131071)]
+    ok = 0 < sizes[0] <= sizes[1] <= sizes[2]
+    rep.check("C ABI", "workspace grows with the context", "-", sizes[-1], 0, what="bytes at 128K", ok=ok)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t0 = time.time()
+    import torch
+
+    ref = load_reference()
+    rep = Report()
+    lib_path = args.lib or (DEFAULT_LIB if not args.dry_run else None)
+    lib = None
+    if lib_path is not None:
+        if not Path(lib_path).exists():
+            print(f"gpu_check: {lib_path} not found; build it with plugins/tests/gpu_check.sh", file=sys.stderr)
+            return 2
+        lib = load_lib(Path(lib_path))
+        host_checks(lib, rep)
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu_check: torch sees no CUDA device; use --dry-run on a machine without a GPU", file=sys.stderr)
+        return 2
+    dev = Device(torch, lib, args.dry_run)
+    rep.facts = {"dry_run": args.dry_run, "torch": torch.__version__, "python": platform.python_version(),
+                 "command": " ".join(["python3 plugins/tests/gpu_check.py", *(sys.argv[1:] if argv is None else argv)])}
+    if not args.dry_run:
+        props = torch.cuda.get_device_properties(0)
+        rep.facts.update(device=props.name, compute_capability=f"{props.major}.{props.minor}",
+                         sms=props.multi_processor_count, cuda=torch.version.cuda)
+
+    for i, case in enumerate(attn_cases(args.dry_run)):
+        for dtype in ("fp32", "fp16"):
+            run_attn_case(torch, ref, dev, rep, case, dtype, args.seed + i)
+    for i, (M, N, K, gs) in enumerate(TERNARY_CASES[:3] if args.dry_run else TERNARY_CASES):
+        for dtype in ("fp32", "fp16"):
+            run_ternary_case(torch, dev, rep, M, N, K, gs, dtype, args.seed + 100 + i)
+
+    if not args.dry_run and not args.no_timings:
+        copy = copy_bandwidth(torch)
+        rep.facts["copy_bandwidth_GBps"] = copy
+        rep.rows.append(("cudaMemcpy D2D", "1 GiB", "-", f"{copy:.0f} GB/s", "read + write", ""))
+        time_ternary(torch, dev, rep, copy)
+        time_attention(torch, dev, rep)
+
+    rep.facts["seconds"] = round(time.time() - t0, 1)
+    print(rep.table())
+    print(f"\n{'PASSED' if rep.passed else 'FAILED'}: {sum(c['ok'] for c in rep.correctness)}/{len(rep.correctness)} "
+          f"checks ({rep.facts['seconds']} s{', dry run' if args.dry_run else ''})")
+    out = args.out or (None if args.dry_run else DEFAULT_OUT)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"facts": rep.facts, "passed": rep.passed, "correctness": rep.correctness,
+                                   "timings": rep.timings, "table": rep.table()}, indent=1, default=float))
+        print(f"wrote {out}")
+    return 0 if rep.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The CUDA kernels and the plugins' CMake project, as far as a machine without a GPU can check them:
+nvcc compiles the kernels (Orin's sm_87), the CMake project configures (and says why it skips the
+TensorRT glue when the headers are absent), the GPU check's dry run passes, and its ctypes
+signatures agree with include/edgecpm_kernels.h (checked against the compiled library's host-only
+functions when nvcc is here). The kernels themselves run only in plugins/tests/gpu_check.sh."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGINS = ROOT / "plugins"
+GPU_CHECK = PLUGINS / "tests" / "gpu_check.py"
+NVCC = shutil.which("nvcc")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH (CUDA toolkit absent): kernels not compiled")
+
+
+def real_nvcc() -> str:
+    """nvcc behind wrapper scripts (CMake wants the compiler next to its toolkit)."""
+    cmd = [NVCC, "--dryrun", "-c", "-x", "cu", "/dev/null", "-o", "/dev/null"]
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True).stderr
+    here = next((line.split("=", 1)[1] for line in out.splitlines() if line.startswith("#$ _HERE_=")), None)
+    return str(Path(here) / "nvcc") if here else NVCC
+
+
+@pytest.fixture(scope="module")
+def kernels_lib(tmp_path_factory):
+    """Both kernel translation units compiled for sm_87 into one shared library (about 10 s)."""
+    out = tmp_path_factory.mktemp("kernels") / "libedgecpm_kernels.so"
+    cmd = [NVCC, "-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-shared", "-arch=sm_87", "-I", str(PLUGINS / "include"),
+           str(PLUGINS / "src" / "infllmv2.cu"), str(PLUGINS / "src" / "ternary.cu"), "-o", str(out)]
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return out
+
+
+@needs_nvcc
+def test_kernel_translation_unit_compiles_for_orin(tmp_path):
+    obj = tmp_path / "ternary.o"
+    cmd = [NVCC, "-std=c++17", "-O3", "-arch=sm_87", "-I", str(PLUGINS / "include"), "-c",
+           str(PLUGINS / "src" / "ternary.cu"), "-o", str(obj)]
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert obj.stat().st_size > 10_000
+
+
+@needs_nvcc
+def test_kernel_library_exports_the_c_abi(kernels_lib):
+    sys.path.insert(0, str(GPU_CHECK.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    lib = gpu_check.load_lib(kernels_lib)  # every declared function resolves, with its signature
+    assert lib.ecpm_version() == 100
+    assert lib.ecpm_status_string(3) == b"workspace too small"
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not on PATH")
+@needs_nvcc
+def test_cmake_configures_and_reports_tensorrt(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TENSORRT_INCLUDE_DIR"}
+    cmd = ["cmake", "-S", str(PLUGINS), "-B", str(tmp_path / "build"), "-DCMAKE_CUDA_ARCHITECTURES=87",
+           f"-DCMAKE_CUDA_COMPILER={real_nvcc()}"]
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    missing = "TensorRT headers not found: skipping IPluginV3 glue (set TENSORRT_INCLUDE_DIR)"
+    places = ("/usr/include/x86_64-linux-gnu", "/usr/include/aarch64-linux-gnu", "/usr/local/tensorrt/include",
+              "/usr/include")
+    system_headers = [p for p in places if (Path(p) / "NvInferRuntime.h").exists()]
+    if system_headers:
+        assert "headers:" in res.stdout and "building libedgecpm_plugins.so" in res.stdout
+    else:
+        assert missing in res.stdout
+
+
+def test_build_script_is_executable():
+    assert os.access(PLUGINS / "build_kernels.sh", os.X_OK)
+    assert os.access(PLUGINS / "tests" / "gpu_check.sh", os.X_OK)
+
+
+def test_ctypes_signatures_match_the_header():
+    sys.path.insert(0, str(GPU_CHECK.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    assert gpu_check.check_header() == []
+    assert len(gpu_check.header_arities()) == len(gpu_check.SIGNATURES)
+
+
+def test_gpu_check_dry_run(tmp_path, request):
+    """The GPU check's CPU side: argument parsing, references at small shapes, table, JSON; with the
+    compiled library (when nvcc is here) also its host-only functions through ctypes."""
+    pytest.importorskip("torch")
+    out = tmp_path / "gpu_check.json"
+    cmd = [sys.executable, str(GPU_CHECK), "--dry-run", "--out", str(out)]
+    if NVCC is not None:
+        cmd += ["--lib", str(request.getfixturevalue("kernels_lib"))]
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "| kernel | case |" in res.stdout and "PASSED" in res.stdout
+    data = json.loads(out.read_text())
+    assert data["passed"] and data["facts"]["dry_run"]
+    kernels = {c["kernel"] for c in data["correctness"]}
+    assert {"infllmv2 select (ref scores)", "infllmv2 attend decode", "ternary gemv", "ternary gemm"} <= kernels
+    if NVCC is not None:
+        assert "C ABI" in kernels
+
+
+def test_gpu_check_missing_library(tmp_path):
+    pytest.importorskip("torch")
+    cmd = [sys.executable, str(GPU_CHECK), "--lib", str(tmp_path / "absent.so")]
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "absent.so not found" in res.stderr and "gpu_check.sh" in res.stderr
+
+
+@needs_nvcc
+def test_gpu_check_says_when_there_is_no_gpu(kernels_lib):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the check would run for real")
+    cmd = [sys.executable, str(GPU_CHECK), "--lib", str(kernels_lib)]
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "no CUDA device" in res.stderr and "--dry-run" in res.stderr
