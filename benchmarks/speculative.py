@@ -46,9 +46,10 @@ def main(argv=None) -> int:
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
 
+    from edgecpm.export.exporter import export_bundle
+
     import edgecpm
     from edgecpm.bench import measure
-    from edgecpm.export.exporter import export_bundle
     from edgecpm.speculative import SpecConfig, build_freq_table, count_tokens
 
     if not (args.corpus / "heldout.txt").exists():

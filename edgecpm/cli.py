@@ -319,8 +319,11 @@ def inspect_info(path: str | Path, kv_budget: int | str = "1GiB") -> dict:
             "bundle": {k: manifest.get(k) for k in ("format_version", "dtype", "exporter", "created", "source")},
         }
         notes = [f"files listed in manifest.json but missing: {', '.join(missing)}"] if missing else []
+        section = manifest.get("ternary")
+        ternary = {"ternary": bool(section), **{k: v for k, v in (section or {}).items() if k != "tensors"}}
     else:
         weights, notes = _checkpoint_weights(folder, cfg)
+        ternary = _checkpoint_ternary(folder, cfg) if weights["files"] and not notes else None
 
     kv_per_token = {name: cfg.kv_bytes_per_token(b) for name, b in KV_DTYPES.items()}
     return {
@@ -335,6 +338,7 @@ def inspect_info(path: str | Path, kv_budget: int | str = "1GiB") -> dict:
             # What fits in the budget; a session's arena is also capped at max_position_embeddings.
             "tokens_in_budget": {name: budget // per for name, per in kv_per_token.items()},
         },
+        "ternary": ternary,
         "notes": notes,
     }
 
@@ -381,6 +385,31 @@ def _checkpoint_weights(folder: Path, cfg) -> tuple[dict, list[str]]:
         "by_dtype": by_dtype,
     }
     return weights, notes
+
+
+def _checkpoint_ternary(folder: Path, cfg) -> dict:
+    """BitCPM4 ternary detection on the linear weights, read straight from the safetensors files
+    (numpy, no torch): the report export acts on."""
+    import numpy as np
+
+    from edgecpm.export.ternary import linear_names, report
+
+    where = {}
+    for f in checkpoint_files(folder):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+        for name, t in read_safetensors_header(f).items():
+            where[name] = (f, 8 + n + t["data_offsets"][0], t)
+    stored = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
+
+    def tensor(name):  # float32 values; bf16 is the top half of a float32
+        f, offset, t = where[name]
+        if t["dtype"] not in stored:
+            return np.full(t["shape"], np.nan, np.float32)  # not a float weight: never ternary
+        raw = np.fromfile(f, stored[t["dtype"]], math.prod(t["shape"]), offset=offset).reshape(t["shape"])
+        return (raw.astype(np.uint32) << 16).view(np.float32) if t["dtype"] == "BF16" else raw.astype(np.float32)
+
+    return report(linear_names(cfg.num_hidden_layers), tensor)
 
 
 def _human_bytes(n: float) -> str:
@@ -430,9 +459,32 @@ def _inspect_sections(info: dict) -> list[tuple[str, list[tuple[str, str]]]]:
                           if kv["tokens_in_budget"][dt] > max_pos else ""))
              for dt, per in kv["bytes_per_token"].items()]
     sections = [("model", model), ("weights", weights), ("KV cache", cache)]
+    if info["ternary"] is not None:
+        sections.append(("ternary (BitCPM4)", _ternary_rows(info["ternary"], info["kind"])))
     if info["notes"]:
         sections.append(("notes", [("!", n) for n in info["notes"]]))
     return sections
+
+
+def _ternary_rows(t: dict, kind: str) -> list[tuple[str, str]]:
+    if kind == "bundle" and not t["ternary"]:
+        return [("linear weights", "dense")]
+    if kind == "checkpoint" and t["count"] == 0:
+        return [("linear weights", "not ternary: " + t["reason"])]
+    state = "ternary" if t["ternary"] else "mostly not ternary"
+    if kind == "bundle":
+        state = "packed: " + ("2-bit codes, TernaryMatMul" if t["op"] == "TernaryMatMul"
+                              else "4-bit codes, onnxruntime MatMulNBits")
+    rows = [("linear weights", f"{t['count']} linear weights {state}"),
+            ("granularity", ", ".join(t["scales"])),
+            ("group sizes", ", ".join(map(str, t["group_sizes"]))),
+            ("packed bytes", (f"{t['packed_bytes']:,} codes + {t['scale_bytes']:,} scales "
+                              f"({t['bits_per_weight']:.3f} bits per weight)"))]
+    if t.get("lossy"):
+        rows.append(("lossy", f"{t['lossy']} tensors ternarized by --quantize ternary"))
+    if "reason" in t:
+        rows.append(("not ternary", f"{t['reason']} ({t['linears'] - t['count']} of {t['linears']})"))
+    return rows
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -463,12 +515,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- not implemented yet (seams for the lead) --------------------------------------------------
-def not_implemented(command: str, issue: str) -> int:
-    print(f"{PROG} {command}: not implemented yet: {issue}", file=sys.stderr)
-    return 2
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     try:
         from edgecpm.export.exporter import export_bundle
@@ -476,13 +522,20 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise BackendUnavailable(f"edgecpm export needs the export extra ({e}); "
                                  f"pip install 'edgecpm[export]'") from None
     out = export_bundle(args.path, args.output, dtype=args.dtype, force=args.force,
-                        progress=sys.stderr.isatty(), sparse=args.sparse, frspec=args.frspec)
+                        progress=sys.stderr.isatty(), sparse=args.sparse, frspec=args.frspec,
+                        quantize=args.quantize, ternary_op=args.ternary_op)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    return not_implemented("build", "TensorRT engine build on the device")
+    from edgecpm.export.trt_build import build_engine
+
+    engine = build_engine(args.path, fp16=args.fp16, max_prefill=args.max_prefill, max_verify=args.max_verify,
+                          plugin_lib=args.plugins, timing_cache=args.timing_cache,
+                          progress=sys.stderr.isatty(), max_context=args.max_context)
+    print(f"wrote {engine}", file=sys.stderr)
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -566,6 +619,8 @@ errors print "edgecpm: error: ..." and exit with status 2; add --debug for a tra
   edgecpm export path/to/MiniCPM4-8B -o bundle-8B-sparse/ --sparse
   edgecpm freq --tokenizer path/to/MiniCPM4-0.5B corpus/ -r 16384 -o freq.npy
   edgecpm export path/to/MiniCPM4-0.5B -o draft-0.5B/ --frspec freq.npy
+  edgecpm export path/to/BitCPM4-0.5B -o bundle-bitcpm/           # ternary: packed at 2 bits
+  edgecpm export path/to/my-qat-model -o bundle-ternary/ --quantize ternary
   edgecpm run bundle-0.5B/ -p "The capital of France is" --backend onnxruntime""", [common])
     p.add_argument("path", metavar="PATH", help="Hugging Face checkpoint folder")
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle folder to write")
@@ -576,13 +631,36 @@ errors print "edgecpm: error: ..." and exit with status 2; add --debug for a tra
                         "config.json has no sparse_config")
     p.add_argument("--frspec", default=None, metavar="FREQ.npy",
                    help="export a draft model whose LM head keeps only these ids (from `edgecpm freq`)")
+    p.add_argument("--ternary-op", default="TernaryMatMul", choices=("TernaryMatMul", "MatMulNBits"),
+                   help="how packed ternary linears appear in the graph: TernaryMatMul (2 bits, the TensorRT "
+                        "plugin's op; onnxruntime folds it to dense fp32 at load) or MatMulNBits (4 bits, "
+                        "onnxruntime's exact kernel: the choice for onnxruntime deployment) (default: TernaryMatMul)")
+    p.add_argument("--quantize", default=None, choices=("ternary", "none"),
+                   help="linear weights: by default a BitCPM4 ternary checkpoint (detected exactly) is packed at 2 "
+                        "bits and any other stays dense; 'ternary' also ternarizes non-ternary linears (lossy: "
+                        "only for a QAT-trained model), 'none' keeps every linear dense")
     p.set_defaults(func=cmd_export)
 
-    p = _sub(subs, "build", "build a TensorRT engine for a bundle, on the device (not implemented yet)",
-             "Build a TensorRT engine for an exported bundle on the device that will run it. Not implemented yet.",
+    p = _sub(subs, "build", "build a TensorRT engine for a bundle, on the device",
+             "Build a TensorRT engine for an exported bundle on the device that will run it (Jetson or a\n"
+             "GPU machine with TensorRT 10 and the plugin library from plugins/). The ONNX local functions\n"
+             "are stripped so the custom ops map to the plugins; two optimization profiles (prefill chunk,\n"
+             "decode/verify); the engine is written to BUNDLE/engines/<gpu>-trt<version>.engine and recorded\n"
+             "in the manifest. Not executed in this project's CI (no GPU, no TensorRT): see plugins/README.md.",
              """examples:
-  edgecpm build bundle-0.5B/""", [common])
+  edgecpm build bundle-0.5B/
+  edgecpm build bundle-8B/ --fp16 --max-prefill 1024 --max-verify 64 --max-context 16384
+  EDGECPM_PLUGIN_LIB=/opt/edgecpm/libedgecpm_plugins.so edgecpm build bundle-8B/""", [common])
     p.add_argument("path", help="bundle folder")
+    p.add_argument("--fp16", action="store_true", help="let TensorRT run an fp32 bundle's layers in fp16")
+    p.add_argument("--max-prefill", type=int, default=512, metavar="N", help="prefill chunk tokens (default: 512)")
+    p.add_argument("--max-verify", type=int, default=64, metavar="N",
+                   help="decode/verify step tokens (default: 64)")
+    p.add_argument("--max-context", type=int, default=None, metavar="N",
+                   help="longest context the engine accepts (default: the model's max positions)")
+    p.add_argument("--plugins", default=None, metavar="LIB",
+                   help="libedgecpm_plugins.so (default: $EDGECPM_PLUGIN_LIB, then plugins/build/, build/plugins/)")
+    p.add_argument("--timing-cache", default=None, metavar="PATH", help="TensorRT timing cache file")
     p.set_defaults(func=cmd_build)
 
     p = _sub(subs, "run", "generate text for one prompt, streamed to stdout",

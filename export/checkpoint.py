@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
-from edgecpm.export.modeling_minicpm import LongRoPE, MiniCPMForCausalLM
+from edgecpm.export.modeling_minicpm import LongRoPE, MiniCPMForCausalLM, use_ternary
+from edgecpm.export.ternary import explain, linear_names, pack, plan, ternary_codes
 from safetensors import SafetensorError, safe_open
 
 from edgecpm.config import ModelConfig
@@ -107,14 +109,35 @@ class Checkpoint:
         return self.tensor("model.norm.weight").dtype
 
 
-def load_model(folder: str | Path, dtype: str | torch.dtype = "fp32") -> MiniCPMForCausalLM:
-    """Build the torch model and fill it with the checkpoint's weights, converted to `dtype`."""
+def load_model(folder: str | Path, dtype: str | torch.dtype = "fp32",
+               ternary: bool | None = None) -> MiniCPMForCausalLM:
+    """Build the torch model and fill it with the checkpoint's weights, converted to `dtype`.
+    ternary: None keeps the linear weights packed at 2 bits when the checkpoint is ternary (BitCPM4,
+    detected exactly as export does), True requires that, False keeps every weight dense."""
     ckpt = Checkpoint(folder)
     ckpt.check()
     dtype = torch_dtype(dtype)
     with torch.device("meta"):
         model = MiniCPMForCausalLM(ckpt.config)
-    state = {name: ckpt.tensor(name, dtype) for name in expected_shapes(ckpt.config)}
+    names = linear_names(ckpt.config.num_hidden_layers)
+    def tensor(name):
+        return ckpt.tensor(name, torch.float32).numpy()
+
+    packed = {} if ternary is False else plan(names, tensor)
+    if ternary and not packed:
+        raise CheckpointError(f"{ckpt.folder}: ternary=True, but its linear weights are not ternary "
+                              f"(e.g. {names[0]}: {explain(tensor(names[0]))}); load it with ternary=None or False")
+    with torch.device("meta"):
+        use_ternary(model, packed)
+    state = {}
+    for name in expected_shapes(ckpt.config):
+        if name not in packed:
+            state[name] = ckpt.tensor(name, dtype)
+            continue
+        codes, scales = ternary_codes(tensor(name), packed[name])
+        base = name.removesuffix(".weight")
+        state[base + ".packed"] = torch.from_numpy(pack(codes).view(np.int32))
+        state[base + ".scales"] = torch.from_numpy(scales).to(dtype)
     model.load_state_dict(state, assign=True, strict=True)
     model.rope = LongRoPE(ckpt.config)  # its constant buffers were created on meta: build them for real
     return model.eval()

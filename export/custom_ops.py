@@ -22,6 +22,15 @@ InfLLMv2Attention (plugin version "1")
   Semantics: DESIGN.md §7 per query; ties in block scores go to the lower block index (ONNX TopK).
   Blocks are indexed by cache row; for a draft tree the new rows are tree slots, so chunks that
   a tree completes are recomputed after the accepted path is compacted.
+
+TernaryMatMul (plugin version "1"), a BitCPM4 ternary linear layer (format: edgecpm.export.ternary)
+  inputs   x          [M, K]        float32 or float16
+           packed     [N, ceil(K/16)] uint32: 2-bit codes c = w/s + 1, 16 per word, lowest bits
+                                    first along the input; padding codes past K are 1
+           scales     [N, K/group_size] in x's dtype (per tensor or per row: group_size = K)
+  outputs  y          [M, N]        x @ W^T, W[n, k] = (c - 1) * scales[n, k // group_size];
+                                    fp32 accumulation, in x's dtype
+  attributes (int): in_features (K), group_size
 """
 
 from __future__ import annotations
@@ -52,8 +61,18 @@ def infllmv2_attributes(cfg: SparseConfig) -> dict:
             "plugin_version": PLUGIN_VERSION, "plugin_namespace": ""}
 
 
+TERNARY = {
+    "op_type": "TernaryMatMul",
+    "inputs": ["x", "packed", "scales"],
+    "outputs": ["y"],
+    "attributes": ["in_features", "group_size"],
+}
+
+
 def register_schemas() -> None:
     """Register the ops with onnx so the checker accepts the nodes (idempotent)."""
+    if not onnx.defs.has(TERNARY["op_type"], DOMAIN):
+        onnx.defs.register_schema(ternary_schema())
     if onnx.defs.has(INFLLMV2["op_type"], DOMAIN):
         return
     ins = [onnx.defs.OpSchema.FormalParameter(n, "T" if n not in ("past_ck", "positions", "attn_mask")
@@ -184,3 +203,72 @@ def infllmv2_function() -> onnx.FunctionProto:
         opset_imports=[helper.make_opsetid("", 17)],
         attributes=INFLLMV2["attributes"] + ["plugin_version", "plugin_namespace"],
     )
+
+
+# ---- TernaryMatMul -------------------------------------------------------------------------------
+def ternary_schema() -> onnx.defs.OpSchema:
+    param = onnx.defs.OpSchema.FormalParameter
+    attrs = [onnx.defs.OpSchema.Attribute(a, onnx.defs.OpSchema.AttrType.INT, "ternary layout")
+             for a in TERNARY["attributes"]]
+    attrs += [onnx.defs.OpSchema.Attribute(a, onnx.defs.OpSchema.AttrType.STRING, "TensorRT plugin field")
+              for a in ("plugin_version", "plugin_namespace")]
+    return onnx.defs.OpSchema(
+        TERNARY["op_type"], DOMAIN, 1,
+        inputs=[param("x", "T"), param("packed", "tensor(uint32)"), param("scales", "T")],
+        outputs=[param("y", "T")], attributes=attrs,
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "model dtype")],
+        doc="BitCPM4 ternary matmul (see edgecpm/export/custom_ops.py)",
+    )
+
+
+def ternary_node(g: GraphBuilder, x, packed, scales, in_features: int, group_size: int):
+    return g.op(TERNARY["op_type"], x, packed, scales, domain=DOMAIN, in_features=in_features,
+                group_size=group_size, plugin_version=PLUGIN_VERSION, plugin_namespace="")
+
+
+def _unpack_codes(g: GraphBuilder, packed, n, k):
+    """uint32 codes [N, K] of packed [N, W]: each code is shifted to the top two bits, then down
+    (two BitShifts; BitwiseAnd would need opset 18)."""
+    words = g.op("Unsqueeze", packed, g.const([2]))  # [N, W, 1] against the 16 code slots
+    top = g.op("BitShift", words, g.const(30 - 2 * np.arange(16), np.uint32), direction="LEFT")
+    codes = g.op("BitShift", top, g.const([30], np.uint32), direction="RIGHT")  # [N, W, 16]
+    codes = g.op("Reshape", codes, g.op("Concat", n, g.const([-1]), axis=0))
+    return g.op("Slice", codes, g.const([0]), k, g.const([1]))
+
+
+def ternary_function() -> onnx.FunctionProto:
+    """The reference body of TernaryMatMul with standard ops (opset 17): unpack the codes,
+    dequantize to fp32, one fp32 Gemm, cast to x's dtype."""
+    g = GraphBuilder(prefix="t_")
+    x, packed, scales = TERNARY["inputs"]
+
+    def attr(name):  # an int attribute of the calling node, as an int64 [1] tensor
+        ref = onnx.AttributeProto(name="value_int", type=onnx.AttributeProto.INT, ref_attr_name=name)
+        node = helper.make_node("Constant", [], [f"t_attr_{name}"])
+        node.attribute.append(ref)
+        g.nodes.append(node)
+        return g.op("Reshape", node.output[0], g.const([1]))
+
+    k, group = attr("in_features"), attr("group_size")
+    n = g.dim(packed, 0)
+    w = g.op("Sub", g.f32(_unpack_codes(g, packed, n, k)), g.const(1.0, np.float32))
+    w = g.op("Reshape", w, g.op("Concat", n, g.const([-1]), group, axis=0))  # [N, K/g, g]
+    w = g.op("Mul", w, g.op("Unsqueeze", g.f32(scales), g.const([2])))
+    w = g.op("Reshape", w, g.op("Concat", n, k, axis=0))
+    y = g.op("Gemm", g.f32(x), w, transB=1)
+    g.nodes.append(helper.make_node("CastLike", [y, x], ["y"]))
+    return helper.make_function(
+        DOMAIN, TERNARY["op_type"], TERNARY["inputs"], TERNARY["outputs"], g.nodes,
+        opset_imports=[helper.make_opsetid("", 17)],
+        attributes=TERNARY["attributes"] + ["plugin_version", "plugin_namespace"],
+    )
+
+
+def ternary_matmulnbits(g: GraphBuilder, x, nibbles, scales, in_features: int, group_size: int, out_features: int,
+                        block: int):
+    """A ternary linear on onnxruntime's com.microsoft::MatMulNBits (bits=4, exact at accuracy_level 1):
+    nibbles [N, K/block, block/2] from edgecpm.export.ternary.nibbles; the scales [N, K/group_size]
+    are repeated per block by an Expand that onnxruntime folds at load (scale-sized, cheap)."""
+    per_block = g.op("Expand", g.op("Unsqueeze", scales, g.const([2])), g.const([1, 1, group_size // block]))
+    return g.op("MatMulNBits", x, nibbles, g.op("Reshape", per_block, g.const([-1])), domain="com.microsoft",
+                K=in_features, N=out_features, bits=4, block_size=block, accuracy_level=1)

@@ -18,6 +18,7 @@ import torch
 from edgecpm.export.checkpoint import Checkpoint
 from edgecpm.export.custom_ops import DOMAIN
 from edgecpm.export.onnx_graph import build_decoder, graph_io
+from edgecpm.export.ternary import TernaryInfo, linear_names, plan, summary
 from onnx import TensorProto, helper
 
 from edgecpm import __version__
@@ -56,17 +57,29 @@ class ExternalDataWriter:
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False,
-                  progress: bool = True, sparse: bool | dict = False, frspec: str | Path | None = None) -> Path:
+                  progress: bool = True, sparse: bool | dict = False, frspec: str | Path | None = None,
+                  quantize: str | None = None, quantize_group_size: int | None = None,
+                  ternary_op: str = "TernaryMatMul") -> Path:
     """sparse: True (or a dict of overrides) switches InfLLM v2 on with DESIGN.md §7's defaults.
     frspec: a freq.npy of r ids (from `edgecpm freq -r R`) for a draft model: those rows become the
-    draft's LM head and the table is copied into the bundle."""
+    draft's LM head and the table is copied into the bundle.
+    quantize: None packs the linear weights at 2 bits when the checkpoint is ternary (BitCPM4,
+    detected exactly; a checkpoint with some non-ternary linears is refused), "ternary" also
+    ternarizes the others (lossy: only for a QAT-trained model; one scale per `quantize_group_size`
+    inputs, default per row), "none" keeps every linear dense. ternary_op: how packed linears run
+    (see build_decoder): "TernaryMatMul" (2-bit; TensorRT, and onnxruntime through the reference
+    function) or "MatMulNBits" (4-bit codes; onnxruntime only, faster, far less memory at load)."""
     checkpoint, out = Path(checkpoint), Path(out)
+    if ternary_op not in ("TernaryMatMul", "MatMulNBits"):
+        raise ValueError(f"ternary_op={ternary_op!r}: expected 'TernaryMatMul' or 'MatMulNBits'")
     ckpt = Checkpoint(checkpoint)
     ckpt.check()
     if sparse:
         ckpt.config = ckpt.config.with_sparse(sparse if isinstance(sparse, dict) else None)
     if out.exists() and not force:
         raise BundleError(f"{out}: already exists; pass --force to replace it")
+    ternary = plan(linear_names(ckpt.config.num_hidden_layers), lambda name: ckpt.tensor(name, torch.float32).numpy(),
+                   quantize, quantize_group_size)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -74,7 +87,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     if frspec is not None:
         head_ids = load_freq_table(frspec, ckpt.config.vocab_size, ckpt.config.eos_token_ids)
     try:
-        _write_bundle(ckpt, tmp, dtype, progress, head_ids)
+        _write_bundle(ckpt, tmp, dtype, progress, head_ids, ternary, ternary_op)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -84,7 +97,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     return out
 
 
-def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, head_ids: np.ndarray | None) -> None:
+def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, head_ids: np.ndarray | None,
+                  ternary: dict[str, TernaryInfo], ternary_op: str) -> None:
     from rich.progress import Progress
 
     cfg = ckpt.config
@@ -97,6 +111,8 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, he
             weight_sink=writer.add,
             progress=lambda done, total: bar.update(task, completed=done),
             head_ids=head_ids,
+            ternary=ternary,
+            ternary_op=ternary_op,
         )
     writer.close()
     onnx.save(model, folder / "decoder.onnx")
@@ -127,7 +143,7 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, he
                                "inputs": inputs, "outputs": outputs}},
         "custom_ops": sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN}),
         "sparse": cfg.to_dict().get("sparse_config"),
-        "ternary": None,
+        "ternary": {"op": ternary_op, **summary(ternary, 2 if dtype == "fp16" else 4, ternary_op)} if ternary else None,
         "spec": spec,
         "tokenizer": {"files": tokenizer_files, "eos_token_ids": sorted(cfg.eos_token_ids)},
         "files": {name: file_record(folder / name) for name in files},

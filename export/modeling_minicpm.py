@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from edgecpm.export.infllmv2 import sparse_attention
+from edgecpm.export.ternary import TernaryInfo, ternary_matmul
 from torch import nn
 
 from edgecpm.config import ModelConfig
@@ -100,6 +101,31 @@ def dense_attention(q, k, v, past_k, past_v, attn_mask):
     out = torch.matmul(probs[..., :P], past_v.permute(0, 2, 1, 3))  # [B, Hkv, G*T, D]
     out = out + torch.matmul(probs[..., P:], v.permute(0, 2, 1, 3))
     return out.reshape(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, Hq * D)
+
+
+class TernaryLinear(nn.Module):
+    """A bias-free linear layer whose weight is BitCPM4 ternary, kept packed at 2 bits (format:
+    edgecpm.export.ternary) and computed by the `edgecpm::ternary_matmul` op. `packed` holds the
+    uint32 words as int32 (same bits); `scales` are in the model dtype."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("packed", torch.empty(out_features, math.ceil(in_features / 16), dtype=torch.int32))
+        self.register_buffer("scales", torch.empty(out_features, in_features // group_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = ternary_matmul(x.reshape(-1, self.in_features), self.packed, self.scales, self.in_features,
+                           self.group_size)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def use_ternary(model: nn.Module, infos: dict[str, TernaryInfo]) -> None:
+    """Swap the nn.Linear owning each named weight for a TernaryLinear (buffers still to be loaded)."""
+    for name, info in infos.items():
+        parent, child = name.removesuffix(".weight").rsplit(".", 1)
+        n, k = info.shape
+        setattr(model.get_submodule(parent), child, TernaryLinear(k, n, info.group_size))
 
 
 class Attention(nn.Module):

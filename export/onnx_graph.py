@@ -14,8 +14,18 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from edgecpm.export.custom_ops import DOMAIN, infllmv2_function, infllmv2_node, register_schemas
+from edgecpm.export.custom_ops import (
+    DOMAIN,
+    TERNARY,
+    infllmv2_function,
+    infllmv2_node,
+    register_schemas,
+    ternary_function,
+    ternary_matmulnbits,
+    ternary_node,
+)
 from edgecpm.export.onnx_builder import GraphBuilder, attend
+from edgecpm.export.ternary import TernaryInfo, lowering, matmulnbits_block, nibbles, pack, ternary_codes
 from onnx import TensorProto, helper
 
 from edgecpm.config import ModelConfig
@@ -53,11 +63,17 @@ _IO_TYPES = {"int64": TensorProto.INT64, "bool": TensorProto.BOOL, "float32": Te
 
 
 def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=None,
-                  head_ids: np.ndarray | None = None) -> onnx.ModelProto:
+                  head_ids: np.ndarray | None = None, ternary: dict[str, TernaryInfo] | None = None,
+                  ternary_op: str = "TernaryMatMul") -> onnx.ModelProto:
     """The decoder graph. `tensor(name)` returns a checkpoint tensor as float32 numpy;
     `weight_sink(name, array)` stores it (external data) and returns its TensorProto.
     head_ids: FR-Spec — the LM head keeps only these rows, a separate [r, H] weight, so the last
-    matmul of a draft costs r/V of the full one; logit column j is token head_ids[j]."""
+    matmul of a draft costs r/V of the full one; logit column j is token head_ids[j].
+    ternary: linear weights stored packed (edgecpm.export.ternary), computed by `ternary_op`:
+    "TernaryMatMul" (the custom op, 2-bit codes, for TensorRT and onnxruntime) or "MatMulNBits"
+    (onnxruntime only: its exact 4-bit kernel, 4-bit codes; TernaryMatMul where the group size is
+    not a multiple of 16)."""
+    ternary = ternary or {}
     if dtype not in ONNX_DTYPE:
         raise ValueError(f"dtype={dtype!r}: the ONNX bundle supports fp32 and fp16")
     dt, npdt = ONNX_DTYPE[dtype], NUMPY_DTYPE[dtype]
@@ -75,7 +91,19 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
         return g.const(v, npdt)
 
     def linear(x, name):  # x [T, in] @ W^T, W stored pre-transposed as [in, out]
+        if name in ternary:
+            return ternary_linear(x, name, ternary[name])
         return g.op("MatMul", x, g.weight(name, np.ascontiguousarray(tensor(name).T).astype(npdt)))
+
+    def ternary_linear(x, name, info):  # codes + scales, named after the dense weight
+        codes, scales = ternary_codes(tensor(name), info)
+        base = name.removesuffix(".weight")
+        s = g.weight(base + ".scales", scales.astype(npdt))
+        (n, k), group = info.shape, info.group_size
+        if lowering(info, ternary_op) == "MatMulNBits":
+            block = matmulnbits_block(group)
+            return ternary_matmulnbits(g, x, g.weight(base + ".nibbles", nibbles(codes, block)), s, k, group, n, block)
+        return ternary_node(g, x, g.weight(base + ".packed", pack(codes)), s, k, group)
 
     def rms_norm(x, name):
         xf = to_f32(x)
@@ -155,9 +183,14 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
                               [vinfo(d) for d in outputs], initializer=g.initializers)
     opsets, functions = [helper.make_opsetid("", OPSET)], []
     if cfg.sparse:
+        functions.append(infllmv2_function())
+    if any(n.op_type == TERNARY["op_type"] for n in g.nodes):
+        functions.append(ternary_function())
+    if functions:
         register_schemas()
         opsets.append(helper.make_opsetid(DOMAIN, 1))
-        functions.append(infllmv2_function())
+    if any(n.domain == "com.microsoft" for n in g.nodes):
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
     model = helper.make_model(graph, opset_imports=opsets, functions=functions, producer_name="edgecpm")
     model.ir_version = 8  # readable by onnxruntime >= 1.14 and TensorRT 8.6+
     return model

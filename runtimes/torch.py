@@ -43,7 +43,8 @@ class TorchBackend:
         self.model = load_model(checkpoint, self.dtype).to(self.device)
         self.config: ModelConfig = self.model.config
         self.kv_dtype = _kv_numpy_dtype(self.dtype)
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        # Parameters and buffers: packed ternary weights are buffers (their 2-bit size counts).
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
 
     @torch.inference_mode()
     def forward(self, input_ids, position_ids, attn_mask, cache: KVCache, logit_index):

@@ -1,0 +1,206 @@
+"""BitCPM4 ternary bundles vs the fp32 bundle of the same weights, onnxruntime CPU, same run.
+
+    python benchmarks/ternary.py                    # random ternary 0.5B-shaped checkpoint, 2 threads
+
+Writes a checkpoint with the real MiniCPM4-0.5B shape whose linear weights are fake-quantized like
+BitCPM4 (bf16 values in {-s, 0, +s}, s = mean |W| per output row, or per --group-size inputs),
+and exports it three ways: the fp32 bundle of the dequantized weights (`quantize="none"`), the
+ternary bundle with TernaryMatMul nodes (the default export) and the ternary bundle lowered to
+onnxruntime's MatMulNBits. All three sessions are open at once and their timed generations are
+interleaved, so a change of machine load hits all of them alike. Reports the bundle bytes of the
+linear weights (bits per weight), decode and prefill tok/s and their ratios to fp32, the bytes a
+decode token reads (and the embedding/lm_head share of them), each bundle's session creation in a
+fresh process (seconds, RSS after, peak RSS), and the logits of the ternary bundles against the
+fp32 one. Writes benchmarks/results/ternary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+
+def write_ternary_checkpoint(folder: Path, config: dict, group_size: int | None, seed: int = 0,
+                             std: float = 0.02) -> Path:
+    """bf16 safetensors, streamed one tensor at a time: linears fake-quantized (ternary.quantize
+    of N(0, std)), other matrices N(0, std), norms 1."""
+    import torch
+    from edgecpm.export.checkpoint import expected_shapes
+    from edgecpm.export.ternary import linear_names, quantize
+
+    from edgecpm.config import ModelConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    cfg = ModelConfig.from_dict(config, source=str(folder / "config.json"))
+    shapes = expected_shapes(cfg)
+    ternary = set(linear_names(cfg.num_hidden_layers))
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        nbytes = int(np.prod(shape)) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    rng = np.random.default_rng(seed)
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape in shapes.items():
+            if name.endswith("norm.weight"):
+                t = np.ones(shape, np.float32)
+            else:
+                t = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+            if name in ternary:
+                t = quantize(t, group_size or shape[1])  # c * s rounds to c * bf16(s): still ternary
+            f.write(torch.from_numpy(t).to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    return folder
+
+
+def measure_load(bundle: Path, threads: int) -> dict:
+    """Session creation in a fresh process: seconds, RSS after it and peak RSS (onnxruntime folds
+    constant subgraphs at load, which can cost far more memory than the weights). The peak is
+    VmHWM: ru_maxrss would carry over the parent's peak across fork + exec."""
+    code = ("import json, re, sys, time; sys.path.insert(0, sys.argv[1]); import common, edgecpm; "
+            "t0 = time.perf_counter(); s = edgecpm.Session(sys.argv[2], backend='onnxruntime', kv_budget='256MiB', "
+            "threads=int(sys.argv[3])); dt = time.perf_counter() - t0; "
+            "hwm = int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) * 1024; "
+            "print(json.dumps({'load_s': dt, 'rss_after_load_bytes': common.current_rss_bytes(), "
+            "'peak_rss_bytes': hwm}))")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent), str(bundle), str(threads)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def prompts(args, vocab: int):
+    rng = np.random.default_rng(0)
+    for i in range(-1, args.repeats):  # a distinct first token per run: no prefix reuse
+        ids = rng.integers(3, vocab, size=args.prompt_len).tolist()
+        ids[0] = 1000 + i
+        yield ids
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--group-size", type=int, default=None, help="scale granularity (default: one per row)")
+    p.add_argument("--output", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    from edgecpm.export.exporter import export_bundle
+
+    import edgecpm
+
+    load_before = os.getloadavg()
+    config, source = common.minicpm4_config("MiniCPM4-0.5B")
+    exports = {"fp32": {"quantize": "none"}, "ternary-TernaryMatMul": {},
+               "ternary-MatMulNBits": {"ternary_op": "MatMulNBits"}}
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="edgecpm-bench-") as tmp:
+        ckpt = write_ternary_checkpoint(Path(tmp) / "ckpt", config, args.group_size)
+        for name, options in exports.items():
+            t0 = time.perf_counter()
+            bundle = export_bundle(ckpt, Path(tmp) / name, dtype="fp32", progress=False, **options)
+            results[name] = {"export_s": time.perf_counter() - t0, "runs": [],
+                             "ternary": json.loads((bundle / "manifest.json").read_text())["ternary"]}
+        for name in exports:  # before this process holds any session, so the machine has the memory
+            results[name] |= measure_load(Path(tmp) / name, args.threads)
+            print(f"{name}: exported in {results[name]['export_s']:.1f} s, loaded in {results[name]['load_s']:.1f} s, "
+                  f"peak RSS {results[name]['peak_rss_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
+        sessions = {}
+        for name in exports:
+            s = edgecpm.Session(Path(tmp) / name, backend="onnxruntime", kv_budget="256MiB", threads=args.threads)
+            results[name]["bundle_weights_bytes"] = s.memory()["weights_bytes"]
+            sessions[name] = s
+        cfg = s.config
+        for i, ids in enumerate(prompts(args, cfg.vocab_size)):
+            for name, s in sessions.items():
+                new = 4 if i == 0 else args.new_tokens  # run 0: warm-up, pages in the weights
+                st = s.generate(ids, max_new_tokens=new, ignore_eos=True).stats
+                if i > 0:
+                    results[name]["runs"].append({k: st[k] for k in ("prefill_tok_s", "decode_tok_s", "decode_tokens")})
+                    print(f"{name} run {i}: prefill {st['prefill_tok_s']:.1f} tok/s, decode {st['decode_tok_s']:.2f} tok/s",
+                          file=sys.stderr)
+        ref = sessions["fp32"].logits(ids)
+        for name, s in sessions.items():
+            r = results[name]
+            r["logits_rel_err_vs_fp32"] = float(np.abs(s.logits(ids) - ref).max() / np.abs(ref).max())
+            r["decode_tok_s"] = common.median([x["decode_tok_s"] for x in r["runs"]])
+            r["prefill_tok_s"] = common.median([x["prefill_tok_s"] for x in r["runs"]])
+        del s, sessions
+    load_after = os.getloadavg()
+
+    # Bytes a decode token reads: every linear weight, the tied lm_head (embedding matrix), norms and
+    # one embedding row; the last three stay fp32 in every bundle.
+    dense = common.decode_weight_bytes(cfg, 4)
+    t = results["ternary-TernaryMatMul"]["ternary"]
+    linear_fp32 = dense["linear_elements"] * 4
+    linear_packed = t["packed_bytes"] + t["scale_bytes"]
+    rest = dense["bytes"] - linear_fp32
+    lm_head = dense["lm_head_elements"] * 4
+    fp32 = results["fp32"]
+    nb = results["ternary-MatMulNBits"]["ternary"]
+    # As run by MatMulNBits: 4-bit codes and one fp32 scale per block of 64 inputs.
+    linear_nbits = nb["packed_bytes"] + dense["linear_elements"] // 64 * 4
+    summary = {
+        "linear_bits_per_weight": 8 * linear_packed / dense["linear_elements"],
+        "linear_bits_per_weight_matmulnbits": 8 * (nb["packed_bytes"] + nb["scale_bytes"]) / dense["linear_elements"],
+        "linear_bytes_fp32": linear_fp32,
+        "linear_bytes_ternary": linear_packed,
+        "bytes_read_per_token_fp32": dense["bytes"],
+        "bytes_read_per_token_ternary": linear_packed + rest,
+        "lm_head_share_of_bytes_read_ternary": lm_head / (linear_packed + rest),
+        "lm_head_share_of_bytes_read_fp32": lm_head / dense["bytes"],
+        "bytes_read_per_token_matmulnbits": linear_nbits + rest,
+        "lm_head_share_of_bytes_read_matmulnbits": lm_head / (linear_nbits + rest),
+    }
+    for name in exports:
+        if name != "fp32":
+            summary[f"{name}_decode_speedup"] = results[name]["decode_tok_s"] / fp32["decode_tok_s"]
+            summary[f"{name}_prefill_speedup"] = results[name]["prefill_tok_s"] / fp32["prefill_tok_s"]
+    result = {
+        "benchmark": "ternary",
+        "command": "python benchmarks/ternary.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {**common.machine_info(), "threads": args.threads, "loadavg_before": load_before,
+                    "loadavg_after": load_after},
+        "model": {"shape": "MiniCPM4-0.5B", "config": source, "params": cfg.n_params(),
+                  "linear_scales": f"one per {args.group_size} inputs" if args.group_size else "one per output row"},
+        "settings": vars(args) | {"output": str(args.output)},
+        "bundles": results,
+        "decode_weight_read_fp32": dense,
+        "summary": summary,
+    }
+    path = common.write_results("ternary", result, args.output)
+    rows = [{"bundle": name, "decode tok/s": r["decode_tok_s"], "prefill tok/s": r["prefill_tok_s"],
+             "decode vs fp32": r["decode_tok_s"] / fp32["decode_tok_s"],
+             "bundle weights (MiB)": r["bundle_weights_bytes"] / 2**20,
+             "load s": r["load_s"], "RSS after load (MiB)": r["rss_after_load_bytes"] / 2**20,
+             "peak RSS at load (MiB)": r["peak_rss_bytes"] / 2**20,
+             "logits rel err vs fp32": r["logits_rel_err_vs_fp32"]} for name, r in results.items()]
+    print(common.markdown_table(rows))
+    print("\n" + common.markdown_table([summary]))
+    print(f"\nwrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""BitCPM4 ternary weights: the packed format, exact detection, the torch and ONNX ops, and
+ternary checkpoints exported to bundles that match the fp32 dequantized reference."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import rel_err
+from edgecpm.export import ternary
+from edgecpm.export.ternary import MIN_GROUP, detect, encode, explain, pack, quantize, unpack
+
+from edgecpm.errors import CheckpointError
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+
+def bf16(w: np.ndarray) -> np.ndarray:
+    """The float32 values of w rounded to bf16, as a BitCPM4 checkpoint stores them."""
+    return torch.from_numpy(np.asarray(w, np.float32)).to(torch.bfloat16).float().numpy()
+
+
+def next_bf16(x: float) -> np.float32:
+    """The bf16 value one ulp above x (away from zero for x != 0; the smallest subnormal for 0)."""
+    bits = np.array([x], np.float32).view(np.uint32) + np.uint32(1 << 16)
+    return bits.view(np.float32)[0]
+
+
+def random_ternary(rng, n, k, group_size) -> np.ndarray:
+    """A fake-quantized bf16 weight: quantize() of N(0, 0.05); group_size None = one scale per tensor."""
+    return bf16(quantize(rng.normal(0, 0.05, (n, k)), group_size))
+
+
+# ---- the format ---------------------------------------------------------------------------------
+def test_worked_example_in_the_docstring():
+    result = doctest.testmod(ternary)
+    assert result.attempted >= 5 and result.failed == 0
+
+
+def test_worked_example_words_by_hand():
+    # Row 1 of the docstring's example: codes 1 2 0 1 | 1 1 1 1 | 2 2 2 2 | 1 0 1 1, then 1 1 1 0 + padding.
+    codes = np.array([[1, 2, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 1, 0, 1, 1, 1, 1, 1, 0]], np.uint8)
+    by_hand = [sum(int(c) << (2 * i) for i, c in enumerate(codes[0, :16])),
+               sum(int(c) << (2 * i) for i, c in enumerate(list(codes[0, 16:]) + [1] * 12))]
+    assert pack(codes).tolist() == [by_hand] == [[0x51AA5549, 0x55555515]]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 15), (5, 16), (7, 17), (4, 33), (2, 100), (9, 1024)])
+def test_pack_unpack_identity(shape):
+    codes = np.random.default_rng(sum(shape)).integers(0, 3, shape).astype(np.uint8)
+    packed = pack(codes)
+    assert packed.dtype == np.uint32 and packed.shape == (shape[0], -(-shape[1] // 16))
+    assert np.array_equal(unpack(packed, shape[1]), codes)
+    pad = unpack(packed, packed.shape[1] * 16)[:, shape[1]:]
+    assert (pad == 1).all()  # padding codes are 1: zero weight
+
+
+# ---- detection ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("k, group_size, granularity", [(96, None, "tensor"), (96, 96, "row"), (96, 32, "group"),
+                                                        (192, 64, "group"), (80, 80, "row")])
+def test_detect_granularity_and_exact_encoding(k, group_size, granularity):
+    w = random_ternary(np.random.default_rng(1), 24, k, group_size)
+    info = detect(w)
+    assert info.granularity == granularity and info.group_size == (group_size or k)
+    codes, scales = encode(w, info.group_size)
+    assert np.array_equal(ternary.dequantize(pack(codes), scales, w.shape[1]), w)  # bit-exact
+
+
+def test_all_zero_group_fits_any_scale():
+    w = random_ternary(np.random.default_rng(2), 8, 64, 32)
+    w[3, 32:] = 0  # one group with no nonzero weight
+    info = detect(w)
+    assert (info.granularity, info.group_size) == ("group", 32)
+    codes, scales = encode(w, 32)
+    assert scales[3, 1] == 0 and (codes[3, 32:] == 1).all()
+
+
+@pytest.mark.parametrize("group_size", [None, 64, 32])
+@pytest.mark.parametrize("zero", [False, True])
+def test_one_ulp_makes_a_tensor_non_ternary(group_size, zero):
+    w = random_ternary(np.random.default_rng(3), 16, 64, group_size)
+    assert detect(w) is not None
+    r, c = np.argwhere(w == 0)[5] if zero else np.argwhere(w != 0)[5]
+    w[r, c] = next_bf16(w[r, c])
+    assert detect(w) is None
+    why = explain(w)
+    assert f"row {r}, inputs {c // MIN_GROUP * MIN_GROUP}.." in why and "2 distinct nonzero magnitudes" in why
+
+
+def test_ordinary_weights_are_not_ternary():
+    w = bf16(np.random.default_rng(4).normal(0, 0.05, (8, 64)))
+    assert detect(w) is None and "32 distinct nonzero magnitudes" in explain(w)
+    w[0, 0] = np.nan
+    assert "row 0, input 0 is nan" in explain(w)
+
+
+def test_quantize_is_the_bitcpm_formula():
+    w = np.array([[0.3, -0.05, 0.1, -0.9], [0.0, 0.0, 0.0, 0.0]], np.float32)
+    s = np.float32(1.35 / 4)  # mean |W| of row 0
+    assert np.allclose(quantize(w, 4), [[s, 0, 0, -s], [0, 0, 0, 0]])  # an all-zero row stays zero
+    assert detect(quantize(w, 4)).granularity == "tensor"  # the zero row fits the one scale
+
+
+# ---- the torch op and the ONNX op ---------------------------------------------------------------
+@pytest.mark.parametrize("n, k, g, dtype", [(7, 40, 20, torch.float32), (64, 128, 32, torch.float32),
+                                            (5, 48, 48, torch.float16)])
+def test_torch_op_matches_dequantized_matmul(n, k, g, dtype):
+    rng = np.random.default_rng(n)
+    packed = pack(rng.integers(0, 3, (n, k)).astype(np.uint8))
+    scales = (rng.random((n, k // g)) + 0.1).astype(np.float32)
+    x = torch.from_numpy(rng.standard_normal((3, k)).astype(np.float32)).to(dtype)
+    args = (x, torch.from_numpy(packed.view(np.int32)), torch.from_numpy(scales).to(dtype), k, g)
+    y = ternary.ternary_matmul(*args)
+    ref = x.double() @ torch.from_numpy(ternary.dequantize(packed, scales, k)).to(dtype).double().T
+    assert y.dtype == dtype and rel_err(y.double(), ref) <= (1e-6 if dtype == torch.float32 else 1e-3)
+    torch.library.opcheck(torch.ops.edgecpm.ternary_matmul, args)
+
+
+@pytest.mark.parametrize("op", ["TernaryMatMul", "MatMulNBits"])
+@pytest.mark.parametrize("n, k, g, dtype", [(7, 40, 20, np.float32), (64, 128, 32, np.float32),
+                                            (5, 48, 48, np.float16)])
+def test_onnx_lowerings_match_dequantized_matmul(op, n, k, g, dtype):
+    import onnx
+    import onnxruntime as ort
+    from edgecpm.export import custom_ops
+    from edgecpm.export.onnx_builder import GraphBuilder
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(k)
+    codes = rng.integers(0, 3, (n, k)).astype(np.uint8)
+    packed = pack(codes)
+    scales = (rng.random((n, k // g)) + 0.1).astype(dtype)
+    b = GraphBuilder(lambda name, a: numpy_helper.from_array(a, name))
+    s = b.weight("scales", scales)
+    block = ternary.matmulnbits_block(g)
+    if op == "TernaryMatMul":
+        y = custom_ops.ternary_node(b, "x", b.weight("packed", packed), s, k, g)
+    elif block is None:
+        pytest.skip(f"MatMulNBits blocks are multiples of 16; group size {g} is not")
+    else:
+        y = custom_ops.ternary_matmulnbits(b, "x", b.weight("nib", ternary.nibbles(codes, block)), s, k, g, n, block)
+    b.nodes.append(helper.make_node("Identity", [y], ["y"]))
+    et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = helper.make_graph(b.nodes, "g", [helper.make_tensor_value_info("x", et, ["M", k])],
+                              [helper.make_tensor_value_info("y", et, ["M", n])], initializer=b.initializers)
+    custom_ops.register_schemas()
+    model = helper.make_model(graph, functions=[custom_ops.ternary_function()], opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid("edgecpm", 1), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    w = ternary.dequantize(packed, scales, k)
+    # One-hot rows read the dequantized weight back: exact, whichever lowering.
+    assert np.array_equal(session.run(None, {"x": np.eye(k, dtype=dtype)})[0].astype(np.float32), w.T)
+    x = rng.standard_normal((3, k)).astype(dtype)
+    assert rel_err(session.run(None, {"x": x})[0], x.astype(np.float64) @ w.T) <= (1e-6 if dtype == np.float32
+                                                                                  else 1e-3)
+
+
+# ---- ternary checkpoints -> bundles -------------------------------------------------------------
+GRANULARITIES = {"tensor": None, "row": "K", "group": 32}
+
+
+def ternarize_checkpoint(src, dst, group_size, perturb: str | None = None):
+    """A copy of checkpoint src whose linear weights are fake-quantized bf16 (like BitCPM4);
+    perturb: one tensor whose one weight moves by one bf16 ulp."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    (dst / "model.safetensors").chmod(0o644)
+    tensors = load_file(str(dst / "model.safetensors"))
+    cfg = json.loads((dst / "config.json").read_text())
+    for name in ternary.linear_names(cfg["num_hidden_layers"]):
+        w = tensors[name].float().numpy()
+        w = quantize(w, w.shape[1] if group_size == "K" else group_size)
+        if name == perturb:
+            w[1, 2] = next_bf16(bf16(w)[1, 2])
+        tensors[name] = torch.from_numpy(w).to(torch.bfloat16)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def greedy(model, ids, n):
+    """Greedy tokens of a torch model, recomputing the whole sequence each step (no cache)."""
+    ids = list(ids)
+    for _ in range(n):
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[-n:]
+
+
+@pytest.fixture(scope="module")
+def ternary_checkpoints(make_checkpoint, tmp_path_factory):
+    src = make_checkpoint(dtype="bf16", tie=False)
+    root = tmp_path_factory.mktemp("ternary")
+    return {name: ternarize_checkpoint(src, root / name, g) for name, g in GRANULARITIES.items()}
+
+
+@pytest.mark.parametrize("granularity", list(GRANULARITIES))
+def test_ternary_checkpoint_to_bundle_parity(granularity, ternary_checkpoints, tmp_path):
+    from edgecpm.export.checkpoint import load_model
+    from edgecpm.export.exporter import export_bundle
+    from edgecpm.export.modeling_minicpm import TernaryLinear
+
+    import edgecpm
+
+    ckpt = ternary_checkpoints[granularity]
+    ids = [1, *range(7, 40, 3)]
+    dense = load_model(ckpt, "fp32", ternary=False)  # the fp32 dequantized reference
+    with torch.no_grad():
+        ref_logits = dense(torch.tensor([ids])).logits[0].numpy()
+    ref_tokens = greedy(dense, ids, 8)
+
+    on_torch = edgecpm.Session(ckpt, backend="torch")
+    assert isinstance(on_torch.backend.model.model.layers[1].mlp.down_proj, TernaryLinear)
+    bundle = export_bundle(ckpt, tmp_path / "b", progress=False)
+    on_ort = edgecpm.Session(bundle)
+    for s in (on_torch, on_ort):
+        assert rel_err(s.logits(ids), ref_logits) <= 1e-4
+        assert s.generate(ids, max_new_tokens=8, ignore_eos=True).token_ids == ref_tokens
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    t = m["ternary"]
+    assert m["custom_ops"] == ["TernaryMatMul"] and t["op"] == "TernaryMatMul" and t["count"] == 14
+    assert t["granularities"] == [granularity]
+    assert t["group_sizes"] == {"tensor": [64, 128], "row": [64, 128], "group": [32]}[granularity]
+    # 2 bits per weight + one fp32 scale per group (or row).
+    assert t["packed_bytes"] == t["weights"] // 4
+    assert t["bits_per_weight"] == pytest.approx(8 * (t["packed_bytes"] + t["scale_bytes"]) / t["weights"])
+    if granularity == "group":
+        assert t["bits_per_weight"] == 2 + 32 / 32
+    # Session.memory() reports the bundle's weights: the dense ones shrank to the packed bytes.
+    dense_linear = 4 * t["weights"]
+    full = sum(p.numel() * 4 for p in dense.parameters())
+    assert on_ort.memory()["weights_bytes"] <= full - dense_linear + t["packed_bytes"] + t["scale_bytes"] + 64 * 4096
+    assert on_torch.memory()["weights_bytes"] == full - dense_linear + t["packed_bytes"] + t["scale_bytes"]
+
+
+def test_matmulnbits_bundle_matches_ternarymatmul(ternary_checkpoints, tmp_path):
+    from edgecpm.export.exporter import export_bundle
+
+    import edgecpm
+
+    ckpt = ternary_checkpoints["group"]
+    ids = [1, *range(5, 30, 2)]
+    ref = edgecpm.Session(export_bundle(ckpt, tmp_path / "a", progress=False))
+    nbits = export_bundle(ckpt, tmp_path / "b", progress=False, ternary_op="MatMulNBits")
+    m = json.loads((nbits / "manifest.json").read_text())
+    assert m["custom_ops"] == [] and m["ternary"]["op"] == "MatMulNBits"
+    assert m["ternary"]["packed_bytes"] == m["ternary"]["weights"] // 2  # 4-bit codes
+    s = edgecpm.Session(nbits)
+    assert rel_err(s.logits(ids), ref.logits(ids)) <= 1e-5
+    assert s.generate(ids, max_new_tokens=6, ignore_eos=True).token_ids == \
+        ref.generate(ids, max_new_tokens=6, ignore_eos=True).token_ids
+
+
+@pytest.mark.parametrize("op", ["TernaryMatMul", "MatMulNBits"])
+def test_fp16_ternary_bundle(op, ternary_checkpoints, tmp_path):
+    from edgecpm.export.checkpoint import load_model
+    from edgecpm.export.exporter import export_bundle
+
+    import edgecpm
+
+    ckpt = ternary_checkpoints["row"]
+    ids = [1, *range(7, 40, 3)]
+    with torch.no_grad():
+        ref = load_model(ckpt, ternary=False)(torch.tensor([ids])).logits[0].numpy()
+    b = export_bundle(ckpt, tmp_path / "b", dtype="fp16", progress=False, ternary_op=op)
+    # 2 layers x 512 output rows (q 64, k 32, v 32, o 64, gate 128, up 128, down 64) x one fp16 scale
+    assert json.loads((b / "manifest.json").read_text())["ternary"]["scale_bytes"] == 2 * 512 * 2
+    assert rel_err(edgecpm.Session(b).logits(ids), ref) <= 2e-3  # fp16 activations
+
+
+def test_one_ulp_off_tensor_is_refused_by_name(make_checkpoint, tmp_path):
+    from edgecpm.export.checkpoint import load_model
+    from edgecpm.export.exporter import export_bundle
+
+    import edgecpm
+
+    bad = "model.layers.1.self_attn.o_proj.weight"
+    ckpt = ternarize_checkpoint(make_checkpoint(dtype="bf16", tie=False), tmp_path / "c", "K", perturb=bad)
+    why = rf"{bad}: not ternary \(row 1, inputs 0..31, has 2 distinct nonzero magnitudes .*13 of the 14"
+    with pytest.raises(CheckpointError, match=why):
+        export_bundle(ckpt, tmp_path / "b", progress=False)
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(CheckpointError, match=why):
+        load_model(ckpt)
+    # Asked explicitly: that tensor is ternarized (lossy), the others are packed exactly as found.
+    b = export_bundle(ckpt, tmp_path / "q", progress=False, quantize="ternary")
+    t = json.loads((b / "manifest.json").read_text())["ternary"]["tensors"]
+    assert t[bad]["lossy"] and sum(x["lossy"] for x in t.values()) == 1
+    # Or kept dense: no ternary section, and the same logits as the dense torch model.
+    b = export_bundle(ckpt, tmp_path / "n", progress=False, quantize="none")
+    assert json.loads((b / "manifest.json").read_text())["ternary"] is None
+    ids = [1, 5, 9, 13]
+    with torch.no_grad():
+        ref = load_model(ckpt, ternary=False)(torch.tensor([ids])).logits[0].numpy()
+    assert rel_err(edgecpm.Session(b).logits(ids), ref) <= 1e-5
+
+
+def test_quantize_ternary_export_equals_quantized_reference(make_checkpoint, tmp_path):
+    """--quantize ternary on an ordinary checkpoint: the bundle computes exactly quantize(W)."""
+    from edgecpm.export.checkpoint import load_model
+    from edgecpm.export.exporter import export_bundle
+
+    import edgecpm
+
+    ckpt = make_checkpoint(tie=False)
+    b = export_bundle(ckpt, tmp_path / "b", progress=False, quantize="ternary", quantize_group_size=32)
+    t = json.loads((b / "manifest.json").read_text())["ternary"]
+    assert t["group_sizes"] == [32] and all(x["lossy"] for x in t["tensors"].values())
+    with pytest.raises(CheckpointError, match=r"ternary=True, but .* distinct nonzero magnitudes"):
+        load_model(ckpt, ternary=True)
+    model = load_model(ckpt, ternary=False)
+    state = model.state_dict()
+    for name in ternary.linear_names(2):
+        state[name].copy_(torch.from_numpy(quantize(state[name].numpy(), 32)))
+    ids = [1, 4, 8, 15, 16, 23, 42]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    assert rel_err(edgecpm.Session(b).logits(ids), ref) <= 1e-4
+
+
+def test_cli_inspect_and_export_quantize(ternary_checkpoints, make_checkpoint, tmp_path, capsys):
+    from edgecpm.cli import main
+
+    ckpt = ternary_checkpoints["row"]
+    assert main(["inspect", str(ckpt), "--json"]) == 0
+    t = json.loads(capsys.readouterr().out)["ternary"]
+    assert t["ternary"] and t["count"] == 14 and t["granularities"] == ["row"]
+    assert main(["inspect", str(ckpt)]) == 0
+    assert "one scale per output row" in capsys.readouterr().out
+    plain = make_checkpoint(tie=False)
+    assert main(["inspect", str(plain), "--json"]) == 0
+    t = json.loads(capsys.readouterr().out)["ternary"]
+    assert not t["ternary"] and "distinct nonzero magnitudes" in t["reason"]
+    assert main(["export", str(plain), "-o", str(tmp_path / "b"), "--quantize", "ternary"]) == 0
+    assert main(["inspect", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "14 linear weights" in out and "lossy" in out
