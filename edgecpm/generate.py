@@ -17,6 +17,13 @@ from edgecpm.kv_cache import KVCache
 from edgecpm.sampling import Sampler
 
 PREFILL_CHUNK = 512  # tokens per prefill step: bounds activation memory for long prompts
+# Attention scores of a step are ~(query heads x new tokens x context) fp32 values, a few copies
+# alive at once: past long contexts the chunk shrinks to keep them near 256 MiB.
+SCORE_ELEMENTS = 64 * 2**20
+
+
+def prefill_chunk(n_heads: int, context: int) -> int:
+    return int(max(16, min(PREFILL_CHUNK, SCORE_ELEMENTS // (n_heads * (context + PREFILL_CHUNK)))))
 
 _causal_masks: dict[int, np.ndarray] = {}
 
@@ -87,11 +94,13 @@ def prefill(backend, cache: KVCache, ids, all_logits: bool = False, timer: Timer
     cache.check_room(len(ids))
     t0 = time.perf_counter()
     rows = []
-    for start in range(0, len(ids), PREFILL_CHUNK):
-        chunk = ids[start : start + PREFILL_CHUNK]
+    start = 0
+    while start < len(ids):
+        chunk = ids[start : start + prefill_chunk(backend.config.num_attention_heads, cache.length)]
         last = start + len(chunk) == len(ids)
         want = np.arange(len(chunk)) if all_logits else np.array([len(chunk) - 1] if last else [], np.int64)
         rows.append(run_step(backend, cache, chunk, causal_mask(len(chunk)), want.astype(np.int64)))
+        start += len(chunk)
     if timer:
         timer.prefill_tokens += len(ids)
         timer.prefill_s += time.perf_counter() - t0

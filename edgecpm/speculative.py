@@ -134,7 +134,8 @@ class ModelDrafter:
         for level in range(spec.depth):
             cands = []
             for node, score, lp in frontier:
-                for col in np.argsort(-lp, kind="stable")[: spec.branch]:
+                best = np.argpartition(-lp, spec.branch - 1)[: spec.branch]  # O(V), not a full sort
+                for col in best[np.argsort(-lp[best], kind="stable")]:
                     cands.append((score + float(lp[col]), node, col))
             cands.sort(key=lambda c: -c[0])
             new_nodes = []
