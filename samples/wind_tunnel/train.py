@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from edgecpm.export.modeling_minicpm import MiniCPMForCausalLM
+from make_corpus import DEFAULT_OUT, DOC_SEPARATOR
 from safetensors.torch import load_file, save_file
 
 from edgecpm.config import ModelConfig
-from edgecpm.export.modeling_minicpm import MiniCPMForCausalLM
 from edgecpm.tokenizer import Tokenizer
-from make_corpus import DEFAULT_OUT, DOC_SEPARATOR
 
 HERE = Path(__file__).resolve().parent
 SEED = 1234
@@ -340,7 +340,7 @@ def main() -> None:
         logs[name] = log
     summary = {
         "seed": SEED, "compiled": not args.no_compile, "threads": THREADS, "torch": torch.__version__,
-        "train_tokens": int(len(train_stream)), "heldout_tokens_scored": int(heldout[:, 1:].numel()),
+        "train_tokens": len(train_stream), "heldout_tokens_scored": int(heldout[:, 1:].numel()),
         "total_wall_s": time.time() - wall_start,
         "target_over_unigram_ppl": logs["target"]["heldout_ppl"] / math.exp(unigram),
     }

@@ -27,9 +27,8 @@ from pathlib import Path
 
 os.environ.setdefault("RAYON_NUM_THREADS", "2")  # shared 2-core machine; set before tokenizers starts
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
 from make_corpus import DEFAULT_OUT, DOC_SEPARATOR
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 VOCAB_SIZE = 8192
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_end|>", "<|im_start|>"]
