@@ -17,7 +17,7 @@ from pathlib import Path
 from edgecpm.errors import ConfigError
 
 BUILTIN = Path(__file__).resolve().parents[1] / "samples" / "wind_tunnel"
-PROMPT = "def read_config(path):\n"
+PROMPT = "import os\n\n\ndef list_files(path):\n"
 
 
 def cache_root() -> Path:
