@@ -197,10 +197,10 @@ class Session:
                 f"prompt has {len(ids)} tokens but kv_budget={self.kv_budget} bytes holds {c.capacity} tokens "
                 f"({c.bytes_per_token} bytes per token); raise kv_budget or shorten the prompt"
             )
-        keep = 0
+        # Length of the common prefix, compared in numpy (a drafter calls this every step).
         limit = min(len(self._cached_ids), len(ids) - 1)
-        while keep < limit and self._cached_ids[keep] == ids[keep]:
-            keep += 1
+        differ = np.flatnonzero(np.asarray(self._cached_ids[:limit]) != np.asarray(ids[:limit]))
+        keep = int(differ[0]) if len(differ) else limit
         self.cache.truncate(keep)
         self._cached_ids = self._cached_ids[:keep]
         logits = prefill(self.backend, self.cache, ids[keep:], timer=timer)
