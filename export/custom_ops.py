@@ -103,13 +103,7 @@ def infllmv2_function() -> onnx.FunctionProto:
     names = INFLLMV2["inputs"]
     q, k, v, past_k, past_v, past_ck, pos, attn_mask = names
 
-    def attr(name):  # an int attribute of the calling node, as an int64 [1] tensor
-        ref = onnx.AttributeProto(name="value_int", type=onnx.AttributeProto.INT, ref_attr_name=name)
-        node = helper.make_node("Constant", [], [f"f_attr_{name}"])
-        node.attribute.append(ref)
-        g.nodes.append(node)
-        return g.op("Reshape", node.output[0], g.const([1]))
-
+    attr = g.attr
     stride, block, init = attr("kernel_stride"), attr("block_size"), attr("init_blocks")
     window, topk, dense_len, semantics = attr("window_size"), attr("topk"), attr("dense_len"), attr("semantics")
     kernel = g.op("Mul", stride, g.const([2]))
@@ -242,13 +236,7 @@ def ternary_function() -> onnx.FunctionProto:
     g = GraphBuilder(prefix="t_")
     x, packed, scales = TERNARY["inputs"]
 
-    def attr(name):  # an int attribute of the calling node, as an int64 [1] tensor
-        ref = onnx.AttributeProto(name="value_int", type=onnx.AttributeProto.INT, ref_attr_name=name)
-        node = helper.make_node("Constant", [], [f"t_attr_{name}"])
-        node.attribute.append(ref)
-        g.nodes.append(node)
-        return g.op("Reshape", node.output[0], g.const([1]))
-
+    attr = g.attr
     k, group = attr("in_features"), attr("group_size")
     n = g.dim(packed, 0)
     w = g.op("Sub", g.f32(_unpack_codes(g, packed, n, k)), g.const(1.0, np.float32))

@@ -55,6 +55,14 @@ class GraphBuilder:
         self.initializers.append(self.sink(name, array))
         return name
 
+    def attr(self, name: str) -> str:
+        """Inside a function body: the calling node's int attribute `name` as an int64 [1] tensor."""
+        ref = onnx.AttributeProto(name="value_int", type=onnx.AttributeProto.INT, ref_attr_name=name)
+        node = helper.make_node("Constant", [], [f"{self.prefix}attr_{name}"])
+        node.attribute.append(ref)
+        self.nodes.append(node)
+        return self.op("Reshape", node.output[0], self.const([1]))
+
     def dim(self, x: str, axis: int) -> str:
         """x.shape[axis] as an int64 [1] tensor."""
         return self.op("Shape", x, start=axis, end=axis + 1)
