@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from edgecpm.export.onnx_builder import GraphBuilder, attend, grouped_scores
+from edgecpm.export.onnx_builder import GraphBuilder, grouped_scores
 from onnx import TensorProto, helper
 
 from edgecpm.config import SparseConfig
@@ -132,16 +132,18 @@ def infllmv2_function() -> onnx.FunctionProto:
                   g.f32(kernel))
     g.nodes.append(helper.make_node("Identity", [ck_new], ["ck_new"]))
 
-    # 2. stage 1: chunk scores, softmax over visible chunks, summed over the group.
-    ck_all = g.op("Concat", past_ck, ck_new, axis=0)  # 1/16 of the keys, fp32
-    nc = g.dim(ck_all, 0)
+    # 2. stage 1: chunk scores [Hkv, G, T, nc] in fp32, past and new chunks scored separately (the
+    #    compressed keys are never concatenated); softmax over the visible chunks (last axis),
+    #    summed over the group's query heads.
+    qf = g.f32(q)
+    s = g.op("Concat", grouped_scores(g, past_ck, qf), grouped_scores(g, ck_new, qf), axis=0)  # [nc, Hkv, G, T]
+    s = g.op("Transpose", s, perm=[1, 2, 3, 0])
+    nc = g.dim(s, 3)
     chunk_end = g.op("Add", g.op("Mul", g.op("Range", g.const(0), g.op("Squeeze", nc), g.const(1)), g.op("Squeeze", stride)),
                      g.op("Squeeze", g.op("Sub", kernel, one)))
-    visible = g.op("LessOrEqual", g.op("Unsqueeze", chunk_end, one), g.op("Unsqueeze", pos, zero))  # [nc, T]
-    s = g.op("Where", g.op("Unsqueeze", visible, g.const([1, 2])), grouped_scores(g, ck_all, q), neg_inf)
-    p = g.op("Softmax", s, axis=0)
-    p = g.op("Where", g.op("IsNaN", p), g.const(0.0, np.float32), p)  # a query with no visible chunk
-    score = g.op("Transpose", g.op("ReduceSum", p, g.const([2]), keepdims=0), perm=[1, 2, 0])  # [Hkv, T, nc]
+    visible = g.op("LessOrEqual", g.op("Unsqueeze", chunk_end, zero), g.op("Unsqueeze", pos, one))  # [T, nc]
+    p = g.op("ReduceSum", g.op("Softmax", g.op("Where", visible, s, neg_inf), axis=-1), one, keepdims=0)
+    score = g.op("Where", g.op("IsNaN", p), g.const(0.0, np.float32), p)  # [Hkv, T, nc]; NaN: no visible chunk
 
     # 3. block scores: max over the block's own chunks and the one before it.
     per = g.op("Div", block, stride)  # 4 chunks per block
@@ -175,23 +177,58 @@ def infllmv2_function() -> onnx.FunctionProto:
                  g.op("LessOrEqual", b, qb))
     chosen = g.op("Or", chosen, dense)  # [Hkv, T, nb]
 
-    # 5. stage 2 over the selected rows: gather the union of the blocks from the cache (a decode
-    #    step reads ~topk+window blocks instead of P rows), mask per query and kv head.
-    row_block = g.op("Div", g.op("Range", g.const(0), g.op("Squeeze", P), g.const(1)), g.op("Squeeze", block))
-    union = g.op("Cast", g.op("ReduceMax", g.op("Cast", chosen, to=TensorProto.INT64), axes=[0, 1], keepdims=0),
-                 to=TensorProto.BOOL)  # [nb]
-    rows = g.op("Squeeze", g.op("NonZero", g.op("Gather", union, row_block, axis=0)), zero)  # [U]
-    sel_k, sel_v = g.op("Gather", past_k, rows, axis=0), g.op("Gather", past_v, rows, axis=0)
-    chosen_t = g.op("Transpose", chosen, perm=[2, 0, 1])  # [nb, Hkv, T]
-    past_mask = g.op("Unsqueeze", g.op("Gather", chosen_t, g.op("Gather", row_block, rows, axis=0), axis=0),
-                     g.const([2]))  # [U, Hkv, 1, T]
+    # 5. stage 2, per kv head: the past rows of every block one of the step's queries selected,
+    #    gathered head-major [Hkv, R, D] (a decode step reads ~(topk + window) blocks per head, not
+    #    P rows). R is 64x the largest block count over the heads; a head with fewer blocks is
+    #    padded with unselected ones, masked like rows past the cache end.
+    D = g.dim(k, 2)
+    G = g.op("Div", g.dim(q, 1), Hkv)
+    past_blocks = g.op("Div", g.op("Sub", g.op("Add", P, block), one), block)  # ceil(P / block)
+    picked = g.op("ReduceMax", g.op("Cast", chosen, to=TensorProto.FLOAT), axes=[1], keepdims=0)  # [Hkv, nb]
+    picked = g.op("Slice", picked, zero, past_blocks, one)  # [Hkv, past blocks]
+    n_picked = g.op("Cast", g.op("ReduceMax", g.op("ReduceSum", picked, one, keepdims=0), axes=[0], keepdims=1),
+                    to=TensorProto.INT64)
+    _, blocks = g.op("TopK", picked, n_picked, axis=-1, largest=1, sorted=1, n_out=2)  # picked ones first
+    rows = g.op("Add", g.op("Mul", g.op("Unsqueeze", blocks, g.const([2])), block),
+                g.op("Range", g.const(0), g.op("Squeeze", block), g.const(1)))
+    rows = g.op("Reshape", rows, g.op("Concat", Hkv, g.const([-1]), axis=0))  # [Hkv, R]
+    heads = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", Hkv), g.const(1)), one)
+    flat = g.op("Add", g.op("Mul", g.op("Min", rows, g.op("Sub", P, one)), Hkv), heads)  # into past as [P*Hkv, D]
+
+    def gather(past):
+        return g.op("Gather", g.op("Reshape", past, g.op("Concat", g.const([-1]), D, axis=0)), flat, axis=0)
+
+    R = g.dim(rows, 1)
+    row_block = g.op("Expand", g.op("Unsqueeze", g.op("Div", rows, block), one), g.op("Concat", Hkv, T, R, axis=0))
+    past_mask = g.op("And", g.op("Cast", g.op("GatherElements", g.op("Cast", chosen, to=TensorProto.INT32), row_block,
+                                               axis=2), to=TensorProto.BOOL),
+                     g.op("Unsqueeze", g.op("Less", rows, P), one))  # [Hkv, T, R]
     new_block = g.op("Div", g.op("Add", g.op("Range", g.const(0), g.op("Squeeze", T), g.const(1)), g.op("Squeeze", P)),
                      g.op("Squeeze", block))
-    new_mask = g.op("And", g.op("Unsqueeze", g.op("Gather", chosen_t, new_block, axis=0), g.const([2])),
-                    g.op("Unsqueeze", g.op("Transpose", attn_mask, perm=[1, 0]), g.const([1, 2])))
-    out = attend(g, q, k, v, sel_k, sel_v, new_mask, past_mask)
-    g.nodes.append(helper.make_node("Reshape", [out, g.op("Shape", q)], ["out"]))
+    new_mask = g.op("And", g.op("Gather", chosen, new_block, axis=2), attn_mask)  # [Hkv, T, T]
 
+    # Queries head-major [Hkv, G*T, D], pre-scaled by 1/sqrt(D); scores fp32 [Hkv, G, T, N].
+    qh = g.op("Transpose", g.op("Reshape", q, g.op("Concat", T, Hkv, G, D, axis=0)), perm=[1, 2, 0, 3])
+    qh = g.op("Mul", g.f32(g.op("Reshape", qh, g.op("Concat", Hkv, g.const([-1]), D, axis=0))),
+              g.op("Reciprocal", g.op("Sqrt", g.f32(D))))
+    four_d = g.op("Concat", Hkv, G, T, g.const([-1]), axis=0)
+
+    def scores(keys, mask):  # keys [Hkv, N, D], mask [Hkv, T, N]
+        s = g.f32(g.op("MatMul", g.op("CastLike", qh, keys), g.op("Transpose", keys, perm=[0, 2, 1])))
+        return g.op("Where", g.op("Unsqueeze", mask, one), g.op("Reshape", s, four_d), neg_inf)
+
+    def weighted(p, values):  # p [Hkv, G, T, N] x values [Hkv, N, D] -> [Hkv, G*T, D]
+        flat_p = g.op("Reshape", g.op("CastLike", p, values), g.op("Concat", Hkv, g.const([-1]), g.dim(values, 1), axis=0),
+                      allowzero=1)
+        return g.op("MatMul", flat_p, values)
+
+    k_new, v_new = (g.op("Transpose", x, perm=[1, 0, 2]) for x in (k, v))  # [Hkv, T, D]
+    probs = g.op("Softmax", g.op("Concat", scores(gather(past_k), past_mask), scores(k_new, new_mask), axis=3), axis=-1)
+    three = g.const([3])
+    out = g.op("Add", weighted(g.op("Slice", probs, zero, R, three), gather(past_v)),
+               weighted(g.op("Slice", probs, R, big, three), v_new))
+    out = g.op("Transpose", g.op("Reshape", out, g.op("Concat", Hkv, G, T, D, axis=0)), perm=[2, 0, 1, 3])
+    g.nodes.append(helper.make_node("Reshape", [g.op("CastLike", out, q), g.op("Shape", q)], ["out"]))
     return helper.make_function(
         DOMAIN, INFLLMV2["op_type"], names, INFLLMV2["outputs"], g.nodes,
         opset_imports=[helper.make_opsetid("", 17)],
