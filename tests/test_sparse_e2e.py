@@ -108,3 +108,12 @@ def test_bad_sparse_config(bad, msg):
                                "num_key_value_heads": 1, "sparse_config": bad}))
     with pytest.raises(ConfigError, match=msg):
         ModelConfig.from_dict(d)
+
+
+def test_sparse_fp16_bundle_tracks_fp32(sparse_ckpt, tmp_path):
+    """The sparse op's reference function in an fp16 graph (fp32 compressed keys and scores)."""
+    ids = [1] + np.random.default_rng(2).integers(3, 500, size=640).tolist()
+    fp32 = edgecpm.Session(export_bundle(sparse_ckpt, tmp_path / "32", progress=False)).logits(ids)
+    fp16 = edgecpm.Session(export_bundle(sparse_ckpt, tmp_path / "16", dtype="fp16", progress=False)).logits(ids)
+    err = np.abs(fp16[520:] - fp32[520:]).max() / np.abs(fp32[520:]).max()
+    assert 0 < err < 2e-2, err
