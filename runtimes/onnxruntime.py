@@ -31,7 +31,10 @@ def _import_ort():
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, bundle: Bundle, threads: int | None = None, providers: list[str] | None = None,
+                 lower_ternary: bool = True):
+        """lower_ternary=False runs TernaryMatMul nodes through their reference function (for
+        checks: onnxruntime then folds them into dense fp32 weights at load)."""
         ort = _import_ort()
         self.bundle, self.config = bundle, bundle.config
         graph = bundle.graph("decoder")
@@ -43,7 +46,8 @@ class OnnxRuntimeBackend:
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        self.session = ort.InferenceSession(str(bundle.file(graph["file"])), opts, providers=providers)
+        model, self.ternary_lowered = self._decoder_model(graph, lower_ternary, opts)
+        self.session = ort.InferenceSession(model, opts, providers=providers)
         self.providers = self.session.get_providers()
         self._check_io(graph)
         self.kv_dtype = np.dtype(_NP[next(d["dtype"] for d in graph["inputs"] if d["name"] == "past_key.0")])
@@ -53,6 +57,23 @@ class OnnxRuntimeBackend:
         self.sparse = self.config.sparse is not None
         # The vocabulary, or r for an FR-Spec draft head.
         self.n_logits = next(d["shape"][1] for d in graph["outputs"] if d["name"] == "logits")
+
+    def _decoder_model(self, graph: dict, lower_ternary: bool, opts) -> tuple[str | bytes, int]:
+        """The decoder graph to load: its path, or — for a bundle with TernaryMatMul nodes — the
+        graph rewritten onto MatMulNBits in memory (runtimes/ternary_lowering.py), its other
+        weights still read from the bundle's external data file."""
+        path = self.bundle.file(graph["file"])
+        if not lower_ternary or "TernaryMatMul" not in self.bundle.manifest.get("custom_ops", []):
+            return str(path), 0
+        import onnx
+        from edgecpm.runtimes.ternary_lowering import lower_ternary as lower
+
+        model = onnx.load(str(path), load_external_data=False)
+        lowered = lower(model, path.parent)
+        if not lowered:
+            return str(path), 0
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+        return model.SerializeToString(), lowered
 
     def _check_io(self, graph: dict) -> None:
         want = {d["name"]: d["dtype"] for d in graph["inputs"] + graph["outputs"]}

@@ -120,10 +120,10 @@ def test_torch_op_matches_dequantized_matmul(n, k, g, dtype):
     torch.library.opcheck(torch.ops.edgecpm.ternary_matmul, args)
 
 
-@pytest.mark.parametrize("op", ["TernaryMatMul", "MatMulNBits"])
+@pytest.mark.parametrize("op", ["TernaryMatMul", "MatMulNBits", "lowered at load"])
 @pytest.mark.parametrize("n, k, g, dtype", [(7, 40, 20, np.float32), (64, 128, 32, np.float32),
                                             (5, 48, 48, np.float16)])
-def test_onnx_lowerings_match_dequantized_matmul(op, n, k, g, dtype):
+def test_onnx_lowerings_match_dequantized_matmul(op, n, k, g, dtype, tmp_path):
     import onnx
     import onnxruntime as ort
     from edgecpm.export import custom_ops
@@ -137,7 +137,7 @@ def test_onnx_lowerings_match_dequantized_matmul(op, n, k, g, dtype):
     b = GraphBuilder(lambda name, a: numpy_helper.from_array(a, name))
     s = b.weight("scales", scales)
     block = ternary.matmulnbits_block(g)
-    if op == "TernaryMatMul":
+    if op != "MatMulNBits":
         y = custom_ops.ternary_node(b, "x", b.weight("packed", packed), s, k, g)
     elif block is None:
         pytest.skip(f"MatMulNBits blocks are multiples of 16; group size {g} is not")
@@ -152,6 +152,12 @@ def test_onnx_lowerings_match_dequantized_matmul(op, n, k, g, dtype):
         helper.make_opsetid("", 17), helper.make_opsetid("edgecpm", 1), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
+    if op == "lowered at load":  # what the onnxruntime backend does to a bundle's TernaryMatMul nodes
+        from edgecpm.runtimes.ternary_lowering import lower_ternary
+
+        assert lower_ternary(model, tmp_path) == (block is not None)
+        assert [node.op_type for node in model.graph.node] == ["MatMulNBits" if block else "TernaryMatMul", "Identity"]
+        assert len(model.functions) == (0 if block else 1)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     w = ternary.dequantize(packed, scales, k)
     # One-hot rows read the dequantized weight back: exact, whichever lowering.
@@ -205,8 +211,10 @@ def test_ternary_checkpoint_to_bundle_parity(granularity, ternary_checkpoints, t
     from edgecpm.export.checkpoint import load_model
     from edgecpm.export.exporter import export_bundle
     from edgecpm.export.modeling_minicpm import TernaryLinear
+    from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
 
     import edgecpm
+    from edgecpm.bundle import load_bundle
 
     ckpt = ternary_checkpoints[granularity]
     ids = [1, *range(7, 40, 3)]
@@ -219,7 +227,9 @@ def test_ternary_checkpoint_to_bundle_parity(granularity, ternary_checkpoints, t
     assert isinstance(on_torch.backend.model.model.layers[1].mlp.down_proj, TernaryLinear)
     bundle = export_bundle(ckpt, tmp_path / "b", progress=False)
     on_ort = edgecpm.Session(bundle)
-    for s in (on_torch, on_ort):
+    assert on_ort.backend.ternary_lowered == 14  # every linear runs on MatMulNBits (see runtimes/ternary_lowering.py)
+    reference_fn = edgecpm.Session.from_backend(OnnxRuntimeBackend(load_bundle(bundle), lower_ternary=False))
+    for s in (on_torch, on_ort, reference_fn):
         assert rel_err(s.logits(ids), ref_logits) <= 1e-4
         assert s.generate(ids, max_new_tokens=8, ignore_eos=True).token_ids == ref_tokens
 
