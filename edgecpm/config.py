@@ -94,6 +94,13 @@ class ModelConfig:
         return self.scale_depth / math.sqrt(self.num_hidden_layers)
 
     @property
+    def eagle_residual_scale(self) -> float:
+        """An EAGLE head's residual scale: its few layers may be scaled as if the model were deeper
+        (`mup_denominator`, default num_hidden_layers). MiniCPM4-8B's own config carries a
+        mup_denominator that its decoder ignores, so this is for EAGLE heads only."""
+        return self.scale_depth / math.sqrt(self.raw.get("mup_denominator", self.num_hidden_layers))
+
+    @property
     def logit_divisor(self) -> float:
         return self.hidden_size / self.dim_model_base
 
@@ -281,4 +288,6 @@ class ModelConfig:
         }
         if self.sparse is not None:
             d["sparse_config"] = self.to_dict_sparse(self.sparse)
+        if "mup_denominator" in self.raw:
+            d["mup_denominator"] = self.raw["mup_denominator"]
         return d

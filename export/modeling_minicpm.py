@@ -3,8 +3,8 @@
 One forward serves the torch runtime, ONNX export and training. Its contract is the decoder graph
 of DESIGN.md §6, with a leading batch dimension that the exported graph drops:
 
-    logits, keys, values, ckeys = model(input_ids, position_ids, attn_mask, past_keys, past_values,
-                                        logit_index, past_ckeys)
+    logits, keys, values, ckeys, hidden = model(input_ids, position_ids, attn_mask, past_keys, past_values,
+                                                logit_index, past_ckeys)
 
 - input_ids, position_ids  [B, T] int64
 - attn_mask                [T, T] bool, True = visible, among the new tokens only (past is always visible)
@@ -16,6 +16,8 @@ of DESIGN.md §6, with a leading batch dimension that the exported graph drops:
   v2, the compressed keys the new tokens complete; the caller writes them into its arena (the
   static, preallocated cache lives with the runtime, gpt-fast style, so the same model exports
   without any cache state inside the graph).
+- hidden [B, T, H]: the LM head's input for every new row (rmsnorm(h, norm) / (hidden_size /
+  dim_model_base)), the feature an EAGLE head drafts from.
 
 Parameter names match the Hugging Face checkpoint, so `load_state_dict` takes its tensors as is.
 """
@@ -39,6 +41,7 @@ class ModelOutput(NamedTuple):
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     ckeys: list[torch.Tensor]  # InfLLM v2 compressed keys the step completed (empty when dense)
+    hidden: torch.Tensor  # [B, T, H] the LM head's input for every row (EAGLE drafters read it)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -228,8 +231,7 @@ class MiniCPMForCausalLM(nn.Module):
             values.append(v)
             if ck is not None:
                 ckeys.append(ck)
-        if logit_index is not None:
-            h = h[:, logit_index]
-        h = self.model.norm(h) / cfg.logit_divisor  # muP width scaling, also when tied
-        logits = F.linear(h, self.lm_head_weight).float()
-        return ModelOutput(logits, keys, values, ckeys)
+        hidden = self.model.norm(h) / cfg.logit_divisor  # muP width scaling, also when tied
+        rows = hidden if logit_index is None else hidden[:, logit_index]
+        logits = F.linear(rows, self.lm_head_weight).float()
+        return ModelOutput(logits, keys, values, ckeys, hidden)

@@ -35,9 +35,11 @@ ONNX_DTYPE = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
 NUMPY_DTYPE = {"fp32": np.float32, "fp16": np.float16}
 
 
-def graph_io(cfg: ModelConfig, dtype: str, n_logits: int | None = None) -> tuple[list[dict], list[dict]]:
+def graph_io(cfg: ModelConfig, dtype: str, n_logits: int | None = None,
+             eagle: bool = False) -> tuple[list[dict], list[dict]]:
     """Names, dtypes and shapes of the decoder graph's inputs and outputs (recorded in the manifest).
-    n_logits: the logit columns (the vocabulary, or r for an FR-Spec draft head)."""
+    n_logits: the logit columns (the vocabulary, or r for an FR-Spec draft head). eagle: the graph
+    of an EAGLE head, which also takes the features it drafts from (`hidden_in`)."""
     kv = [cfg.num_key_value_heads, cfg.head_dim]
     inputs = [
         {"name": "input_ids", "dtype": "int64", "shape": [1, "T"]},
@@ -45,7 +47,10 @@ def graph_io(cfg: ModelConfig, dtype: str, n_logits: int | None = None) -> tuple
         {"name": "attn_mask", "dtype": "bool", "shape": ["T", "T"]},
         {"name": "logit_index", "dtype": "int64", "shape": ["N"]},
     ]
-    outputs = [{"name": "logits", "dtype": "float32", "shape": ["N", n_logits or cfg.vocab_size]}]
+    outputs = [{"name": "logits", "dtype": "float32", "shape": ["N", n_logits or cfg.vocab_size]},
+               {"name": "hidden", "dtype": "float32", "shape": ["T", cfg.hidden_size]}]
+    if eagle:
+        inputs.append({"name": "hidden_in", "dtype": "float32", "shape": ["T", cfg.hidden_size]})
     kvdt = {"fp32": "float32", "fp16": "float16"}[dtype]
     for i in range(cfg.num_hidden_layers):
         inputs += [{"name": f"past_key.{i}", "dtype": kvdt, "shape": ["P", *kv]},
@@ -64,7 +69,7 @@ _IO_TYPES = {"int64": TensorProto.INT64, "bool": TensorProto.BOOL, "float32": Te
 
 def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=None,
                   head_ids: np.ndarray | None = None, ternary: dict[str, TernaryInfo] | None = None,
-                  ternary_op: str = "TernaryMatMul") -> onnx.ModelProto:
+                  ternary_op: str = "TernaryMatMul", eagle: bool = False) -> onnx.ModelProto:
     """The decoder graph. `tensor(name)` returns a checkpoint tensor as float32 numpy;
     `weight_sink(name, array)` stores it (external data) and returns its TensorProto.
     head_ids: FR-Spec — the LM head keeps only these rows, a separate [r, H] weight, so the last
@@ -72,7 +77,10 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
     ternary: linear weights stored packed (edgecpm.export.ternary), computed by `ternary_op`:
     "TernaryMatMul" (the custom op, 2-bit codes, for TensorRT and onnxruntime) or "MatMulNBits"
     (onnxruntime only: its exact 4-bit kernel, 4-bit codes; TernaryMatMul where the group size is
-    not a multiple of 16)."""
+    not a multiple of 16).
+    eagle: an EAGLE head (export/modeling_eagle.py): `tensor` serves its layers under the decoder's
+    names; the input is fc([rmsnorm1(embedding); rmsnorm2(hidden_in)]) and there is no final norm.
+    Every graph outputs `hidden` [T, H] float32, the LM head's input for every row."""
     ternary = ternary or {}
     if dtype not in ONNX_DTYPE:
         raise ValueError(f"dtype={dtype!r}: the ONNX bundle supports fp32 and fp16")
@@ -156,14 +164,20 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
     # ---- the forward of DESIGN.md §4 ----------------------------------------------------------
     embed = g.weight("model.embed_tokens.weight", tensor("model.embed_tokens.weight").astype(npdt))
     h = g.op("Mul", g.op("Gather", embed, ids, axis=0), scalar(cfg.scale_emb))
-    res = scalar(cfg.residual_scale)
+    if eagle:
+        both = g.op("Concat", rms_norm(h, "model.input_norm1.weight"), rms_norm("hidden_in", "model.input_norm2.weight"),
+                    axis=-1)
+        h = linear(both, "model.fc.weight")
+    res = scalar(cfg.eagle_residual_scale if eagle else cfg.residual_scale)
     for i in range(L):
         h = g.op("Add", h, g.op("Mul", attention(rms_norm(h, f"model.layers.{i}.input_layernorm.weight"), i), res))
         h = g.op("Add", h, g.op("Mul", mlp(rms_norm(h, f"model.layers.{i}.post_attention_layernorm.weight"), i), res))
         if progress:
             progress(i + 1, L)
-    h = g.op("Gather", h, "logit_index", axis=0)
-    h = g.op("Div", rms_norm(h, "model.norm.weight"), scalar(cfg.logit_divisor))
+    # `hidden`: the LM head's input for every row (an EAGLE head's output has no final norm).
+    hidden = g.op("Div", h if eagle else rms_norm(h, "model.norm.weight"), scalar(cfg.logit_divisor))
+    g.nodes.append(helper.make_node("Identity", [to_f32(hidden)], ["hidden"]))
+    h = g.op("Gather", hidden, "logit_index", axis=0)
     head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     if head_ids is not None:
         head = g.weight("lm_head.frspec", tensor(head_name)[head_ids].astype(npdt))
@@ -174,7 +188,7 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
     logits = to_f32(g.op("Gemm", h, head, transB=1))  # [N, H] x [V, H]^T: the tied matrix is shared
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
 
-    inputs, outputs = graph_io(cfg, dtype, None if head_ids is None else len(head_ids))
+    inputs, outputs = graph_io(cfg, dtype, None if head_ids is None else len(head_ids), eagle)
 
     def vinfo(d):
         return helper.make_tensor_value_info(d["name"], _IO_TYPES[d["dtype"]], d["shape"])

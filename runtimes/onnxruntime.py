@@ -57,6 +57,9 @@ class OnnxRuntimeBackend:
         self.sparse = self.config.sparse is not None
         # The vocabulary, or r for an FR-Spec draft head.
         self.n_logits = next(d["shape"][1] for d in graph["outputs"] if d["name"] == "logits")
+        # Bundles exported before the `hidden` output still load; an EAGLE drafter needs it.
+        self.has_hidden = any(d["name"] == "hidden" for d in graph["outputs"])
+        self.last_hidden: np.ndarray | None = None  # [T, H] float32: the last step's `hidden` rows
 
     def _decoder_model(self, graph: dict, lower_ternary: bool, opts) -> tuple[str | bytes, int]:
         """The decoder graph to load: its path, or — for a bundle with TernaryMatMul nodes — the
@@ -83,7 +86,8 @@ class OnnxRuntimeBackend:
             raise BundleError(f"{self.bundle.path / graph['file']}: graph inputs/outputs do not match the manifest "
                               f"({diff[:6]}); re-export the bundle")
 
-    def forward(self, input_ids, position_ids, attn_mask, cache: KVCache, logit_index):
+    def forward(self, input_ids, position_ids, attn_mask, cache: KVCache, logit_index, hidden_in=None):
+        """hidden_in [T, H] float32: an EAGLE head's input features (its graph's `hidden_in`)."""
         b = self.binding
         T, N = len(input_ids), len(logit_index)
         b.bind_cpu_input("input_ids", input_ids.reshape(1, T))
@@ -104,5 +108,10 @@ class OnnxRuntimeBackend:
                 b.bind_output(f"ckey.{i}", "cpu", 0, np.float32, nc.shape, nc.ctypes.data)
         logits = np.empty((N, self.n_logits), np.float32)
         b.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        if hidden_in is not None:
+            b.bind_cpu_input("hidden_in", np.ascontiguousarray(hidden_in, dtype=np.float32))
+        if self.has_hidden:
+            self.last_hidden = np.empty((T, self.config.hidden_size), np.float32)
+            b.bind_output("hidden", "cpu", 0, np.float32, self.last_hidden.shape, self.last_hidden.ctypes.data)
         self.session.run_with_iobinding(b)
         return logits

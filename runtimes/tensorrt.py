@@ -163,6 +163,9 @@ class TensorRTBackend:
         self.layers, self.hkv, self.head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
         self.sparse = cfg.sparse
         self.vocab = next(d["shape"][1] for d in graph["outputs"] if d["name"] == "logits")
+        # Bundles exported before the `hidden` output still load; an EAGLE drafter needs it.
+        self.has_hidden = any(d["name"] == "hidden" for d in graph["outputs"])
+        self.last_hidden: np.ndarray | None = None  # [T, H] float32: the last step's `hidden` rows
         self.profiles = record["profiles"]
         self.max_t = max(p["dims"]["T"][2] for p in self.profiles)
         # Logit rows one step can return: a verify tree's worth (pinned + device buffers of rows x vocab
@@ -211,6 +214,12 @@ class TensorRTBackend:
         self._d_logits = self.cuda("cudaMalloc", 4 * rows * self.vocab)
         self._logits_view = np.ctypeslib.as_array(
             (ctypes.c_float * (rows * self.vocab)).from_address(int(self._h_logits))).reshape(rows, self.vocab)
+        if self.has_hidden:  # every step's `hidden` rows come back too (T x H floats)
+            h = self.config.hidden_size
+            self._h_hidden = self.cuda("cudaMallocHost", 4 * t * h)
+            self._d_hidden = self.cuda("cudaMalloc", 4 * t * h)
+            self._hidden_view = np.ctypeslib.as_array(
+                (ctypes.c_float * (t * h)).from_address(int(self._h_hidden))).reshape(t, h)
 
     def _ensure_arena(self, cache: KVCache) -> None:
         """One device allocation for the cache's capacity (capped at the engine's context)."""
@@ -235,6 +244,8 @@ class TensorRTBackend:
         for name, off in self._off.items():
             self.context.set_tensor_address(name, int(self._d_in) + off)
         self.context.set_tensor_address("logits", int(self._d_logits))
+        if self.has_hidden:
+            self.context.set_tensor_address("hidden", int(self._d_hidden))
 
     def _n_chunks(self, length: int) -> int:
         return self.sparse.n_chunks(length) if self.sparse else 0
@@ -259,11 +270,14 @@ class TensorRTBackend:
         if not is_causal(attn_mask):
             raise ConfigError(f"a draft tree of {T} tokens exceeds the engine's largest step ({self.logit_rows}); "
                               f"rebuild with a larger --max-verify")
-        parts = []
+        parts, hidden = [], []
         for s, e in plan_pieces(T, logit_index, self.max_t, self.logit_rows):
             rows = logit_index[(logit_index >= s) & (logit_index < e)] - s
             parts.append(self._step(input_ids[s:e], position_ids[s:e], attn_mask[s:e, s:e], cache.length + s, cache,
                                     rows.astype(np.int64)))
+            hidden.append(self.last_hidden)
+        if self.has_hidden:
+            self.last_hidden = np.concatenate(hidden)
         return np.concatenate(parts)
 
     def _step(self, ids, positions, mask, P: int, cache: KVCache, logit_index) -> np.ndarray:
@@ -304,7 +318,12 @@ class TensorRTBackend:
         if N:
             self.cuda("cudaMemcpyAsync", int(self._h_logits), int(self._d_logits), 4 * N * self.vocab,
                       self.cuda.kind("cudaMemcpyDeviceToHost"), self.stream)
+        if self.has_hidden:
+            self.cuda("cudaMemcpyAsync", int(self._h_hidden), int(self._d_hidden), 4 * T * self.config.hidden_size,
+                      self.cuda.kind("cudaMemcpyDeviceToHost"), self.stream)
         self.cuda("cudaStreamSynchronize", self.stream)
+        if self.has_hidden:
+            self.last_hidden = self._hidden_view[:T].copy()
         return self._logits_view[:N].copy()
 
     # ---- speculative decoding: keep the accepted rows ------------------------------------------------
@@ -353,7 +372,7 @@ class TensorRTBackend:
     def close(self) -> None:
         self._free_arena()
         for name, free in (("_d_in", "cudaFree"), ("_d_logits", "cudaFree"), ("_h_in", "cudaFreeHost"),
-                           ("_h_logits", "cudaFreeHost")):
+                           ("_h_logits", "cudaFreeHost"), ("_d_hidden", "cudaFree"), ("_h_hidden", "cudaFreeHost")):
             ptr = self.__dict__.pop(name, None)
             if ptr is not None:
                 getattr(self.cuda.rt, free)(ptr)

@@ -45,6 +45,8 @@ class TorchBackend:
         self.kv_dtype = _kv_numpy_dtype(self.dtype)
         # Parameters and buffers: packed ternary weights are buffers (their 2-bit size counts).
         self.weight_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        self.has_hidden = True
+        self.last_hidden: np.ndarray | None = None  # [T, H] float32: the last step's `hidden` rows
 
     @torch.inference_mode()
     def forward(self, input_ids, position_ids, attn_mask, cache: KVCache, logit_index):
@@ -68,4 +70,5 @@ class TorchBackend:
             _as_torch(v_slot, dt).copy_(out.values[i][0])
             if sparse:
                 torch.from_numpy(cache.ck_slot(i, T)).copy_(out.ckeys[i][0])
+        self.last_hidden = out.hidden[0].float().cpu().numpy()
         return out.logits[0].float().cpu().numpy()
