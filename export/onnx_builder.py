@@ -22,20 +22,33 @@ class GraphBuilder:
     initializers (weights through `weight_sink`); inside a function body (no sink) constants
     become Constant nodes, since functions cannot hold initializers."""
 
-    def __init__(self, weight_sink=None, prefix: str = ""):
+    def __init__(self, weight_sink=None, prefix: str = "", model_dtype: int | None = None):
+        """model_dtype: the graph's activation dtype (TensorProto enum) when known, None inside
+        dtype-agnostic function bodies."""
+        self.model_dtype = model_dtype
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.sink = weight_sink
         self.prefix = prefix
         self._n = 0
         self._consts: dict[tuple, str] = {}
+        self._built: dict[tuple, str | list[str]] = {}
+        self._shapes: dict[str, list[str]] = {}
 
     def op(self, op_type: str, *inputs: str, n_out: int = 1, domain: str = "", **attrs):
+        """A node; an identical node built before (same op, inputs and attributes) is reused, so
+        shape arithmetic repeated by every layer exists once in the graph (ONNX ops are pure)."""
+        key = _node_key(op_type, domain, inputs, n_out, attrs)
+        if key is not None and key in self._built:
+            return self._built[key]
         self._n += 1
         base = f"{self.prefix}{op_type.lower()}_{self._n}"
         outs = [base + (f"_{j}" if n_out > 1 else "") for j in range(n_out)]
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=base, domain=domain, **attrs))
-        return outs[0] if n_out == 1 else outs
+        result = outs[0] if n_out == 1 else outs
+        if key is not None:
+            self._built[key] = result
+        return result
 
     def const(self, value, dtype=np.int64) -> str:
         """A small constant (shapes, scalars), deduplicated."""
@@ -63,12 +76,35 @@ class GraphBuilder:
         self.nodes.append(node)
         return self.op("Reshape", node.output[0], self.const([1]))
 
+    def set_shape(self, x: str, dims: list) -> None:
+        """Declare x's shape: ints (static) or int64 [1] tensors (dynamic, e.g. one T for the whole
+        graph). g.dim(x, axis) then returns those instead of a Shape node per tensor, which lets
+        onnxruntime fold static arithmetic and lets every layer share the dynamic one."""
+        self._shapes[x] = [self.const([d]) if isinstance(d, int) else d for d in dims]
+
     def dim(self, x: str, axis: int) -> str:
         """x.shape[axis] as an int64 [1] tensor."""
+        if x in self._shapes:
+            return self._shapes[x][axis]
         return self.op("Shape", x, start=axis, end=axis + 1)
 
     def f32(self, x: str) -> str:
         return self.op("Cast", x, to=TensorProto.FLOAT)
+
+    def like(self, x: str, ref: str) -> str:
+        """fp32 x cast to the dtype of ref, a model-dtype tensor: nothing in an fp32 graph
+        (onnxruntime keeps a CastLike to the same type as a copy)."""
+        return x if self.model_dtype == TensorProto.FLOAT else self.op("CastLike", x, ref)
+
+
+def _node_key(op_type: str, domain: str, inputs: tuple, n_out: int, attrs: dict) -> tuple | None:
+    """Identity of a node for reuse: None (never reused) when an attribute is not a plain value."""
+    plain = (int, float, str)
+    for v in attrs.values():
+        if not (isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(e, plain) for e in v))):
+            return None
+    return op_type, domain, inputs, n_out, tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                                         for k, v in attrs.items()))
 
 
 def grouped_scores(g: GraphBuilder, keys: str, q: str) -> str:
@@ -82,7 +118,7 @@ def grouped_scores(g: GraphBuilder, keys: str, q: str) -> str:
     # All queries as columns [D, Hkv*G*T], pre-scaled by 1/sqrt(D).
     q4 = g.op("Reshape", q, g.op("Concat", T, Hkv, G, D, axis=0))
     qt = g.op("Reshape", g.op("Transpose", q4, perm=[3, 1, 2, 0]), g.op("Concat", D, g.const([-1]), axis=0))
-    qt = g.op("CastLike", g.op("Mul", g.f32(qt), g.op("Reciprocal", g.op("Sqrt", g.f32(D)))), q)
+    qt = g.like(g.op("Mul", g.f32(qt), g.op("Reciprocal", g.op("Sqrt", g.f32(D)))), q)
     rows = g.op("Reshape", keys, g.op("Concat", g.const([-1]), D, axis=0))
     s = g.f32(g.op("MatMul", rows, qt))  # [S*Hkv, Hkv*G*T]
     s = g.op("Reshape", s, g.op("Concat", g.const([-1]), g.op("Mul", Hkv, Hkv), G, T, axis=0))
@@ -109,7 +145,7 @@ def attend(g: GraphBuilder, q, k, v, past_k, past_v, new_mask, past_mask=None):
 
     def weighted(first, count, values):  # probs rows [first, first+count) x values -> [Hkv*G*T, Hkv*D]
         p = g.op("Slice", probs, first, g.op("Add", first, count), g.const([0]))
-        pt = g.op("Transpose", g.op("CastLike", p, q), perm=[1, 2, 3, 0])
+        pt = g.op("Transpose", g.like(p, q), perm=[1, 2, 3, 0])
         # count may be 0 (first prefill): explicit dims with allowzero, since -1 or a 0 would not work.
         pt = g.op("Reshape", pt, g.op("Concat", n_queries, count, axis=0), allowzero=1)
         return g.op("MatMul", pt, g.op("Reshape", values, g.op("Concat", g.const([0]), g.op("Mul", Hkv, D), axis=0)))

@@ -85,7 +85,7 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
     if dtype not in ONNX_DTYPE:
         raise ValueError(f"dtype={dtype!r}: the ONNX bundle supports fp32 and fp16")
     dt, npdt = ONNX_DTYPE[dtype], NUMPY_DTYPE[dtype]
-    g = GraphBuilder(weight_sink)
+    g = GraphBuilder(weight_sink, model_dtype=dt)
     L, D = cfg.num_hidden_layers, cfg.head_dim
     Hq, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
 
@@ -114,12 +114,16 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
         return ternary_node(g, x, g.weight(base + ".packed", pack(codes)), s, k, group)
 
     def rms_norm(x, name):
+        # Written as Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul: the pattern onnxruntime fuses
+        # into one SimplifiedLayerNormalization kernel (fp32 inside).
         xf = to_f32(x)
-        var = g.op("ReduceMean", g.op("Mul", xf, xf), axes=[-1], keepdims=1)
-        inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(cfg.rms_norm_eps, np.float32))))
-        return g.op("Mul", to_dt(g.op("Mul", xf, inv)), g.weight(name, tensor(name).astype(npdt)))
+        var = g.op("ReduceMean", g.op("Pow", xf, g.const(2.0, np.float32)), axes=[-1], keepdims=1)
+        rms = g.op("Sqrt", g.op("Add", var, g.const(cfg.rms_norm_eps, np.float32)))
+        return g.op("Mul", to_dt(g.op("Div", xf, rms)), g.weight(name, tensor(name).astype(npdt)))
 
     # ---- per-step values shared by all layers ------------------------------------------------
+    # The step's dynamic sizes, read once: every layer's attention shapes derive from these two.
+    T, P = g.dim("input_ids", 1), g.dim("past_key.0", 0)
     ids = g.op("Squeeze", "input_ids", g.const([0]))  # [T]
     positions = g.op("Squeeze", "position_ids", g.const([0]))  # [T] int64
     pos = g.op("Cast", positions, to=TensorProto.FLOAT)
@@ -129,6 +133,8 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
     if cfg.rope_attention_scale != 1.0:
         s = g.const(cfg.rope_attention_scale, np.float32)
         cos, sin = g.op("Mul", cos, s), g.op("Mul", sin, s)
+    # rotate_half(x) * sin = concat(x2, x1) * concat(-sin, sin): the sign lives in sin, once.
+    sin = g.op("Mul", sin, g.const(np.repeat([-1.0, 1.0], D // 2).astype(np.float32), np.float32))
     cos, sin = (g.op("Unsqueeze", c, g.const([1])) for c in (cos, sin))  # [T, 1, D] over heads
     # attn_mask [Tq, Tk] -> [Tk, 1, 1, Tq], the layout of attend()'s new-token score block.
     new_mask = g.op("Unsqueeze", g.op("Transpose", "attn_mask", perm=[1, 0]), g.const([1, 2]))
@@ -136,7 +142,7 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
     def rope(x):
         xf = to_f32(x)
         half = [g.op("Slice", xf, g.const([a]), g.const([b]), g.const([-1])) for a, b in ((0, D // 2), (D // 2, D))]
-        rotated = g.op("Concat", g.op("Neg", half[1]), half[0], axis=-1)
+        rotated = g.op("Concat", half[1], half[0], axis=-1)
         return to_dt(g.op("Add", g.op("Mul", xf, cos), g.op("Mul", rotated, sin)))
 
     def attention(x, i):
@@ -144,6 +150,11 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
         q = rope(g.op("Reshape", linear(x, p + "q_proj.weight"), g.const([0, Hq, D])))
         k = rope(g.op("Reshape", linear(x, p + "k_proj.weight"), g.const([0, Hkv, D])))
         v = g.op("Reshape", linear(x, p + "v_proj.weight"), g.const([0, Hkv, D]))
+        g.set_shape(q, [T, Hq, D])
+        for t in (k, v):
+            g.set_shape(t, [T, Hkv, D])
+        for t in (f"past_key.{i}", f"past_value.{i}"):
+            g.set_shape(t, [P, Hkv, D])
         g.nodes.append(helper.make_node("Identity", [k], [f"key.{i}"]))
         g.nodes.append(helper.make_node("Identity", [v], [f"value.{i}"]))
         if cfg.sparse is None:
