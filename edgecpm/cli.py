@@ -523,7 +523,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                                  f"pip install 'edgecpm[export]'") from None
     out = export_bundle(args.path, args.output, dtype=args.dtype, force=args.force,
                         progress=sys.stderr.isatty(), sparse=args.sparse, frspec=args.frspec,
-                        quantize=args.quantize, ternary_op=args.ternary_op)
+                        quantize=args.quantize, ternary_op=args.ternary_op, eagle_of=args.eagle_of)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -619,6 +619,7 @@ errors print "edgecpm: error: ..." and exit with status 2; add --debug for a tra
   edgecpm export path/to/MiniCPM4-8B -o bundle-8B-sparse/ --sparse
   edgecpm freq --tokenizer path/to/MiniCPM4-0.5B corpus/ -r 16384 -o freq.npy
   edgecpm export path/to/MiniCPM4-0.5B -o draft-0.5B/ --frspec freq.npy
+  edgecpm export path/to/MiniCPM4-8B-Eagle-FRSpec --eagle-of path/to/MiniCPM4-8B -o eagle-8B/ --frspec freq.npy
   edgecpm export path/to/BitCPM4-0.5B -o bundle-bitcpm/           # ternary: packed at 2 bits
   edgecpm export path/to/my-qat-model -o bundle-ternary/ --quantize ternary
   edgecpm run bundle-0.5B/ -p "The capital of France is" --backend onnxruntime""", [common])
@@ -631,6 +632,9 @@ errors print "edgecpm: error: ..." and exit with status 2; add --debug for a tra
                         "config.json has no sparse_config")
     p.add_argument("--frspec", default=None, metavar="FREQ.npy",
                    help="export a draft model whose LM head keeps only these ids (from `edgecpm freq`)")
+    p.add_argument("--eagle-of", default=None, metavar="TARGET",
+                   help="PATH is an EAGLE draft head for this target checkpoint (which lends it the embedding / "
+                        "LM head it lacks); run the bundle with --draft BUNDLE next to TARGET's bundle")
     p.add_argument("--ternary-op", default="TernaryMatMul", choices=("TernaryMatMul", "MatMulNBits"),
                    help="how packed ternary linears appear in the graph: TernaryMatMul (2 bits, the TensorRT "
                         "plugin's op; onnxruntime folds it to dense fp32 at load) or MatMulNBits (4 bits, "

@@ -59,6 +59,9 @@ class KVCache:
         # Called as hook(start, rows) after keep(): a backend holding a device copy of the arena
         # (TensorRT) compacts its own rows the same way.
         self.keep_hooks: list = []
+        # Called as hook(start, n) after commit(): an EAGLE drafter collects the target's features
+        # of the rows a step added.
+        self.commit_hooks: list = []
 
     @classmethod
     def from_budget(cls, cfg: ModelConfig, budget: int | str, dtype: np.dtype) -> KVCache:
@@ -112,6 +115,8 @@ class KVCache:
         """Make the rows a step wrote part of the context."""
         self.length += n_tokens
         self.peak_length = max(self.peak_length, self.length)
+        for hook in self.commit_hooks:
+            hook(self.length - n_tokens, n_tokens)
 
     def truncate(self, length: int) -> None:
         """Roll back to `length` tokens (rows past it are simply overwritten later)."""

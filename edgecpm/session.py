@@ -23,7 +23,7 @@ from edgecpm.errors import BackendUnavailable, BudgetError, ConfigError
 from edgecpm.generate import Generation, Timer, decode_tokens, prefill, speculative_tokens
 from edgecpm.kv_cache import KVCache, parse_bytes
 from edgecpm.sampling import Sampler, SamplingParams
-from edgecpm.speculative import SpecConfig, make_drafter, open_draft_backend
+from edgecpm.speculative import SpecConfig, is_eagle, make_drafter, make_eagle_drafter, open_draft_backend
 from edgecpm.tokenizer import Tokenizer
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
@@ -101,7 +101,7 @@ class Session:
         self.last: Generation | None = None  # the most recent finished generation (after stream())
         self._cached_ids: list[int] = []  # the token ids whose K/V the arena holds, in order
         spec = None if draft is None else draft if isinstance(draft, SpecConfig) else SpecConfig(draft=draft)
-        draft_backend = open_draft_backend(spec, self.config, threads) if spec else None
+        draft_backend = open_draft_backend(spec, backend, threads) if spec else None
         # One budget for both arenas: the draft's share is its bytes per token (+ room for a tree).
         per_token = self.config.kv_bytes_per_token(backend.kv_dtype.itemsize)
         draft_per_token = draft_backend.config.kv_bytes_per_token(draft_backend.kv_dtype.itemsize) if draft_backend else 0
@@ -115,7 +115,9 @@ class Session:
         if hasattr(backend, "on_keep"):
             self.cache.keep_hooks.append(backend.on_keep)
         self.drafter = None
-        if spec:
+        if spec and draft_backend and is_eagle(Path(spec.draft)):
+            self.drafter = make_eagle_drafter(spec, draft_backend, capacity + margin, backend, self.cache)
+        elif spec:
             draft_session = None
             if draft_backend:
                 draft_session = Session.from_backend(draft_backend, (capacity + margin) * draft_per_token,
@@ -156,11 +158,12 @@ class Session:
 
     def memory(self) -> dict:
         c = self.cache
-        draft = getattr(self.drafter, "s", None)  # a model drafter's session: its arena shares the budget
+        # A model drafter or EAGLE head: its weights count, and its arena shares the budget.
+        draft_backend, draft_cache = getattr(self.drafter, "backend", None), getattr(self.drafter, "cache", None)
         return {
-            "weights_bytes": self.backend.weight_bytes + (draft.backend.weight_bytes if draft else 0),
+            "weights_bytes": self.backend.weight_bytes + (draft_backend.weight_bytes if draft_backend else 0),
             "kv_budget_bytes": self.kv_budget,
-            "draft_kv_allocated_bytes": draft.cache.bytes_allocated if draft else 0,
+            "draft_kv_allocated_bytes": draft_cache.bytes_allocated if draft_cache else 0,
             "kv_bytes_per_token": c.bytes_per_token,
             "kv_capacity_tokens": c.capacity,
             "kv_allocated_bytes": c.bytes_allocated,
@@ -201,6 +204,8 @@ class Session:
         limit = min(len(self._cached_ids), len(ids) - 1)
         differ = np.flatnonzero(np.asarray(self._cached_ids[:limit]) != np.asarray(ids[:limit]))
         keep = int(differ[0]) if len(differ) else limit
+        if hasattr(self.drafter, "first_needed_row"):  # an EAGLE head reads the target's features of these rows
+            keep = min(keep, self.drafter.first_needed_row(ids))
         self.cache.truncate(keep)
         self._cached_ids = self._cached_ids[:keep]
         logits = prefill(self.backend, self.cache, ids[keep:], timer=timer)

@@ -8,17 +8,21 @@ output equals plain greedy decoding and sampling stays lossless, whatever the dr
 Drafters (anything with `propose(context) -> DraftTree`):
 - NgramDrafter: prompt lookup, no weights;
 - ModelDrafter: a smaller MiniCPM model (bundle or checkpoint) with the same vocabulary; with an
-  FR-Spec bundle its LM head covers only the r most frequent ids, mapped back through freq.npy.
+  FR-Spec bundle its LM head covers only the r most frequent ids, mapped back through freq.npy;
+- EagleDrafter: an EAGLE head (export/modeling_eagle.py) drafting from the target's features
+  (its `hidden` output), with the same tree growth and FR-Spec mapping.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from edgecpm.config import ModelConfig
 from edgecpm.errors import ConfigError
 
 
@@ -101,9 +105,46 @@ class NgramDrafter:
         return DraftTree.chain([])
 
 
+def log_probs(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def grow_tree(spec: SpecConfig, root_logits: np.ndarray, id_map: np.ndarray | None, run_level) -> DraftTree:
+    """EAGLE-2-style tree growth shared by the model drafters: per level, expand the `branch` best
+    children of the frontier nodes and keep the `branch` best by cumulative log-prob; finally keep
+    the best `tree_size` nodes. `run_level(tree, rows)` runs the drafter on the tree drafted so far
+    and returns the next-token logits of tree nodes `rows` (the newest level); it is called
+    depth - 1 times at most. Logit column j is token id_map[j] (FR-Spec) or j."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    scores: list[float] = []
+    frontier = [(-1, 0.0, log_probs(root_logits))]  # (node, cumulative log-prob, its next-token log-probs)
+    for level in range(spec.depth):
+        cands = []
+        for node, score, lp in frontier:
+            best = np.argpartition(-lp, spec.branch - 1)[: spec.branch]  # O(V), not a full sort
+            for col in best[np.argsort(-lp[best], kind="stable")]:
+                cands.append((score + float(lp[col]), node, col))
+        cands.sort(key=lambda c: -c[0])
+        new_nodes = []
+        for score, node, col in cands[: spec.branch]:
+            tokens.append(int(id_map[col]) if id_map is not None else int(col))
+            parents.append(node)
+            scores.append(score)
+            new_nodes.append(len(tokens) - 1)
+        if level + 1 == spec.depth or len(tokens) >= spec.tree_size:
+            break
+        out = run_level(DraftTree(np.array(tokens), np.array(parents)), np.array(new_nodes, dtype=np.int64))
+        frontier = [(n, scores[n], log_probs(out[j])) for j, n in enumerate(new_nodes)]
+    best = sorted(np.argsort(-np.array(scores), kind="stable")[: spec.tree_size].tolist())
+    keep = {i: k for k, i in enumerate(best)}  # scores fall along a path, so best is ancestor-closed
+    return DraftTree(np.array([tokens[i] for i in best], dtype=np.int64),
+                     np.array([keep[parents[i]] if parents[i] >= 0 else -1 for i in best], dtype=np.int64))
+
+
 class ModelDrafter:
-    """A smaller model drafting an EAGLE-2-style tree: expand the `branch` best children of the
-    `branch` best frontier nodes per level (cumulative log-prob), keep the best `tree_size`.
+    """A smaller model drafting an EAGLE-2-style tree (grow_tree).
 
     Each level runs the whole tree drafted so far after the context with the ancestor mask (the
     cache is rolled back to the context between levels), so every node sees exactly its
@@ -115,9 +156,13 @@ class ModelDrafter:
         self.spec = spec
         self.id_map = id_map  # FR-Spec: draft logit column -> full-vocabulary id
 
-    def _log_probs(self, logits: np.ndarray) -> np.ndarray:
-        z = logits - logits.max(axis=-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    @property
+    def backend(self):
+        return self.s.backend
+
+    @property
+    def cache(self):
+        return self.s.cache
 
     def propose(self, context: list[int]) -> DraftTree:
         from edgecpm.generate import run_step
@@ -127,42 +172,163 @@ class ModelDrafter:
             return DraftTree.chain([])
         logits = s._prefill_reusing_cache(context, timer=None)  # next-token logits after the root
         base = s.cache.length
-        tokens: list[int] = []
-        parents: list[int] = []
-        scores: list[float] = []
-        frontier = [(-1, 0.0, self._log_probs(logits))]  # (node, cumulative log-prob, its next-token log-probs)
-        for level in range(spec.depth):
-            cands = []
-            for node, score, lp in frontier:
-                best = np.argpartition(-lp, spec.branch - 1)[: spec.branch]  # O(V), not a full sort
-                for col in best[np.argsort(-lp[best], kind="stable")]:
-                    cands.append((score + float(lp[col]), node, col))
-            cands.sort(key=lambda c: -c[0])
-            new_nodes = []
-            for score, node, col in cands[: spec.branch]:
-                tokens.append(int(self.id_map[col]) if self.id_map is not None else int(col))
-                parents.append(node)
-                scores.append(score)
-                new_nodes.append(len(tokens) - 1)
-            if level + 1 == spec.depth or len(tokens) >= spec.tree_size:
-                break
-            # Run the tree so far after the context; read the logits of the newest level.
-            tree = DraftTree(np.array(tokens), np.array(parents))
+
+        def run_level(tree: DraftTree, rows: np.ndarray) -> np.ndarray:
             s.cache.truncate(base)
             mask = tree.ancestor_mask()[1:, 1:]  # among the drafted nodes; the context is past
-            rows = np.array(new_nodes, dtype=np.int64)
-            out = run_step(s.backend, s.cache, tree.tokens, mask, rows, positions=base + tree.depths()[1:] - 1)
-            frontier = [(n, scores[n], self._log_probs(out[j])) for j, n in enumerate(new_nodes)]
+            return run_step(s.backend, s.cache, tree.tokens, mask, rows, positions=base + tree.depths()[1:] - 1)
+
+        tree = grow_tree(spec, logits, self.id_map, run_level)
         s.cache.truncate(base)
         s._cached_ids = s._cached_ids[:base]
-        best = sorted(np.argsort(-np.array(scores), kind="stable")[: spec.tree_size].tolist())
-        keep = {i: k for k, i in enumerate(best)}  # scores fall along a path, so best is ancestor-closed
-        return DraftTree(np.array([tokens[i] for i in best], dtype=np.int64),
-                         np.array([keep[parents[i]] if parents[i] >= 0 else -1 for i in best], dtype=np.int64))
+        return tree
 
 
-def open_draft_backend(spec: SpecConfig, target_cfg, threads: int | None):
-    """The draft model's backend when the SpecConfig names one (a bundle or checkpoint path)."""
+# ---- EAGLE heads ----------------------------------------------------------------------------------
+
+def eagle_config(d: dict, source: str) -> ModelConfig:
+    """An EAGLE head's config.json as a ModelConfig (num_hidden_layers = the head's layers; its
+    LM head, own or the target's, is a separate matrix)."""
+    return ModelConfig.from_dict({**d, "architectures": ["MiniCPMForCausalLM"], "model_type": "minicpm",
+                                  "tie_word_embeddings": False}, source)
+
+
+def is_eagle(path: Path) -> bool:
+    """An EAGLE head: a bundle whose manifest says so, or a checkpoint whose config names an Eagle
+    architecture or whose weights hold the head's `model.fc.weight`."""
+    path = Path(path)
+    if (path / "manifest.json").exists():
+        return bool(json.loads((path / "manifest.json").read_text()).get("eagle"))
+    if not (path / "config.json").exists():
+        return False
+    if any("eagle" in a.lower() for a in json.loads((path / "config.json").read_text()).get("architectures") or []):
+        return True
+    return "model.fc.weight" in _safetensors_names(path)
+
+
+def _safetensors_names(folder: Path) -> set[str]:
+    """Tensor names of a checkpoint folder, read from the safetensors header (no torch needed)."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return set(json.loads(index.read_text())["weight_map"])
+    single = folder / "model.safetensors"
+    if not single.exists():
+        return set()
+    with open(single, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return set(json.loads(f.read(size))) - {"__metadata__"}
+
+
+class FeatureLog:
+    """The target's features (its `hidden` rows) of target cache rows [start, start + len(rows))
+    that the EAGLE head has not read yet. The target cache's hooks keep it in step: a commit
+    appends the step's rows (replacing any rolled-back ones), a keep compacts them like the KV."""
+
+    def __init__(self, backend, cache):
+        self.backend = backend
+        self.start = 0
+        self.rows = np.zeros((0, backend.config.hidden_size), np.float32)
+        cache.commit_hooks.append(self.on_commit)
+        cache.keep_hooks.append(self.on_keep)
+
+    def on_commit(self, start: int, n: int) -> None:
+        if start < self.start:  # the target recomputes rows the head has read: start over from there
+            self.start, self.rows = start, self.rows[:0]
+        self.rows = np.concatenate([self.rows[: start - self.start], self.backend.last_hidden[:n]])
+
+    def on_keep(self, start: int, rows: np.ndarray) -> None:
+        self.rows = np.concatenate([self.rows[: start - self.start], self.rows[rows - self.start]])
+
+    def take(self, begin: int, end: int) -> np.ndarray:
+        if begin < self.start or end > self.start + len(self.rows):
+            raise RuntimeError(f"EAGLE drafter: target features of rows [{begin}, {end}) are not available "
+                               f"(have [{self.start}, {self.start + len(self.rows)}))")
+        return self.rows[begin - self.start : end - self.start]
+
+    def drop_before(self, row: int) -> None:
+        self.rows = self.rows[row - self.start :]
+        self.start = row
+
+
+class EagleDrafter:
+    """An EAGLE head drafting from the target's features (standard EAGLE pairing).
+
+    Head row i reads (token x[i+1], target feature f[i]) at position i and predicts x[i+2]. Before
+    each step the head catches up on the rows the target added: the last of them pairs the root
+    (the token to be verified next) with the feature of the last accepted row, and its logits give
+    the tree's first level. Deeper levels feed (draft token, the head's own `out` of the parent
+    node) and grow as in ModelDrafter (grow_tree: the whole tree is rerun per level, the head's
+    cache rolled back to the context in between). Its KV cache is its own small arena from the
+    session's budget and always holds exactly the caught-up context rows.
+    """
+
+    def __init__(self, backend, cache, target_backend, target_cache, spec: SpecConfig, id_map: np.ndarray | None):
+        self.backend, self.cache, self.spec, self.id_map = backend, cache, spec, id_map
+        self.features = FeatureLog(target_backend, target_cache)
+        self.ids: list[int] = []  # the context the head has read: cache row i pairs ids[i+1] with f[i]
+
+    def first_needed_row(self, ids: list[int]) -> int:
+        """The first target row whose feature the head will read for a context starting with `ids`;
+        the session re-runs the target from there when the log no longer holds it."""
+        need = max(_common_prefix(self.ids, ids) - 1, 0)
+        return need if need < self.features.start else len(ids)
+
+    def propose(self, context: list[int]) -> DraftTree:
+        spec, cache = self.spec, self.cache
+        n = len(context) - 1  # target rows: the root context[-1] is verified next
+        if cache.capacity - n < spec.depth + 1:
+            return DraftTree.chain([])
+        first = min(max(_common_prefix(self.ids, context) - 1, 0), n - 1)  # rows still valid: [0, first)
+        cache.truncate(first)
+        logits, root_out = self._catch_up(np.asarray(context[first + 1 :], dtype=np.int64),
+                                          self.features.take(first, n), first)
+        self.ids = list(context)
+        self.features.drop_before(n)
+        base = cache.length
+        outs = np.zeros((0, root_out.shape[0]), np.float32)  # the head's `out` of each tree node
+
+        def run_level(tree: DraftTree, rows: np.ndarray) -> np.ndarray:
+            nonlocal outs
+            cache.truncate(base)
+            parent_out = np.concatenate([root_out[None], outs])[tree.parents + 1]
+            out = self._run(tree.tokens, parent_out, tree.ancestor_mask()[1:, 1:], base + tree.depths()[1:] - 1, rows)
+            outs = self.backend.last_hidden
+            return out
+
+        tree = grow_tree(spec, logits, self.id_map, run_level)
+        cache.truncate(base)
+        return tree
+
+    def _catch_up(self, tokens: np.ndarray, features: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """Run the head on new context rows in prefill-sized chunks; the last row's logits and out."""
+        from edgecpm.generate import causal_mask, prefill_chunk
+
+        done = 0
+        while done < len(tokens):
+            size = prefill_chunk(self.backend.config.num_attention_heads, self.cache.length)
+            t, f = tokens[done : done + size], features[done : done + size]
+            last = done + len(t) == len(tokens)
+            rows = np.array([len(t) - 1] if last else [], dtype=np.int64)
+            logits = self._run(t, f, causal_mask(len(t)), np.arange(start + done, start + done + len(t)), rows)
+            done += len(t)
+        return logits[-1], self.backend.last_hidden[-1].copy()
+
+    def _run(self, tokens, features, mask, positions, rows) -> np.ndarray:
+        logits = self.backend.forward(np.asarray(tokens, dtype=np.int64), np.asarray(positions, dtype=np.int64), mask,
+                                      self.cache, rows, hidden_in=features)
+        self.cache.commit(len(tokens))
+        return logits
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if len(differ) else n
+
+
+def open_draft_backend(spec: SpecConfig, target, threads: int | None):
+    """The draft model's or EAGLE head's backend when the SpecConfig names one (a bundle or
+    checkpoint path); `target` is the target's backend."""
     if hasattr(spec.draft, "propose") or spec.draft == "ngram":
         return None
     from edgecpm.session import open_backend
@@ -170,11 +336,28 @@ def open_draft_backend(spec: SpecConfig, target_cfg, threads: int | None):
     path = Path(spec.draft)
     if not path.is_dir():
         raise ConfigError(f"draft={spec.draft!r}: expected 'ngram' or a draft bundle/checkpoint folder")
-    backend = open_backend(path, "auto", None, threads)
-    if backend.config.vocab_size != target_cfg.vocab_size:
+    backend = open_eagle_backend(path, target, threads) if is_eagle(path) else open_backend(path, "auto", None, threads)
+    if backend.config.vocab_size != target.config.vocab_size:
         raise ConfigError(f"{path}: draft vocabulary {backend.config.vocab_size} differs from the target's "
-                          f"{target_cfg.vocab_size}; a draft must share the target's tokenizer")
+                          f"{target.config.vocab_size}; a draft must share the target's tokenizer")
     return backend
+
+
+def open_eagle_backend(path: Path, target, threads: int | None):
+    """An EAGLE head: a bundle runs on onnxruntime; a checkpoint on torch, sharing a torch
+    target's embedding and LM head when it has none of its own."""
+    if not getattr(target, "has_hidden", False):
+        where = getattr(getattr(target, "bundle", None), "path", "the target")
+        raise ConfigError(f"{where}: this target bundle has no `hidden` output (exported by an older edgecpm), which "
+                          f"an EAGLE head drafts from; re-export it: `edgecpm export CHECKPOINT -o BUNDLE`")
+    if (path / "manifest.json").exists():
+        from edgecpm.bundle import load_bundle
+        from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(load_bundle(path), threads=threads)
+    from edgecpm.runtimes.torch import EagleTorchBackend
+
+    return EagleTorchBackend(str(path), target, threads=threads)
 
 
 def make_drafter(spec: SpecConfig, draft_session=None):
@@ -183,13 +366,24 @@ def make_drafter(spec: SpecConfig, draft_session=None):
         return spec.draft
     if draft_session is None:
         return NgramDrafter(spec)
-    bundle = getattr(draft_session.backend, "bundle", None)
+    return ModelDrafter(draft_session, spec, frspec_map(draft_session.backend))
+
+
+def make_eagle_drafter(spec: SpecConfig, head, capacity: int, target_backend, target_cache) -> EagleDrafter:
+    """An EAGLE drafter over `head` (its backend) with its own KV arena of `capacity` tokens."""
+    from edgecpm.kv_cache import KVCache
+
+    return EagleDrafter(head, KVCache(head.config, capacity, head.kv_dtype), target_backend, target_cache, spec,
+                        frspec_map(head))
+
+
+def frspec_map(backend) -> np.ndarray | None:
+    """FR-Spec: a draft bundle's logit column -> full-vocabulary id (None: columns are ids)."""
+    bundle = getattr(backend, "bundle", None)
     frspec = (bundle.manifest.get("spec") or {}).get("frspec") if bundle else None
-    id_map = None
-    if frspec:
-        cfg = draft_session.config
-        id_map = load_freq_table(bundle.path / frspec["file"], cfg.vocab_size, cfg.eos_token_ids)
-    return ModelDrafter(draft_session, spec, id_map)
+    if not frspec:
+        return None
+    return load_freq_table(bundle.path / frspec["file"], backend.config.vocab_size, backend.config.eos_token_ids)
 
 
 # ---- FR-Spec frequency tables -------------------------------------------------------------------

@@ -80,9 +80,12 @@ class Checkpoint:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(self._open(f).get_slice(name).get_shape()) for name, f in self.files.items()}
 
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return expected_shapes(self.config)
+
     def check(self) -> None:
         """Strict name/shape check; the error lists everything that is wrong at once."""
-        want, have = expected_shapes(self.config), self.shapes()
+        want, have = self.expected_shapes(), self.shapes()
         missing = sorted(set(want) - set(have))
         unexpected = sorted(set(have) - set(want))
         wrong = sorted(f"{n}: {have[n]} (expected {want[n]})" for n in set(want) & set(have) if want[n] != have[n])

@@ -59,7 +59,7 @@ class ExternalDataWriter:
 def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False,
                   progress: bool = True, sparse: bool | dict = False, frspec: str | Path | None = None,
                   quantize: str | None = None, quantize_group_size: int | None = None,
-                  ternary_op: str = "TernaryMatMul") -> Path:
+                  ternary_op: str = "TernaryMatMul", eagle_of: str | Path | None = None) -> Path:
     """sparse: True (or a dict of overrides) switches InfLLM v2 on with DESIGN.md §7's defaults.
     frspec: a freq.npy of r ids (from `edgecpm freq -r R`) for a draft model: those rows become the
     draft's LM head and the table is copied into the bundle.
@@ -68,11 +68,20 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     ternarizes the others (lossy: only for a QAT-trained model; one scale per `quantize_group_size`
     inputs, default per row), "none" keeps every linear dense. ternary_op: how packed linears run
     (see build_decoder): "TernaryMatMul" (2-bit; TensorRT, and onnxruntime through the reference
-    function) or "MatMulNBits" (4-bit codes; onnxruntime only, faster, far less memory at load)."""
+    function) or "MatMulNBits" (4-bit codes; onnxruntime only, faster, far less memory at load).
+    eagle_of: `checkpoint` is an EAGLE head (export/modeling_eagle.py) drafting for this target
+    checkpoint, which supplies the embedding / LM head the head lacks; frspec restricts the head's
+    LM head the same way. Its bundle runs as `Session(target, draft=BUNDLE)`."""
     checkpoint, out = Path(checkpoint), Path(out)
     if ternary_op not in ("TernaryMatMul", "MatMulNBits"):
         raise ValueError(f"ternary_op={ternary_op!r}: expected 'TernaryMatMul' or 'MatMulNBits'")
-    ckpt = Checkpoint(checkpoint)
+    if eagle_of is not None:
+        from edgecpm.export.modeling_eagle import EagleCheckpoint
+
+        ckpt = EagleCheckpoint(checkpoint, Checkpoint(eagle_of))
+        sparse, quantize = False, "none"  # a head is small and dense
+    else:
+        ckpt = Checkpoint(checkpoint)
     ckpt.check()
     if sparse:
         ckpt.config = ckpt.config.with_sparse(sparse if isinstance(sparse, dict) else None)
@@ -102,17 +111,20 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, he
     from rich.progress import Progress
 
     cfg = ckpt.config
+    eagle = hasattr(ckpt, "decoder_tensor")  # an EAGLE head, served under the decoder's tensor names
+    tensor = ckpt.decoder_tensor if eagle else ckpt.tensor
     writer = ExternalDataWriter(folder / "decoder.onnx.data")
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"exporting {cfg.num_hidden_layers} layers ({dtype})", total=cfg.num_hidden_layers)
         model = build_decoder(
             cfg, dtype,
-            tensor=lambda name: ckpt.tensor(name, torch.float32).numpy(),
+            tensor=lambda name: tensor(name, torch.float32).numpy(),
             weight_sink=writer.add,
             progress=lambda done, total: bar.update(task, completed=done),
             head_ids=head_ids,
             ternary=ternary,
             ternary_op=ternary_op,
+            eagle=eagle,
         )
     writer.close()
     onnx.save(model, folder / "decoder.onnx")
@@ -124,7 +136,7 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, he
         tok.save(folder)
         tokenizer_files = ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
 
-    inputs, outputs = graph_io(cfg, dtype, None if head_ids is None else len(head_ids))
+    inputs, outputs = graph_io(cfg, dtype, None if head_ids is None else len(head_ids), eagle)
     files = ["decoder.onnx", "decoder.onnx.data", *tokenizer_files]
     spec = None
     if head_ids is not None:
@@ -145,6 +157,7 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, he
         "sparse": cfg.to_dict().get("sparse_config"),
         "ternary": {"op": ternary_op, **summary(ternary, 2 if dtype == "fp16" else 4, ternary_op)} if ternary else None,
         "spec": spec,
+        "eagle": {"target": str(ckpt.target.folder.resolve())} if eagle else None,
         "tokenizer": {"files": tokenizer_files, "eos_token_ids": sorted(cfg.eos_token_ids)},
         "files": {name: file_record(folder / name) for name in files},
     }

@@ -49,11 +49,13 @@ class TorchBackend:
         self.last_hidden: np.ndarray | None = None  # [T, H] float32: the last step's `hidden` rows
 
     @torch.inference_mode()
-    def forward(self, input_ids, position_ids, attn_mask, cache: KVCache, logit_index):
+    def forward(self, input_ids, position_ids, attn_mask, cache: KVCache, logit_index, hidden_in=None):
+        """hidden_in [T, H] float32: an EAGLE head's input features."""
         dev, dt = self.device, self.dtype
         layers = range(self.config.num_hidden_layers)
         past = [cache.past(i) for i in layers]
         sparse = self.config.sparse is not None
+        extra = {} if hidden_in is None else {"hidden_in": torch.from_numpy(np.ascontiguousarray(hidden_in, np.float32))[None].to(dev)}
         out = self.model(
             torch.from_numpy(input_ids).to(dev)[None],
             torch.from_numpy(position_ids).to(dev)[None],
@@ -62,6 +64,7 @@ class TorchBackend:
             [_as_torch(v, dt).to(dev)[None] for _, v in past],
             torch.from_numpy(logit_index).to(dev),
             [torch.from_numpy(cache.past_ck(i)).to(dev)[None] for i in layers] if sparse else None,
+            **extra,
         )
         T = len(input_ids)
         for i in layers:
@@ -72,3 +75,25 @@ class TorchBackend:
                 torch.from_numpy(cache.ck_slot(i, T)).copy_(out.ckeys[i][0])
         self.last_hidden = out.hidden[0].float().cpu().numpy()
         return out.logits[0].float().cpu().numpy()
+
+
+class EagleTorchBackend(TorchBackend):
+    """An EAGLE head checkpoint (export/modeling_eagle.py) on torch. A head without its own
+    embedding / LM head shares the torch target's (its device and dtype too)."""
+
+    name = "torch"
+
+    def __init__(self, checkpoint: str, target, threads: int | None = None):
+        from edgecpm.export.modeling_eagle import load_eagle
+
+        if threads:
+            torch.set_num_threads(threads)
+        target_model = getattr(target, "model", None) if isinstance(target, TorchBackend) else None
+        self.device = target.device if target_model is not None else torch.device("cpu")
+        self.dtype = target.dtype if target_model is not None else torch.float32
+        self.model = load_eagle(checkpoint, self.dtype, target_model).to(self.device)
+        self.config: ModelConfig = self.model.config
+        self.kv_dtype = _kv_numpy_dtype(self.dtype)
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        self.has_hidden = True
+        self.last_hidden = None

@@ -1,0 +1,140 @@
+"""The EAGLE-head drafter (DESIGN.md §10): the target's `hidden` output, the head's torch model and
+ONNX graph, and greedy speculative decoding with a random head equal to plain greedy decoding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgecpm
+from edgecpm.speculative import EagleDrafter, SpecConfig
+from tests.conftest import rel_err
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+PROMPT = [1, 17, 250, 33, 4, 99, 7, 17, 250]
+
+
+@pytest.fixture(scope="module")
+def target(make_checkpoint):
+    return make_checkpoint(tie=False)
+
+
+@pytest.fixture(scope="module")
+def target_bundle(target, tmp_path_factory):
+    from edgecpm.export.exporter import export_bundle
+
+    return export_bundle(target, tmp_path_factory.mktemp("eagle") / "target", progress=False)
+
+
+def test_target_hidden_output_matches_torch(target, target_bundle):
+    """`hidden` is the LM head's input for every row, on both backends."""
+    from edgecpm.export.checkpoint import load_model
+
+    model = load_model(target)
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        out = model(ids)
+        np.testing.assert_allclose(out.logits[0], out.hidden[0] @ model.lm_head.weight.T, rtol=1e-5, atol=1e-5)
+    for backend in ("torch", "onnxruntime"):
+        s = edgecpm.Session(target if backend == "torch" else target_bundle, backend=backend)
+        s.logits(PROMPT)
+        assert s.backend.last_hidden.shape == (len(PROMPT), model.config.hidden_size)
+        assert rel_err(s.backend.last_hidden, out.hidden[0].numpy()) <= 1e-5
+
+
+# ---- the head ---------------------------------------------------------------------------------------
+
+def make_head(target: Path, folder: Path, mix: float = 0.05, own_head: bool = False, seed: int = 0) -> Path:
+    """An EAGLE head that imitates the target's first layer (so it drafts partly right): the
+    target's layer 0 as its layer, fc = [I | mix * noise] (the features only nudge it), norm1
+    scaled to the embedding's typical RMS. Embedding (and LM head unless own_head) shared."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((target / "config.json").read_text())
+    cfg.update(architectures=["EagleMiniCPMForCausalLM"], num_hidden_layers=1, mup_denominator=1)
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cfg))
+    w = load_file(str(target / "model.safetensors"))
+    H = cfg["hidden_size"]
+    rng = np.random.default_rng(seed)
+    rms = float((w["model.embed_tokens.weight"] * cfg["scale_emb"]).pow(2).mean(-1).sqrt().mean())
+    t = {k.replace("model.layers.0.", "model.eagle_layers.0."): v for k, v in w.items() if k.startswith("model.layers.0.")}
+    t["model.fc.weight"] = torch.cat([torch.eye(H), torch.from_numpy(rng.normal(0, mix, (H, H)).astype(np.float32))], 1)
+    t["model.input_norm1.weight"] = torch.full((H,), rms)
+    t["model.input_norm2.weight"] = torch.ones(H)
+    if own_head:
+        t["lm_head.weight"] = w["lm_head.weight"].clone()
+    save_file(t, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def heads(target, tmp_path_factory):
+    """The head as a checkpoint and as bundles (plain, and FR-Spec over the ids the target emits most)."""
+    from edgecpm.export.exporter import export_bundle
+
+    root = tmp_path_factory.mktemp("heads")
+    ckpt = make_head(target, root / "eagle")
+    out = {"ckpt": ckpt, "bundle": export_bundle(ckpt, root / "eagle-bundle", eagle_of=target, progress=False)}
+    return out
+
+
+@pytest.fixture(scope="module")
+def greedy(target):
+    return edgecpm.Session(target).generate(PROMPT, max_new_tokens=30, ignore_eos=True).token_ids
+
+
+def test_head_onnx_matches_torch(target, heads):
+    """The head's graph (shared embedding / LM head filled in from the target) equals its torch forward."""
+    from edgecpm.export.checkpoint import load_model
+    from edgecpm.export.modeling_eagle import load_eagle
+    from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
+
+    from edgecpm.bundle import load_bundle
+    from edgecpm.kv_cache import KVCache
+
+    head = load_eagle(heads["ckpt"], torch.float32, load_model(target))
+    rng = np.random.default_rng(1)
+    T, H = 7, head.config.hidden_size
+    ids = rng.integers(0, head.config.vocab_size, T)
+    feats = rng.normal(0, 1, (T, H)).astype(np.float32)
+    mask = np.tril(np.ones((T, T), bool))
+    mask[5, 3] = False  # a tree-like mask
+    b = OnnxRuntimeBackend(load_bundle(heads["bundle"]))
+    cache = KVCache(b.config, 32, b.kv_dtype)
+    cache.commit(3)  # three rows of zeros as the past
+    ref_past = [torch.zeros(1, 3, b.config.num_key_value_heads, b.config.head_dim)] * b.config.num_hidden_layers
+    with torch.no_grad():
+        ref = head(torch.tensor(ids)[None], torch.arange(3, 3 + T)[None], torch.from_numpy(mask), ref_past, ref_past,
+                   hidden_in=torch.from_numpy(feats)[None])
+    logits = b.forward(ids, np.arange(3, 3 + T), mask, cache, np.arange(T), hidden_in=feats)
+    assert rel_err(logits, ref.logits[0]) <= 1e-4
+    assert rel_err(b.last_hidden, ref.hidden[0]) <= 1e-4
+    assert rel_err(cache.keys[0][3 : 3 + T], ref.keys[0][0]) <= 1e-4
+
+
+# ---- speculative decoding with the head -------------------------------------------------------------
+
+def paths(kind, target, target_bundle, heads):
+    """(target, draft) paths per backend: torch runs the head checkpoint (sharing the target's
+    embedding / LM head), onnxruntime the exported bundles; 'mixed' a torch target + head bundle."""
+    return {"torch": (target, heads["ckpt"]), "onnxruntime": (target_bundle, heads["bundle"]),
+            "mixed": (target, heads["bundle"])}[kind]
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("shape", [{"depth": 4, "tree_size": 4}, {"depth": 3, "branch": 2, "tree_size": 6}],
+                         ids=["chain", "tree"])
+def test_greedy_identical(target, target_bundle, heads, greedy, backend, shape):
+    path, draft = paths(backend, target, target_bundle, heads)
+    s = edgecpm.Session(path, draft=SpecConfig(draft=str(draft), **shape))
+    assert isinstance(s.drafter, EagleDrafter)
+    g = s.generate(PROMPT, max_new_tokens=30, ignore_eos=True)
+    assert g.token_ids == greedy
+    assert g.stats["accepted_per_step"] > 1.2  # the imitating head is often right
+    again = s.generate(PROMPT[:4], max_new_tokens=8, ignore_eos=True)  # a new prompt reusing a prefix
+    assert again.token_ids == edgecpm.Session(path).generate(PROMPT[:4], max_new_tokens=8, ignore_eos=True).token_ids
