@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 import edgecpm
-from edgecpm.speculative import EagleDrafter, SpecConfig
+from edgecpm.config import ModelConfig
+from edgecpm.errors import ConfigError
+from edgecpm.speculative import EagleDrafter, SpecConfig, build_freq_table
 from tests.conftest import rel_err
 
 torch = pytest.importorskip("torch")
@@ -80,6 +82,15 @@ def heads(target, tmp_path_factory):
     root = tmp_path_factory.mktemp("heads")
     ckpt = make_head(target, root / "eagle")
     out = {"ckpt": ckpt, "bundle": export_bundle(ckpt, root / "eagle-bundle", eagle_of=target, progress=False)}
+    # FR-Spec tables: the ids the target emits on PROMPT and more (partly right drafts), and one
+    # leaving every one of them out (no draft can ever be right).
+    cfg = ModelConfig.from_file(target)
+    emitted = edgecpm.Session(target).generate(PROMPT, max_new_tokens=30, ignore_eos=True).token_ids
+    for name, weight in (("frspec", 1), ("frspec-out", 0)):
+        counts = np.full(cfg.vocab_size, 1 - weight)
+        counts[emitted] = weight
+        np.save(root / f"{name}.npy", build_freq_table(counts, cfg.vocab_size // 4, cfg.eos_token_ids, []))
+        out[name] = export_bundle(ckpt, root / name, eagle_of=target, frspec=root / f"{name}.npy", progress=False)
     return out
 
 
@@ -138,3 +149,92 @@ def test_greedy_identical(target, target_bundle, heads, greedy, backend, shape):
     assert g.stats["accepted_per_step"] > 1.2  # the imitating head is often right
     again = s.generate(PROMPT[:4], max_new_tokens=8, ignore_eos=True)  # a new prompt reusing a prefix
     assert again.token_ids == edgecpm.Session(path).generate(PROMPT[:4], max_new_tokens=8, ignore_eos=True).token_ids
+
+
+@pytest.mark.parametrize("backend", ["mixed", "onnxruntime"])
+@pytest.mark.parametrize("table", ["frspec", "frspec-out"])
+def test_frspec_head(target, target_bundle, heads, greedy, backend, table):
+    """An FR-Spec head (r = V/4) drafts full-vocabulary ids through its table; with a table that
+    leaves out every token the target emits, nothing is ever accepted and the output is unchanged."""
+    path = target if backend == "mixed" else target_bundle
+    s = edgecpm.Session(path, draft=SpecConfig(draft=str(heads[table]), depth=3, branch=2, tree_size=6))
+    assert s.drafter.id_map is not None and len(s.drafter.id_map) == s.config.vocab_size // 4
+    g = s.generate(PROMPT, max_new_tokens=30, ignore_eos=True)
+    assert g.token_ids == greedy
+    if table == "frspec-out":
+        assert not set(greedy) & set(s.drafter.id_map.tolist())
+        assert g.stats["accepted_per_step"] == 1.0
+    else:
+        assert g.stats["accepted_per_step"] > 1.2
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 11])
+def test_max_new_tokens_mid_acceptance(target_bundle, heads, greedy, n):
+    s = edgecpm.Session(target_bundle, draft=SpecConfig(draft=str(heads["bundle"]), depth=5, tree_size=5))
+    g = s.generate(PROMPT, max_new_tokens=n, ignore_eos=True)
+    assert g.token_ids == greedy[:n] and g.finish_reason == "length"
+    assert s.cache.length == len(PROMPT) + n - 1  # as plain decoding leaves it
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_kv_arenas_equal_one_by_one(target, target_bundle, heads, backend):
+    """After accepts and rejects, the target's arena equals plain decoding's, and the head's arena
+    equals one run of the head over the context with the target's features (standard pairing)."""
+    path, draft = paths(backend, target, target_bundle, heads)
+    plain = edgecpm.Session(path)
+    plain.generate(PROMPT, max_new_tokens=25, ignore_eos=True)
+    s = edgecpm.Session(path, draft=SpecConfig(draft=str(draft), depth=3, branch=2, tree_size=6))
+    g = s.generate(PROMPT, max_new_tokens=25, ignore_eos=True)
+    assert 1.0 < g.stats["accepted_per_step"] < 4.0  # both accepts and rejects happened
+    n = plain.cache.length
+    assert s.cache.length == n
+    np.testing.assert_allclose(s.cache.arena[:, :, :n], plain.cache.arena[:, :, :n], rtol=1e-4, atol=1e-5)
+
+    # The head has read the context up to the last proposal: rows i = (token i+1, feature i).
+    head = s.drafter
+    m = head.cache.length
+    context = np.array(head.ids)
+    plain.logits(context[:m].tolist())
+    features = plain.backend.last_hidden
+    from edgecpm.kv_cache import KVCache
+
+    ref = KVCache(head.backend.config, m, head.backend.kv_dtype)
+    head.backend.forward(context[1 : m + 1], np.arange(m), np.tril(np.ones((m, m), bool)), ref,
+                         np.array([m - 1]), hidden_in=features)
+    np.testing.assert_allclose(head.cache.arena[:, :, :m], ref.arena, rtol=1e-4, atol=1e-5)
+
+
+def test_target_without_hidden_refused(target_bundle, heads):
+    from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
+
+    from edgecpm.bundle import load_bundle
+
+    old = OnnxRuntimeBackend(load_bundle(target_bundle))
+    old.has_hidden = False  # as a bundle exported before the `hidden` output loads
+    with pytest.raises(ConfigError, match="no `hidden` output.*re-export"):
+        edgecpm.Session.from_backend(old, draft=str(heads["bundle"]))
+
+
+def test_head_lacking_embedding_needs_a_torch_target(target_bundle, heads):
+    with pytest.raises(Exception, match="--eagle-of"):
+        edgecpm.Session(target_bundle, draft=str(heads["ckpt"]))
+
+
+def test_memory_counts_the_head(target, heads):
+    s = edgecpm.Session(target, kv_budget=1 << 20, draft=str(heads["ckpt"]))
+    m = s.memory()
+    assert m["draft_kv_allocated_bytes"] == s.drafter.cache.bytes_allocated > 0
+    assert m["kv_allocated_bytes"] + m["draft_kv_allocated_bytes"] <= 1 << 20
+
+
+def test_eagle_bundles_run_without_torch(target_bundle, heads, greedy):
+    """The device side: an ONNX target with an ONNX FR-Spec head, torch made unimportable."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; sys.modules['torch'] = None\nimport edgecpm\n"
+            f"s = edgecpm.Session({str(target_bundle)!r}, draft={str(heads['frspec'])!r})\n"
+            f"print(s.generate({PROMPT}, max_new_tokens=12, ignore_eos=True).token_ids)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(greedy[:12])
