@@ -22,12 +22,25 @@ def _prompts(session: Session, texts: list[str], prompt_len: int, n: int) -> lis
 
 
 def measure(session: Session, prompts: list[list[int]], new_tokens: int) -> dict:
-    session.generate(prompts[0], max_new_tokens=4, ignore_eos=True)  # warm-up: pages in the weights
-    runs = []
-    for ids in prompts:
-        session._reset()  # every prompt is prefilled in full
-        runs.append(session.generate(ids, max_new_tokens=new_tokens, ignore_eos=True).stats)
+    return measure_many({"": session}, prompts, new_tokens)[""]
 
+
+def measure_many(sessions: dict[str, Session], prompts: list[list[int]], new_tokens: int) -> dict[str, dict]:
+    """Medians over the prompts for each session. The sessions take turns prompt by prompt, so a
+    change of machine load during the run hits all of them alike. Each result also holds the
+    generated ids per prompt (`token_ids`)."""
+    for s in sessions.values():
+        s.generate(prompts[0], max_new_tokens=4, ignore_eos=True)  # warm-up: pages in the weights
+    runs = {name: [] for name in sessions}
+    for ids in prompts:
+        for name, s in sessions.items():
+            s._reset()  # every prompt is prefilled in full
+            runs[name].append(s.generate(ids, max_new_tokens=new_tokens, ignore_eos=True))
+    return {name: _summary([g.stats for g in gens]) | {"token_ids": [g.token_ids for g in gens]}
+            for name, gens in runs.items()}
+
+
+def _summary(runs: list[dict]) -> dict:
     def med(key):
         return statistics.median(r[key] for r in runs)
 
