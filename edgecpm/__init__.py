@@ -18,6 +18,7 @@ from edgecpm.errors import (
 from edgecpm.generate import Generation
 from edgecpm.sampling import SamplingParams
 from edgecpm.session import Chat, Session
+from edgecpm.speculative import SpecConfig
 from edgecpm.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
                             "EdgeCPMError",
                             "Generation",
                             "SamplingParams",
+                            "SpecConfig",
                             "Session",
                             "Tokenizer",
                             "__version__",

@@ -20,7 +20,7 @@ def test_import_edgecpm_does_not_import_torch():
         import edgecpm
         import edgecpm.config, edgecpm.kv_cache, edgecpm.sampling, edgecpm.generate, edgecpm.session
         import edgecpm.tokenizer, edgecpm.errors, edgecpm.runtimes
-        assert edgecpm.Session and edgecpm.Tokenizer
+        assert edgecpm.Session and edgecpm.Tokenizer and edgecpm.SpecConfig and edgecpm.SamplingParams
         heavy = sorted(m for m in ("torch", "safetensors", "onnx", "sentencepiece") if m in sys.modules)
         print("HEAVY", heavy)
         """)
