@@ -32,8 +32,8 @@ __all__ = [
                             "EdgeCPMError",
                             "Generation",
                             "SamplingParams",
-                            "SpecConfig",
                             "Session",
+                            "SpecConfig",
                             "Tokenizer",
                             "__version__",
 ]
