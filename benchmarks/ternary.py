@@ -4,10 +4,11 @@
 
 Writes a checkpoint with the real MiniCPM4-0.5B shape whose linear weights are fake-quantized like
 BitCPM4 (bf16 values in {-s, 0, +s}, s = mean |W| per output row, or per --group-size inputs),
-and exports it three ways: the fp32 bundle of the dequantized weights (`quantize="none"`), the
-ternary bundle with TernaryMatMul nodes (the default export) and the ternary bundle lowered to
-onnxruntime's MatMulNBits. All three sessions are open at once and their timed generations are
-interleaved, so a change of machine load hits all of them alike. Reports the bundle bytes of the
+and exports it four ways: the fp32 bundle of the dequantized weights (`quantize="none"`), the
+ternary bundle with TernaryMatMul nodes (the default export; onnxruntime rewrites them onto its
+exact 4-bit MatMulNBits kernel at load), the ternary bundle exported with MatMulNBits nodes, and
+the default export with `ternary_activations="int8"` (MatMulNBits on int8 activations: lossy,
+opt-in). All four sessions are open at once and their timed generations are interleaved, so a change of machine load hits all of them alike. Reports the bundle bytes of the
 linear weights (bits per weight), decode and prefill tok/s and their ratios to fp32, the bytes a
 decode token reads (and the embedding/lm_head share of them), each bundle's session creation in a
 fresh process (seconds, RSS after, peak RSS), and the logits of the ternary bundles against the
@@ -112,7 +113,8 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     config, source = common.minicpm4_config("MiniCPM4-0.5B")
     exports = {"fp32": {"quantize": "none"}, "ternary-TernaryMatMul": {},
-               "ternary-MatMulNBits": {"ternary_op": "MatMulNBits"}}
+               "ternary-MatMulNBits": {"ternary_op": "MatMulNBits"},
+               "ternary-int8-activations": {"ternary_activations": "int8"}}
     results = {}
     with tempfile.TemporaryDirectory(prefix="edgecpm-bench-") as tmp:
         ckpt = write_ternary_checkpoint(Path(tmp) / "ckpt", config, args.group_size)

@@ -475,6 +475,8 @@ def _ternary_rows(t: dict, kind: str) -> list[tuple[str, str]]:
     if kind == "bundle":
         state = "packed: " + ("2-bit codes, TernaryMatMul" if t["op"] == "TernaryMatMul"
                               else "4-bit codes, onnxruntime MatMulNBits")
+        if t.get("activations") == "int8":
+            state += "; int8 activations on onnxruntime (lossy)"
     rows = [("linear weights", f"{t['count']} linear weights {state}"),
             ("granularity", ", ".join(t["scales"])),
             ("group sizes", ", ".join(map(str, t["group_sizes"]))),
@@ -523,7 +525,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                                  f"pip install 'edgecpm[export]'") from None
     out = export_bundle(args.path, args.output, dtype=args.dtype, force=args.force,
                         progress=sys.stderr.isatty(), sparse=args.sparse, frspec=args.frspec,
-                        quantize=args.quantize, ternary_op=args.ternary_op, eagle_of=args.eagle_of)
+                        quantize=args.quantize, ternary_op=args.ternary_op, eagle_of=args.eagle_of,
+                        ternary_activations=args.ternary_activations)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -637,8 +640,12 @@ errors print "edgecpm: error: ..." and exit with status 2; add --debug for a tra
                         "LM head it lacks); run the bundle with --draft BUNDLE next to TARGET's bundle")
     p.add_argument("--ternary-op", default="TernaryMatMul", choices=("TernaryMatMul", "MatMulNBits"),
                    help="how packed ternary linears appear in the graph: TernaryMatMul (2 bits, the TensorRT "
-                        "plugin's op; onnxruntime folds it to dense fp32 at load) or MatMulNBits (4 bits, "
-                        "onnxruntime's exact kernel: the choice for onnxruntime deployment) (default: TernaryMatMul)")
+                        "plugin's op; onnxruntime rewrites it onto its 4-bit MatMulNBits kernel at load) or "
+                        "MatMulNBits (4 bits in the bundle; onnxruntime only) (default: TernaryMatMul)")
+    p.add_argument("--ternary-activations", default="exact", choices=("exact", "int8"),
+                   help="how onnxruntime computes packed ternary linears: exact (fp32 activations, matches the "
+                        "checkpoint within 1e-4) or int8 (activations quantized per block: faster on CPU, logits "
+                        "~1e-3 relative off; TensorRT ignores it) (default: exact)")
     p.add_argument("--quantize", default=None, choices=("ternary", "none"),
                    help="linear weights: by default a BitCPM4 ternary checkpoint (detected exactly) is packed at 2 "
                         "bits and any other stays dense; 'ternary' also ternarizes non-ternary linears (lossy: "

@@ -59,7 +59,8 @@ class ExternalDataWriter:
 def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False,
                   progress: bool = True, sparse: bool | dict = False, frspec: str | Path | None = None,
                   quantize: str | None = None, quantize_group_size: int | None = None,
-                  ternary_op: str = "TernaryMatMul", eagle_of: str | Path | None = None) -> Path:
+                  ternary_op: str = "TernaryMatMul", eagle_of: str | Path | None = None,
+                  ternary_activations: str = "exact") -> Path:
     """sparse: True (or a dict of overrides) switches InfLLM v2 on with DESIGN.md §7's defaults.
     frspec: a freq.npy of r ids (from `edgecpm freq -r R`) for a draft model: those rows become the
     draft's LM head and the table is copied into the bundle.
@@ -67,14 +68,19 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     detected exactly; a checkpoint with some non-ternary linears is refused), "ternary" also
     ternarizes the others (lossy: only for a QAT-trained model; one scale per `quantize_group_size`
     inputs, default per row), "none" keeps every linear dense. ternary_op: how packed linears run
-    (see build_decoder): "TernaryMatMul" (2-bit; TensorRT, and onnxruntime through the reference
-    function) or "MatMulNBits" (4-bit codes; onnxruntime only, faster, far less memory at load).
+    (see build_decoder): "TernaryMatMul" (2-bit; TensorRT, and onnxruntime, which rewrites the
+    nodes onto its MatMulNBits kernel at load) or "MatMulNBits" (4-bit codes; onnxruntime only).
+    ternary_activations: "exact", or "int8" — onnxruntime then runs the packed linears on int8
+    activations (its integer MatMulNBits kernel): faster on CPU, lossy (logits ~1e-3 relative),
+    recorded in the manifest; the TensorRT plugin ignores it and computes in the model dtype.
     eagle_of: `checkpoint` is an EAGLE head (export/modeling_eagle.py) drafting for this target
     checkpoint, which supplies the embedding / LM head the head lacks; frspec restricts the head's
     LM head the same way. Its bundle runs as `Session(target, draft=BUNDLE)`."""
     checkpoint, out = Path(checkpoint), Path(out)
     if ternary_op not in ("TernaryMatMul", "MatMulNBits"):
         raise ValueError(f"ternary_op={ternary_op!r}: expected 'TernaryMatMul' or 'MatMulNBits'")
+    if ternary_activations not in ("exact", "int8"):
+        raise ValueError(f"ternary_activations={ternary_activations!r}: expected 'exact' or 'int8'")
     if eagle_of is not None:
         from edgecpm.export.modeling_eagle import EagleCheckpoint
 
@@ -89,6 +95,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
         raise BundleError(f"{out}: already exists; pass --force to replace it")
     ternary = plan(linear_names(ckpt.config.num_hidden_layers), lambda name: ckpt.tensor(name, torch.float32).numpy(),
                    quantize, quantize_group_size)
+    if ternary_activations != "exact" and not ternary:
+        raise ValueError(f"{checkpoint}: ternary_activations={ternary_activations!r} applies to ternary linear "
+                         f"weights, and this export has none")
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -96,7 +105,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     if frspec is not None:
         head_ids = load_freq_table(frspec, ckpt.config.vocab_size, ckpt.config.eos_token_ids)
     try:
-        _write_bundle(ckpt, tmp, dtype, progress, head_ids, ternary, ternary_op)
+        _write_bundle(ckpt, tmp, dtype, progress, head_ids, ternary, ternary_op, ternary_activations)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -107,7 +116,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
 
 
 def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, head_ids: np.ndarray | None,
-                  ternary: dict[str, TernaryInfo], ternary_op: str) -> None:
+                  ternary: dict[str, TernaryInfo], ternary_op: str, ternary_activations: str) -> None:
     from rich.progress import Progress
 
     cfg = ckpt.config
@@ -125,6 +134,7 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, he
             ternary=ternary,
             ternary_op=ternary_op,
             eagle=eagle,
+            ternary_activations=ternary_activations,
         )
     writer.close()
     onnx.save(model, folder / "decoder.onnx")
@@ -155,7 +165,8 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, he
                                "inputs": inputs, "outputs": outputs}},
         "custom_ops": sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN}),
         "sparse": cfg.to_dict().get("sparse_config"),
-        "ternary": {"op": ternary_op, **summary(ternary, 2 if dtype == "fp16" else 4, ternary_op)} if ternary else None,
+        "ternary": {"op": ternary_op, "activations": ternary_activations,
+                    **summary(ternary, 2 if dtype == "fp16" else 4, ternary_op)} if ternary else None,
         "spec": spec,
         "eagle": {"target": str(ckpt.target.folder.resolve())} if eagle else None,
         "tokenizer": {"files": tokenizer_files, "eos_token_ids": sorted(cfg.eos_token_ids)},

@@ -247,6 +247,12 @@ def ternary_codes(w: np.ndarray, info: TernaryInfo) -> tuple[np.ndarray, np.ndar
 # onnxruntime 1.32's CPU MatMulNBits computes exactly (fp32, accuracy_level 1) only fast for 4-bit
 # weights: its 2-bit kernel is exact but ~100x slower than a dense MatMul, and its fast 2-bit path
 # quantizes the activations to int8 (accuracy_level 4). So the lowering stores 4-bit codes.
+# How MatMulNBits computes, per the bundle's `ternary.activations`: "exact" keeps the activations
+# in fp32 (accuracy_level 1); "int8" quantizes them to int8 per block of inputs (accuracy_level 4),
+# onnxruntime's integer kernel: ~1.6x faster again on CPU, logits off by ~1e-3 relative (opt-in).
+ACCURACY_LEVEL = {"exact": 1, "int8": 4}
+
+
 def matmulnbits_block(group_size: int) -> int | None:
     """The MatMulNBits block size for a group size (it must divide the group), or None."""
     return next((b for b in (64, 32, 16) if group_size % b == 0), None)

@@ -73,10 +73,12 @@ class OnnxRuntimeBackend:
         if not lower_ternary or "TernaryMatMul" not in self.bundle.manifest.get("custom_ops", []):
             return str(path), 0
         import onnx
+        from edgecpm.export.ternary import ACCURACY_LEVEL
         from edgecpm.runtimes.ternary_lowering import lower_ternary as lower
 
         model = onnx.load(str(path), load_external_data=False)
-        lowered = lower(model, path.parent)
+        activations = (self.bundle.manifest.get("ternary") or {}).get("activations", "exact")
+        lowered = lower(model, path.parent, ACCURACY_LEVEL[activations])
         if not lowered:
             return str(path), 0
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))

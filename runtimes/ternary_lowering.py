@@ -5,7 +5,8 @@ contract) and a reference local function of standard ops. onnxruntime can run th
 it constant-folds it at load: every linear is unpacked into a dense fp32 weight (~13 GiB of RSS and
 40 s for MiniCPM4-0.5B) and the 2-bit format saves nothing. So before the session is created each
 TernaryMatMul node becomes a `com.microsoft::MatMulNBits` node (bits=4, accuracy_level 1: fp32
-accumulation, exact for codes in {0, 1, 2}) over the same codes, re-packed in memory as 4-bit
+accumulation, exact for codes in {0, 1, 2}; accuracy_level 4, int8 activations, when the bundle
+was exported with `ternary_activations="int8"`) over the same codes, re-packed in memory as 4-bit
 nibbles. Nodes whose group size is not a multiple of 16 (MatMulNBits' block sizes) keep the
 reference function.
 """
@@ -26,7 +27,7 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def lower_ternary(model: onnx.ModelProto, folder: Path) -> int:
+def lower_ternary(model: onnx.ModelProto, folder: Path, accuracy_level: int = 1) -> int:
     """Rewrite, in place, the TernaryMatMul nodes of `model` (loaded without its external data;
     `folder` holds that data) that MatMulNBits can compute. Returns how many were rewritten."""
     graph = model.graph
@@ -51,7 +52,7 @@ def lower_ternary(model: onnx.ModelProto, folder: Path) -> int:
         graph.initializer.extend([nib, per_block])
         graph.node[i].CopyFrom(helper.make_node(
             "MatMulNBits", [x, nib.name, per_block.name], list(node.output), name=node.name, domain="com.microsoft",
-            K=k, N=n, bits=4, block_size=block, accuracy_level=1))
+            K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level))
         dropped |= {packed_name, scales_name}
         lowered += 1
     if lowered:

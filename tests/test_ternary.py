@@ -352,3 +352,23 @@ def test_cli_inspect_and_export_quantize(ternary_checkpoints, make_checkpoint, t
     assert main(["inspect", str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
     assert "14 linear weights" in out and "lossy" in out
+
+
+@pytest.mark.parametrize("op", ["TernaryMatMul", "MatMulNBits"])
+def test_int8_activations_are_opt_in_and_close(op, ternary_checkpoints, make_checkpoint, tmp_path):
+    """ternary_activations="int8": onnxruntime's integer MatMulNBits path (accuracy_level 4), lossy."""
+    from edgecpm.export.exporter import export_bundle
+
+    import edgecpm
+
+    ckpt = ternary_checkpoints["row"]
+    ids = [1, *range(7, 60, 3)]
+    exact = edgecpm.Session(export_bundle(ckpt, tmp_path / "exact", progress=False, ternary_op=op)).logits(ids)
+    b = export_bundle(ckpt, tmp_path / "int8", progress=False, ternary_op=op, ternary_activations="int8")
+    assert json.loads((b / "manifest.json").read_text())["ternary"]["activations"] == "int8"
+    fast = edgecpm.Session(b).logits(ids)
+    err = rel_err(fast, exact)
+    assert 1e-6 < err < 2e-2, err  # really another kernel, and close
+    assert (fast.argmax(-1) == exact.argmax(-1)).mean() >= 0.9
+    with pytest.raises(ValueError, match="applies to ternary linear weights"):
+        export_bundle(make_checkpoint(), tmp_path / "dense", progress=False, ternary_activations="int8")
