@@ -166,6 +166,22 @@ def test_ngram_drafter_prompt_lookup():
     assert d.propose([1, 2, 3]).tokens.tolist() == []
 
 
+def test_ngram_drafter_votes_backs_off_and_follows_the_context():
+    d = NgramDrafter(SpecConfig(tree_size=2, depth=2, ngram_max=2))
+    # (1, 2) was followed by 7 twice and by 8 once (the latest): the majority wins; then (2, 7) -> 1.
+    assert d.propose([1, 2, 7, 1, 2, 7, 1, 2, 8, 1, 2]).tokens.tolist() == [7, 1]
+    # A tie goes to the most recent occurrence.
+    assert d.propose([1, 2, 7, 1, 2, 8, 1, 2]).tokens.tolist() == [8, 1]
+    # The context grew by accepted tokens: the table is extended, not rebuilt, with the same result.
+    ctx = [1, 2, 7, 1, 2, 8, 1, 2]
+    assert d.propose(ctx + [8, 1, 2]).tokens.tolist() == NgramDrafter(d.spec).propose(ctx + [8, 1, 2]).tokens.tolist()
+    # A single-token match is below ngram_min (2) by default; with ngram_min=1 it drafts.
+    assert d.propose([5, 9, 4, 5]).tokens.tolist() == []
+    assert NgramDrafter(SpecConfig(depth=2, ngram_min=1)).propose([5, 9, 4, 5]).tokens.tolist() == [9, 4]
+    with pytest.raises(ValueError, match="ngram_min"):
+        SpecConfig(ngram_min=5, ngram_max=4)
+
+
 # ---- lossless sampling on a toy vocabulary -------------------------------------------------------
 
 V = 6
