@@ -1,13 +1,15 @@
 """Speculative decoding on the wind-tunnel pair, onnxruntime CPU, all drafters in the same run.
 
     python samples/wind_tunnel/make_corpus.py          # once: the corpus (train + held-out split)
-    python benchmarks/speculative.py                   # plain vs draft vs FR-Spec draft vs n-gram
+    python benchmarks/speculative.py                   # plain vs draft vs FR-Spec draft vs n-gram vs EAGLE head
 
 Prompts: the first --prompt-tokens tokens of --prompts held-out documents (the wind-tunnel
 corpus's held-out split: files the models never saw). The FR-Spec table is built from the train
-split with r = V/4 (`edgecpm freq` rules). Every configuration decodes the same prompts greedily,
-so all produce the same text (checked for every prompt); the sessions take turns prompt by
-prompt, so a change of machine load hits all configurations alike. Reported: tokens/s, tokens per
+split with r = V/4 (`edgecpm freq` rules). The EAGLE head (samples/wind_tunnel/eagle, sharing the
+target's embedding and LM head) is exported with `--eagle-of` the target, with and without that
+table. Every configuration decodes the same prompts greedily, so all produce the same text
+(checked for every prompt); the sessions take turns prompt by prompt, so a change of machine
+load hits all configurations alike. Reported: tokens/s, tokens per
 target step (mean accepted length + 1), and ratios to plain decoding. Writes benchmarks/results/speculative.json.
 """
 
@@ -64,11 +66,16 @@ def main(argv=None) -> int:
         target = export_bundle(MODELS / "target", tmp / "target", progress=False)
         draft = export_bundle(MODELS / "draft", tmp / "draft", progress=False)
         frspec = export_bundle(MODELS / "draft", tmp / "draft-frspec", frspec=tmp / "freq.npy", progress=False)
+        eagle = export_bundle(MODELS / "eagle", tmp / "eagle", eagle_of=MODELS / "target", progress=False)
+        eagle_frspec = export_bundle(MODELS / "eagle", tmp / "eagle-frspec", eagle_of=MODELS / "target",
+                                     frspec=tmp / "freq.npy", progress=False)
         configs = {
             "plain": None,
             "draft model": SpecConfig(draft=str(draft), depth=args.depth, tree_size=args.depth),
             f"FR-Spec draft (r={r})": SpecConfig(draft=str(frspec), depth=args.depth, tree_size=args.depth),
             "n-gram": SpecConfig(draft="ngram", depth=args.depth, tree_size=args.depth),
+            "EAGLE head": SpecConfig(draft=str(eagle), depth=args.depth, tree_size=args.depth),
+            f"EAGLE head + FR-Spec (r={r})": SpecConfig(draft=str(eagle_frspec), depth=args.depth, tree_size=args.depth),
         }
         prompts = heldout_prompts(tok, args.corpus / "heldout.txt", args.prompts, args.prompt_tokens)
         sessions = {name: edgecpm.Session(target, kv_budget="64MiB", draft=spec, threads=args.threads)

@@ -36,3 +36,25 @@ def test_wind_tunnel_parity(name, tmp_path):
     assert rel_err(bundle.logits(ids + g.token_ids), full) <= 1e-4
     assert bundle.generate(ids, max_new_tokens=16, ignore_eos=True).token_ids == g.token_ids
     assert g.text == bundle.tokenizer.decode(g.token_ids)
+
+
+def test_wind_tunnel_eagle_head(tmp_path):
+    """The shipped EAGLE head (fc, two input norms, one layer; the target's embedding and LM head)
+    exports with --eagle-of and drafts for the target bundle: greedy output equals plain decoding,
+    on both the exported head (onnxruntime) and the checkpoint (torch, sharing the target's tensors)."""
+    from edgecpm.speculative import SpecConfig, _safetensors_names
+
+    head = MODELS / "eagle"
+    if not (head / "model.safetensors").exists():
+        pytest.skip(f"{head} has no weights")
+    assert not {"model.embed_tokens.weight", "lm_head.weight"} & _safetensors_names(head)
+    target = export_bundle(MODELS / "target", tmp_path / "target", progress=False)
+    bundle = export_bundle(head, tmp_path / "eagle", eagle_of=MODELS / "target", progress=False)
+    plain = edgecpm.Session(target)
+    ids = plain.tokenizer.encode(PROMPT)
+    want = plain.generate(ids, max_new_tokens=24, ignore_eos=True).token_ids
+    for path, draft in ((target, bundle), (MODELS / "target", head)):
+        s = edgecpm.Session(path, draft=SpecConfig(draft=str(draft), depth=4, tree_size=4))
+        g = s.generate(ids, max_new_tokens=24, ignore_eos=True)
+        assert g.token_ids == want
+        assert g.stats["accepted_per_step"] > 1.5  # it drafts for real (a random head gets ~1.0)
