@@ -43,10 +43,10 @@ ROPE_FACTORS = [0.9978, 1.096, 1.3095, 1.7675, 2.7238, 4.6156, 8.0141, 13.083,
 # Architecture and recipe of each model. dim_model_base 64 makes the muP width multiplier 4 (target)
 # and 2 (draft), so the logit divisor is not a no-op either.
 MODELS = {
-    "target": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-                   intermediate_size=768, batch_size=8, steps=2200, peak_lr=1e-2),
-    "draft": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
-                  intermediate_size=384, batch_size=8, steps=1500, peak_lr=1e-2),
+    "target": {"hidden_size": 256, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 2,
+               "intermediate_size": 768, "batch_size": 8, "steps": 2200, "peak_lr": 1e-2},
+    "draft": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 1,
+              "intermediate_size": 384, "batch_size": 8, "steps": 1500, "peak_lr": 1e-2},
 }
 WARMUP_FRACTION = 0.03
 DECAY_FRACTION = 0.15  # WSD: the last 15% of steps decay exponentially to 10% of the peak
