@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import rel_err
 
 import edgecpm
 from edgecpm.config import ModelConfig
 from edgecpm.errors import ConfigError
 from edgecpm.speculative import EagleDrafter, SpecConfig, build_freq_table
-from tests.conftest import rel_err
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
