@@ -624,6 +624,7 @@ errors print "edgecpm: error: ..." and exit with status 2; add --debug for a tra
   edgecpm export path/to/MiniCPM4-0.5B -o draft-0.5B/ --frspec freq.npy
   edgecpm export path/to/MiniCPM4-8B-Eagle-FRSpec --eagle-of path/to/MiniCPM4-8B -o eagle-8B/ --frspec freq.npy
   edgecpm export path/to/BitCPM4-0.5B -o bundle-bitcpm/           # ternary: packed at 2 bits
+  edgecpm export path/to/BitCPM4-0.5B -o bundle-cpu/ --ternary-activations int8   # faster on onnxruntime CPU, lossy
   edgecpm export path/to/my-qat-model -o bundle-ternary/ --quantize ternary
   edgecpm run bundle-0.5B/ -p "The capital of France is" --backend onnxruntime""", [common])
     p.add_argument("path", metavar="PATH", help="Hugging Face checkpoint folder")
