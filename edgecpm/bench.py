@@ -54,11 +54,12 @@ def _summary(runs: list[dict]) -> dict:
 
 
 def run_bench(path, backend="auto", kv_budget="1GiB", threads=None, dtype=None, prompts=(), prompt_len=128,
-              new_tokens=64, repeats=3, drafts=()) -> dict:
+              new_tokens=64, repeats=3, drafts=(), kv_policy="error") -> dict:
     """Plain decoding, then each drafter in `drafts` (SpecConfig or its draft argument), same prompts."""
     results = {}
     for draft in (None, *drafts):
-        s = Session(path, backend=backend, kv_budget=kv_budget, draft=draft, dtype=dtype, threads=threads)
+        s = Session(path, backend=backend, kv_budget=kv_budget, draft=draft, dtype=dtype, threads=threads,
+                    kv_policy=kv_policy)
         ids = _prompts(s, list(prompts), prompt_len, repeats)
         name = "plain" if draft is None else str(getattr(draft, "draft", draft))
         results[name] = {**measure(s, ids, new_tokens), "memory": s.memory(), "backend": s.backend.name}

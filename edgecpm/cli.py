@@ -34,6 +34,9 @@ def add_session_options(p: argparse.ArgumentParser) -> None:
                    help="runtime to use (default: auto = tensorrt > onnxruntime > torch by what is installed)")
     g.add_argument("--kv-budget", default="1GiB", metavar="SIZE",
                    help="KV cache byte budget, e.g. 512MiB, 2GB or a plain byte count (default: 1GiB)")
+    g.add_argument("--kv-policy", default="error", choices=("error", "window"),
+                   help="when the context outgrows the KV budget: error (stop / refuse, default) or window "
+                        "(keep the first 4 tokens + the most recent ones, StreamingLLM-style: lossy, runs on)")
     g.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
                    help="compute dtype (default: the backend's choice; fp32 for torch)")
     g.add_argument("--threads", type=int, default=None, metavar="N",
@@ -123,7 +126,7 @@ def open_session(args: argparse.Namespace):
     from edgecpm.session import Session
 
     return Session(args.path, backend=args.backend, kv_budget=args.kv_budget, dtype=args.dtype,
-                   threads=args.threads, draft=spec_config(args))
+                   threads=args.threads, draft=spec_config(args), kv_policy=args.kv_policy)
 
 
 def _write(piece: str) -> None:
@@ -547,7 +550,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     drafts = [spec_config(args, d) for d in (args.draft_compare or ([args.draft] if args.draft else []))]
     result = run_bench(args.path, backend=args.backend, kv_budget=args.kv_budget, threads=args.threads,
                        dtype=args.dtype, prompts=args.prompt or (), prompt_len=args.prompt_len,
-                       new_tokens=args.new_tokens, repeats=args.repeats, drafts=drafts)
+                       new_tokens=args.new_tokens, repeats=args.repeats, drafts=drafts, kv_policy=args.kv_policy)
     if args.json:
         print(json.dumps(result, indent=1))
         return 0

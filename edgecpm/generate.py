@@ -82,7 +82,7 @@ def run_step(backend, cache: KVCache, ids: np.ndarray, attn_mask: np.ndarray, lo
     """One forward over `ids` placed right after the cached context; commits their K/V.
     Positions default to consecutive ones (a draft tree passes each node's depth instead)."""
     if positions is None:
-        positions = np.arange(cache.length, cache.length + len(ids), dtype=np.int64)
+        positions = np.arange(cache.position, cache.position + len(ids), dtype=np.int64)
     logits = backend.forward(ids, positions, attn_mask, cache, logit_index)
     cache.commit(len(ids))
     return logits
@@ -91,12 +91,17 @@ def run_step(backend, cache: KVCache, ids: np.ndarray, attn_mask: np.ndarray, lo
 def prefill(backend, cache: KVCache, ids, all_logits: bool = False, timer: Timer | None = None) -> np.ndarray:
     """Run `ids` through the model in chunks. Returns the last row's logits [V] (or [T, V])."""
     ids = np.asarray(ids, dtype=np.int64)
-    cache.check_room(len(ids))
+    if not cache.window:
+        cache.check_room(len(ids))
     t0 = time.perf_counter()
     rows = []
     start = 0
     while start < len(ids):
-        chunk = ids[start : start + prefill_chunk(backend.config.num_attention_heads, cache.length)]
+        size = prefill_chunk(backend.config.num_attention_heads, cache.length)
+        if cache.window:  # a prompt longer than the arena streams through the window
+            size = min(size, cache.capacity - cache.sink_tokens, len(ids) - start)
+            cache.make_room(size)
+        chunk = ids[start : start + size]
         last = start + len(chunk) == len(ids)
         want = np.arange(len(chunk)) if all_logits else np.array([len(chunk) - 1] if last else [], np.int64)
         rows.append(run_step(backend, cache, chunk, causal_mask(len(chunk)), want.astype(np.int64)))
@@ -130,7 +135,7 @@ def decode_tokens(backend, cache: KVCache, logits: np.ndarray, sampler: Sampler,
             return "eos"
         if n + 1 == max_new_tokens:
             break
-        if cache.free < 1:
+        if not cache.make_room(1):
             return "length"
         t0 = time.perf_counter()
         logits = decode_one_token(backend, cache, token)
@@ -167,7 +172,8 @@ def speculative_tokens(backend, cache: KVCache, logits: np.ndarray, sampler: Sam
         tree = tree.truncated(min(len(tree), cache.free - 1))
         start = cache.length
         out = run_step(backend, cache, np.concatenate([[token], tree.tokens]).astype(np.int64),
-                       tree.ancestor_mask(), np.arange(len(tree) + 1, dtype=np.int64), positions=start + tree.depths())
+                       tree.ancestor_mask(), np.arange(len(tree) + 1, dtype=np.int64),
+                       positions=cache.position + tree.depths())
         kids = tree.children()
         row, keep, accepted = 0, [start], []
         while True:

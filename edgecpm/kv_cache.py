@@ -4,9 +4,15 @@ Layout: per layer K and V of shape [capacity, Hkv, D], token-major, so the first
 a layer are one contiguous view that a backend binds as `past_key.{i}` without copying, and the
 rows a step adds are one contiguous slot it writes into. Every backend uses this class.
 
-Policy when the context outgrows the arena: "error" — a prompt that does not fit is refused
-before any work (BudgetError naming the numbers); generation that reaches the end stops with
-finish_reason "length". Nothing is corrupted either way and the session stays usable.
+Policy when the context outgrows the arena:
+- "error" (default): a prompt that does not fit is refused before any work (BudgetError naming the
+  numbers); generation that reaches the end stops with finish_reason "length". Nothing is
+  corrupted either way and the session stays usable.
+- "window" (StreamingLLM-style, lossy): when a step needs room, the oldest rows after the first
+  `sink_tokens` (the attention sinks) are dropped, a quarter of the arena at a time, and the rest
+  is compacted. Keys keep the RoPE positions they were computed at and new tokens continue the
+  sequence's positions (`position`), so a long generation or chat runs on in a fixed arena,
+  attending to the sinks and the most recent tokens (up to max_position_embeddings).
 """
 
 from __future__ import annotations
@@ -37,8 +43,15 @@ def parse_bytes(value: int | str) -> int:
     return n
 
 
+POLICIES = ("error", "window")
+
+
 class KVCache:
-    def __init__(self, cfg: ModelConfig, capacity: int, dtype: np.dtype):
+    def __init__(self, cfg: ModelConfig, capacity: int, dtype: np.dtype, policy: str = "error", sink_tokens: int = 4):
+        if policy not in POLICIES:
+            raise ValueError(f"kv_policy={policy!r}: expected one of {POLICIES}")
+        self.policy, self.sink_tokens = policy, sink_tokens
+        self.max_positions = cfg.max_position_embeddings
         self.dtype = np.dtype(dtype)
         self.capacity = capacity
         self.bytes_per_token = cfg.kv_bytes_per_token(self.dtype.itemsize)
@@ -55,6 +68,7 @@ class KVCache:
         n_ck = cfg.sparse.n_chunks(capacity) if cfg.sparse else 0
         self.ckeys = np.zeros((cfg.num_hidden_layers, n_ck, cfg.num_key_value_heads, cfg.head_dim), np.float32)
         self.length = 0
+        self.evicted = 0  # tokens dropped by the window policy: row r (past the sinks) is position r + evicted
         self.peak_length = 0
         # Called as hook(start, rows) after keep(): a backend holding a device copy of the arena
         # (TensorRT) compacts its own rows the same way.
@@ -86,6 +100,30 @@ class KVCache:
     @property
     def free(self) -> int:
         return self.capacity - self.length
+
+    @property
+    def position(self) -> int:
+        """The position of the next token: the context's length, evicted tokens included."""
+        return self.evicted + self.length
+
+    @property
+    def window(self) -> bool:
+        return self.policy == "window"
+
+    def make_room(self, n_tokens: int) -> bool:
+        """Ensure n_tokens free rows: under the window policy by dropping the oldest rows after the
+        sinks (at least a quarter of the arena, so the compaction copy is rare). False if they
+        cannot be freed."""
+        if self.position + n_tokens > self.max_positions:
+            return False
+        if n_tokens <= self.free:
+            return True
+        if not self.window or n_tokens > self.capacity - self.sink_tokens:
+            return False
+        drop = min(max(n_tokens - self.free, (self.capacity - self.sink_tokens) // 4), self.length - self.sink_tokens)
+        self.keep(self.sink_tokens, np.arange(self.sink_tokens + drop, self.length))
+        self.evicted += drop
+        return True
 
     def check_room(self, n_tokens: int, what: str = "prompt") -> None:
         if n_tokens > self.free:
@@ -123,6 +161,8 @@ class KVCache:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
         self.length = length
+        if length == 0:
+            self.evicted = 0
 
     def keep(self, start: int, rows: np.ndarray) -> None:
         """Keep rows `rows` (absolute, ascending, all >= start) of the tail [start, length) and

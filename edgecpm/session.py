@@ -27,6 +27,7 @@ from edgecpm.speculative import SpecConfig, is_eagle, make_drafter, make_eagle_d
 from edgecpm.tokenizer import Tokenizer
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+SINK_TOKENS = 4  # kv_policy="window" keeps the first tokens (attention sinks, StreamingLLM)
 
 
 def open_backend(path: Path, backend: str, dtype: str | None, threads: int | None, verify: bool = False):
@@ -73,24 +74,24 @@ def open_backend(path: Path, backend: str, dtype: str | None, threads: int | Non
 
 class Session:
     def __init__(self, path, backend: str = "auto", kv_budget: int | str = "1GiB", draft=None,
-                 dtype: str | None = None, threads: int | None = None):
+                 dtype: str | None = None, threads: int | None = None, kv_policy: str = "error"):
         path = Path(path)
         if not path.is_dir():
             raise ConfigError(f"{path}: not a folder; pass a checkpoint or bundle folder")
         # A folder without tokenizer files (e.g. a bare test checkpoint) runs on token ids only.
         has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
         self._setup(open_backend(path, backend, dtype, threads), Tokenizer.from_pretrained(path) if has_tokenizer
-                    else None, kv_budget, draft, threads, path)
+                    else None, kv_budget, draft, threads, path, kv_policy)
 
     @classmethod
     def from_backend(cls, backend, kv_budget: int | str = "1GiB", tokenizer: Tokenizer | None = None, draft=None,
-                     path: Path | None = None) -> Session:
+                     path: Path | None = None, kv_policy: str = "error") -> Session:
         """A session over a backend object you built yourself (anything with the runtimes.Backend protocol)."""
         s = cls.__new__(cls)
-        s._setup(backend, tokenizer, kv_budget, draft, None, path)
+        s._setup(backend, tokenizer, kv_budget, draft, None, path, kv_policy)
         return s
 
-    def _setup(self, backend, tokenizer, kv_budget, draft, threads, path):
+    def _setup(self, backend, tokenizer, kv_budget, draft, threads, path, kv_policy="error"):
         self.path, self.backend, self.tokenizer = path, backend, tokenizer
         self.config = backend.config
         if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
@@ -101,6 +102,9 @@ class Session:
         self.last: Generation | None = None  # the most recent finished generation (after stream())
         self._cached_ids: list[int] = []  # the token ids whose K/V the arena holds, in order
         spec = None if draft is None else draft if isinstance(draft, SpecConfig) else SpecConfig(draft=draft)
+        if kv_policy == "window" and (spec or self.config.sparse):
+            raise ConfigError(f"{path}: kv_policy='window' does not combine with "
+                              f"{'speculative decoding' if spec else 'InfLLM v2 sparse attention'} yet; use 'error'")
         draft_backend = open_draft_backend(spec, backend, threads) if spec else None
         # One budget for both arenas: the draft's share is its bytes per token (+ room for a tree).
         per_token = self.config.kv_bytes_per_token(backend.kv_dtype.itemsize)
@@ -111,7 +115,10 @@ class Session:
         if capacity < 1:
             raise BudgetError(f"kv_budget of {self.kv_budget} bytes holds no token: this model needs {per_token} "
                               f"bytes per token of KV cache (+{draft_per_token} for the draft); raise kv_budget")
-        self.cache = KVCache(self.config, capacity, backend.kv_dtype)
+        self.cache = KVCache(self.config, capacity, backend.kv_dtype, kv_policy, SINK_TOKENS)
+        if self.cache.window and capacity < 4 * SINK_TOKENS:
+            raise BudgetError(f"kv_budget of {self.kv_budget} bytes holds {capacity} tokens: too few for "
+                              f"kv_policy='window' (at least {4 * SINK_TOKENS}); raise kv_budget")
         if hasattr(backend, "on_keep"):
             self.cache.keep_hooks.append(backend.on_keep)
         self.drafter = None
@@ -191,11 +198,11 @@ class Session:
     def _prefill_reusing_cache(self, ids: list[int], timer: Timer) -> np.ndarray:
         """Keep the longest cached prefix of `ids` (at least one token is always run, for logits)."""
         c = self.cache
-        if len(ids) > c.capacity:
-            max_pos = self.config.max_position_embeddings
-            if c.capacity == max_pos:
-                raise BudgetError(f"prompt has {len(ids)} tokens but the model's max_position_embeddings is "
-                                  f"{max_pos}; shorten the prompt")
+        max_pos = self.config.max_position_embeddings
+        if len(ids) > max_pos:
+            raise BudgetError(f"prompt has {len(ids)} tokens but the model's max_position_embeddings is "
+                              f"{max_pos}; shorten the prompt")
+        if len(ids) > c.capacity and not c.window:  # the window policy streams a long prompt through
             raise BudgetError(
                 f"prompt has {len(ids)} tokens but kv_budget={self.kv_budget} bytes holds {c.capacity} tokens "
                 f"({c.bytes_per_token} bytes per token); raise kv_budget or shorten the prompt"
@@ -206,7 +213,11 @@ class Session:
         keep = int(differ[0]) if len(differ) else limit
         if hasattr(self.drafter, "first_needed_row"):  # an EAGLE head reads the target's features of these rows
             keep = min(keep, self.drafter.first_needed_row(ids))
-        self.cache.truncate(keep)
+        if not c.evicted:  # rows and ids correspond one to one
+            c.truncate(keep)
+        elif keep < len(self._cached_ids):  # the window dropped rows: only a continuation reuses them
+            keep = 0
+            c.truncate(0)
         self._cached_ids = self._cached_ids[:keep]
         logits = prefill(self.backend, self.cache, ids[keep:], timer=timer)
         self._cached_ids = list(ids)
@@ -257,9 +268,9 @@ class _TextStream:
                 break
             out_ids.append(token)
             # The cache holds a prefix of prompt + output: record the tokens it gained.
-            if s.cache.length > len(s._cached_ids):
+            if s.cache.position > len(s._cached_ids):
                 done = len(s._cached_ids) - len(self.ids)
-                s._cached_ids.extend(out_ids[done : s.cache.length - len(self.ids)])
+                s._cached_ids.extend(out_ids[done : s.cache.position - len(self.ids)])
             if token in self.eos:
                 continue
             text += detok.add(token) if detok else ""
