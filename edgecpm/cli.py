@@ -21,7 +21,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from edgecpm.errors import BackendUnavailable, CheckpointError, ConfigError, EdgeCPMError
+from edgecpm.errors import BackendUnavailable, ConfigError, EdgeCPMError
+from edgecpm.safetensors_files import checkpoint_files, read_safetensors_header
 
 PROG = "edgecpm"
 
@@ -214,57 +215,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 # ---- inspect (no torch) ------------------------------------------------------------------------
-# Bytes per element of safetensors dtypes.
-ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-                  "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 KV_DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2}
-
-
-def read_safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (name -> {dtype, shape, data_offsets}), validated
-    against the file size so a truncated or corrupted file is reported, not half-read."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes); re-download it")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100 * 2**20):
-            raise CheckpointError(f"{path}: corrupted safetensors header (claims {n} bytes in a {size}-byte "
-                                  f"file); re-download it")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupted safetensors header ({e}); re-download it") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupted safetensors header (not a JSON object); re-download it")
-    header.pop("__metadata__", None)
-    for name, t in header.items():
-        ok = (isinstance(t, dict) and isinstance(t.get("shape"), list) and isinstance(t.get("data_offsets"), list)
-              and len(t["data_offsets"]) == 2 and t.get("dtype") in ST_DTYPE_BYTES)
-        if not ok or math.prod(t["shape"]) * ST_DTYPE_BYTES[t["dtype"]] != t["data_offsets"][1] - t["data_offsets"][0]:
-            raise CheckpointError(f"{path}: corrupted safetensors header entry for {name!r}; re-download it")
-    end = max((t["data_offsets"][1] for t in header.values()), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path}: truncated ({size} bytes, the header needs {8 + n + end}); re-download it")
-    return header
-
-
-def checkpoint_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise CheckpointError(f"{index}: unreadable index ({e!r}); re-download it") from None
-        files = [folder / n for n in names]
-        for f in files:
-            if not f.exists():
-                raise CheckpointError(f"{f}: listed in {index.name} but missing; re-download the checkpoint")
-        return files
-    if (folder / "model.safetensors").exists():
-        return [folder / "model.safetensors"]
-    return []
 
 
 def inspect_info(path: str | Path, kv_budget: int | str = "1GiB") -> dict:

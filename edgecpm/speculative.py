@@ -24,6 +24,7 @@ import numpy as np
 
 from edgecpm.config import ModelConfig
 from edgecpm.errors import ConfigError
+from edgecpm.safetensors_files import tensor_names
 
 
 @dataclass(frozen=True)
@@ -232,20 +233,7 @@ def is_eagle(path: Path) -> bool:
         return False
     if any("eagle" in a.lower() for a in json.loads((path / "config.json").read_text()).get("architectures") or []):
         return True
-    return "model.fc.weight" in _safetensors_names(path)
-
-
-def _safetensors_names(folder: Path) -> set[str]:
-    """Tensor names of a checkpoint folder, read from the safetensors header (no torch needed)."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        return set(json.loads(index.read_text())["weight_map"])
-    single = folder / "model.safetensors"
-    if not single.exists():
-        return set()
-    with open(single, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        return set(json.loads(f.read(size))) - {"__metadata__"}
+    return "model.fc.weight" in tensor_names(path)
 
 
 class FeatureLog:

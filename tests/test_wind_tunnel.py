@@ -42,12 +42,13 @@ def test_wind_tunnel_eagle_head(tmp_path):
     """The shipped EAGLE head (fc, two input norms, one layer; the target's embedding and LM head)
     exports with --eagle-of and drafts for the target bundle: greedy output equals plain decoding,
     on both the exported head (onnxruntime) and the checkpoint (torch, sharing the target's tensors)."""
-    from edgecpm.speculative import SpecConfig, _safetensors_names
+    from edgecpm.safetensors_files import tensor_names
+    from edgecpm.speculative import SpecConfig
 
     head = MODELS / "eagle"
     if not (head / "model.safetensors").exists():
         pytest.skip(f"{head} has no weights")
-    assert not {"model.embed_tokens.weight", "lm_head.weight"} & _safetensors_names(head)
+    assert not {"model.embed_tokens.weight", "lm_head.weight"} & tensor_names(head)
     target = export_bundle(MODELS / "target", tmp_path / "target", progress=False)
     bundle = export_bundle(head, tmp_path / "eagle", eagle_of=MODELS / "target", progress=False)
     plain = edgecpm.Session(target)
