@@ -428,9 +428,9 @@ def _ternary_rows(t: dict, kind: str) -> list[tuple[str, str]]:
     state = "ternary" if t["ternary"] else "mostly not ternary"
     if kind == "bundle":
         state = "packed: " + ("2-bit codes, TernaryMatMul" if t["op"] == "TernaryMatMul"
-                              else "4-bit codes, onnxruntime MatMulNBits")
-        if t.get("activations") == "int8":
-            state += "; int8 activations on onnxruntime (lossy)"
+                              else "4-bit codes, onnxruntime MatMulNBits (an older export)")
+        state += {"int16": "; int16 activations on onnxruntime (logits ~1e-5 off)",
+                  "int8": "; int8 activations on onnxruntime (lossy)"}.get(t.get("activations"), "")
     rows = [("linear weights", f"{t['count']} linear weights {state}"),
             ("granularity", ", ".join(t["scales"])),
             ("group sizes", ", ".join(map(str, t["group_sizes"]))),
@@ -479,7 +479,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                                  f"pip install 'edgecpm[export]'") from None
     out = export_bundle(args.path, args.output, dtype=args.dtype, force=args.force,
                         progress=sys.stderr.isatty(), sparse=args.sparse, frspec=args.frspec,
-                        quantize=args.quantize, ternary_op=args.ternary_op, eagle_of=args.eagle_of,
+                        quantize=args.quantize, eagle_of=args.eagle_of,
                         ternary_activations=args.ternary_activations)
     print(f"wrote {out}", file=sys.stderr)
     return 0
@@ -578,7 +578,7 @@ errors print "edgecpm: error: ..." and exit with status 2; add --debug for a tra
   edgecpm export path/to/MiniCPM4-0.5B -o draft-0.5B/ --frspec freq.npy
   edgecpm export path/to/MiniCPM4-8B-Eagle-FRSpec --eagle-of path/to/MiniCPM4-8B -o eagle-8B/ --frspec freq.npy
   edgecpm export path/to/BitCPM4-0.5B -o bundle-bitcpm/           # ternary: packed at 2 bits
-  edgecpm export path/to/BitCPM4-0.5B -o bundle-cpu/ --ternary-activations int8   # faster on onnxruntime CPU, lossy
+  edgecpm export path/to/BitCPM4-0.5B -o bundle-cpu/ --ternary-activations int16  # faster on onnxruntime CPU, ~1e-5 off
   edgecpm export path/to/my-qat-model -o bundle-ternary/ --quantize ternary
   edgecpm run bundle-0.5B/ -p "The capital of France is" --backend onnxruntime""", [common])
     p.add_argument("path", metavar="PATH", help="Hugging Face checkpoint folder")
@@ -593,14 +593,10 @@ errors print "edgecpm: error: ..." and exit with status 2; add --debug for a tra
     p.add_argument("--eagle-of", default=None, metavar="TARGET",
                    help="PATH is an EAGLE draft head for this target checkpoint (which lends it the embedding / "
                         "LM head it lacks); run the bundle with --draft BUNDLE next to TARGET's bundle")
-    p.add_argument("--ternary-op", default="TernaryMatMul", choices=("TernaryMatMul", "MatMulNBits"),
-                   help="how packed ternary linears appear in the graph: TernaryMatMul (2 bits, the TensorRT "
-                        "plugin's op; onnxruntime rewrites it onto its 4-bit MatMulNBits kernel at load) or "
-                        "MatMulNBits (4 bits in the bundle; onnxruntime only) (default: TernaryMatMul)")
-    p.add_argument("--ternary-activations", default="exact", choices=("exact", "int8"),
-                   help="how onnxruntime computes packed ternary linears: exact (fp32 activations, matches the "
-                        "checkpoint within 1e-4) or int8 (activations quantized per block: faster on CPU, logits "
-                        "~1e-3 relative off; TensorRT ignores it) (default: exact)")
+    p.add_argument("--ternary-activations", default="exact", choices=("exact", "int16", "int8"),
+                   help="how onnxruntime computes packed ternary linears (as int8 digits of the activations on its "
+                        "2-bit kernel): exact (to fp32 rounding), int16 (faster on CPU, logits ~1e-5 relative off) "
+                        "or int8 (faster again, lossy: ~1e-3); TensorRT ignores it (default: exact)")
     p.add_argument("--quantize", default=None, choices=("ternary", "none"),
                    help="linear weights: by default a BitCPM4 ternary checkpoint (detected exactly) is packed at 2 "
                         "bits and any other stays dense; 'ternary' also ternarizes non-ternary linears (lossy: "

@@ -287,13 +287,3 @@ def ternary_function() -> onnx.FunctionProto:
         opset_imports=[helper.make_opsetid("", 17)],
         attributes=TERNARY["attributes"] + ["plugin_version", "plugin_namespace"],
     )
-
-
-def ternary_matmulnbits(g: GraphBuilder, x, nibbles, scales, in_features: int, group_size: int, out_features: int,
-                        block: int, accuracy_level: int = 1):
-    """A ternary linear on onnxruntime's com.microsoft::MatMulNBits (bits=4, exact at accuracy_level 1):
-    nibbles [N, K/block, block/2] from edgecpm.export.ternary.nibbles; the scales [N, K/group_size]
-    are repeated per block by an Expand that onnxruntime folds at load (scale-sized, cheap)."""
-    per_block = g.op("Expand", g.op("Unsqueeze", scales, g.const([2])), g.const([1, 1, group_size // block]))
-    return g.op("MatMulNBits", x, nibbles, g.op("Reshape", per_block, g.const([-1])), domain="com.microsoft",
-                K=in_features, N=out_features, bits=4, block_size=block, accuracy_level=accuracy_level)

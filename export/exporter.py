@@ -18,7 +18,7 @@ import torch
 from edgecpm.export.checkpoint import Checkpoint
 from edgecpm.export.custom_ops import DOMAIN
 from edgecpm.export.onnx_graph import build_decoder, graph_io
-from edgecpm.export.ternary import TernaryInfo, linear_names, plan, summary
+from edgecpm.export.ternary import ACTIVATION_DIGITS, TernaryInfo, linear_names, plan, summary
 from onnx import TensorProto, helper
 
 from edgecpm import __version__
@@ -59,7 +59,7 @@ class ExternalDataWriter:
 def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False,
                   progress: bool = True, sparse: bool | dict = False, frspec: str | Path | None = None,
                   quantize: str | None = None, quantize_group_size: int | None = None,
-                  ternary_op: str = "TernaryMatMul", eagle_of: str | Path | None = None,
+                  eagle_of: str | Path | None = None,
                   ternary_activations: str = "exact") -> Path:
     """sparse: True (or a dict of overrides) switches InfLLM v2 on with DESIGN.md §7's defaults.
     frspec: a freq.npy of r ids (from `edgecpm freq -r R`) for a draft model: those rows become the
@@ -67,20 +67,18 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     quantize: None packs the linear weights at 2 bits when the checkpoint is ternary (BitCPM4,
     detected exactly; a checkpoint with some non-ternary linears is refused), "ternary" also
     ternarizes the others (lossy: only for a QAT-trained model; one scale per `quantize_group_size`
-    inputs, default per row), "none" keeps every linear dense. ternary_op: how packed linears run
-    (see build_decoder): "TernaryMatMul" (2-bit; TensorRT, and onnxruntime, which rewrites the
-    nodes onto its MatMulNBits kernel at load) or "MatMulNBits" (4-bit codes; onnxruntime only).
-    ternary_activations: "exact", or "int8" — onnxruntime then runs the packed linears on int8
-    activations (its integer MatMulNBits kernel): faster on CPU, lossy (logits ~1e-3 relative),
-    recorded in the manifest; the TensorRT plugin ignores it and computes in the model dtype.
+    inputs, default per row), "none" keeps every linear dense. Packed linears are TernaryMatMul
+    nodes (TensorRT's plugin; onnxruntime rewrites them onto its 2-bit MatMulNBits kernel at load).
+    ternary_activations, recorded in the manifest, is how onnxruntime computes them
+    (runtimes/ternary_lowering.py): "exact" (fp32-level, the default), "int16" (faster on CPU,
+    logits ~1e-5 relative off) or "int8" (faster again, lossy: ~1e-3). The TensorRT plugin
+    ignores it and computes in the model dtype.
     eagle_of: `checkpoint` is an EAGLE head (export/modeling_eagle.py) drafting for this target
     checkpoint, which supplies the embedding / LM head the head lacks; frspec restricts the head's
     LM head the same way. Its bundle runs as `Session(target, draft=BUNDLE)`."""
     checkpoint, out = Path(checkpoint), Path(out)
-    if ternary_op not in ("TernaryMatMul", "MatMulNBits"):
-        raise ValueError(f"ternary_op={ternary_op!r}: expected 'TernaryMatMul' or 'MatMulNBits'")
-    if ternary_activations not in ("exact", "int8"):
-        raise ValueError(f"ternary_activations={ternary_activations!r}: expected 'exact' or 'int8'")
+    if ternary_activations not in ACTIVATION_DIGITS:
+        raise ValueError(f"ternary_activations={ternary_activations!r}: expected one of {', '.join(ACTIVATION_DIGITS)}")
     if eagle_of is not None:
         from edgecpm.export.modeling_eagle import EagleCheckpoint
 
@@ -105,7 +103,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     if frspec is not None:
         head_ids = load_freq_table(frspec, ckpt.config.vocab_size, ckpt.config.eos_token_ids)
     try:
-        _write_bundle(ckpt, tmp, dtype, progress, head_ids, ternary, ternary_op, ternary_activations)
+        _write_bundle(ckpt, tmp, dtype, progress, head_ids, ternary, ternary_activations)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -116,7 +114,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
 
 
 def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, head_ids: np.ndarray | None,
-                  ternary: dict[str, TernaryInfo], ternary_op: str, ternary_activations: str) -> None:
+                  ternary: dict[str, TernaryInfo], ternary_activations: str) -> None:
     from rich.progress import Progress
 
     cfg = ckpt.config
@@ -132,9 +130,7 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, he
             progress=lambda done, total: bar.update(task, completed=done),
             head_ids=head_ids,
             ternary=ternary,
-            ternary_op=ternary_op,
             eagle=eagle,
-            ternary_activations=ternary_activations,
         )
     writer.close()
     onnx.save(model, folder / "decoder.onnx")
@@ -165,8 +161,8 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, he
                                "inputs": inputs, "outputs": outputs}},
         "custom_ops": sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN}),
         "sparse": cfg.to_dict().get("sparse_config"),
-        "ternary": {"op": ternary_op, "activations": ternary_activations,
-                    **summary(ternary, 2 if dtype == "fp16" else 4, ternary_op)} if ternary else None,
+        "ternary": {"op": "TernaryMatMul", "activations": ternary_activations,
+                    **summary(ternary, 2 if dtype == "fp16" else 4)} if ternary else None,
         "spec": spec,
         "eagle": {"target": str(ckpt.target.folder.resolve())} if eagle else None,
         "tokenizer": {"files": tokenizer_files, "eos_token_ids": sorted(cfg.eos_token_ids)},

@@ -21,16 +21,11 @@ from edgecpm.export.custom_ops import (
     infllmv2_node,
     register_schemas,
     ternary_function,
-    ternary_matmulnbits,
     ternary_node,
 )
 from edgecpm.export.onnx_builder import GraphBuilder, attend
 from edgecpm.export.ternary import (
-    ACCURACY_LEVEL,
     TernaryInfo,
-    lowering,
-    matmulnbits_block,
-    nibbles,
     pack,
     ternary_codes,
 )
@@ -77,17 +72,14 @@ _IO_TYPES = {"int64": TensorProto.INT64, "bool": TensorProto.BOOL, "float32": Te
 
 def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=None,
                   head_ids: np.ndarray | None = None, ternary: dict[str, TernaryInfo] | None = None,
-                  ternary_op: str = "TernaryMatMul", eagle: bool = False,
-                  ternary_activations: str = "exact") -> onnx.ModelProto:
+                  eagle: bool = False) -> onnx.ModelProto:
     """The decoder graph. `tensor(name)` returns a checkpoint tensor as float32 numpy;
     `weight_sink(name, array)` stores it (external data) and returns its TensorProto.
     head_ids: FR-Spec — the LM head keeps only these rows, a separate [r, H] weight, so the last
     matmul of a draft costs r/V of the full one; logit column j is token head_ids[j].
-    ternary: linear weights stored packed (edgecpm.export.ternary), computed by `ternary_op`:
-    "TernaryMatMul" (the custom op, 2-bit codes, for TensorRT and onnxruntime) or "MatMulNBits"
-    (onnxruntime only: its exact 4-bit kernel, 4-bit codes; TernaryMatMul where the group size is
-    not a multiple of 16). ternary_activations: "exact", or "int8" for MatMulNBits on int8
-    activations (edgecpm.export.ternary.ACCURACY_LEVEL; lossy, onnxruntime only).
+    ternary: linear weights stored packed (edgecpm.export.ternary) as TernaryMatMul nodes, the
+    custom op (2-bit codes; TensorRT's plugin, and onnxruntime, which rewrites them onto its
+    MatMulNBits kernel at load: runtimes/ternary_lowering.py).
     eagle: an EAGLE head (export/modeling_eagle.py): `tensor` serves its layers under the decoder's
     names; the input is fc([rmsnorm1(embedding); rmsnorm2(hidden_in)]) and there is no final norm.
     Every graph outputs `hidden` [T, H] float32, the LM head's input for every row."""
@@ -117,12 +109,7 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
         codes, scales = ternary_codes(tensor(name), info)
         base = name.removesuffix(".weight")
         s = g.weight(base + ".scales", scales.astype(npdt))
-        (n, k), group = info.shape, info.group_size
-        if lowering(info, ternary_op) == "MatMulNBits":
-            block = matmulnbits_block(group)
-            return ternary_matmulnbits(g, x, g.weight(base + ".nibbles", nibbles(codes, block)), s, k, group, n, block,
-                                       ACCURACY_LEVEL[ternary_activations])
-        return ternary_node(g, x, g.weight(base + ".packed", pack(codes)), s, k, group)
+        return ternary_node(g, x, g.weight(base + ".packed", pack(codes)), s, info.shape[1], info.group_size)
 
     def rms_norm(x, name):
         # Written as Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul: the pattern onnxruntime fuses

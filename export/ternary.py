@@ -243,44 +243,37 @@ def ternary_codes(w: np.ndarray, info: TernaryInfo) -> tuple[np.ndarray, np.ndar
     return encode(quantize(w, info.group_size) if info.lossy else w, info.group_size)
 
 
-# ---- onnxruntime's MatMulNBits: an exact lowering with 4-bit codes ---------------------------------
-# onnxruntime 1.32's CPU MatMulNBits computes exactly (fp32, accuracy_level 1) only fast for 4-bit
-# weights: its 2-bit kernel is exact but ~100x slower than a dense MatMul, and its fast 2-bit path
-# quantizes the activations to int8 (accuracy_level 4). So the lowering stores 4-bit codes.
-# How MatMulNBits computes, per the bundle's `ternary.activations`: "exact" keeps the activations
-# in fp32 (accuracy_level 1); "int8" quantizes them to int8 per block of inputs (accuracy_level 4),
-# onnxruntime's integer kernel: ~1.6x faster again on CPU, logits off by ~1e-3 relative (opt-in).
-ACCURACY_LEVEL = {"exact": 1, "int8": 4}
+# ---- onnxruntime's MatMulNBits: the 2-bit kernel (runtimes/ternary_lowering.py) ----------------------
+# How the onnxruntime backend computes a bundle's packed linears, per its `ternary.activations`: as
+# int8 "digits" of the activations on MatMulNBits' integer kernel. 3 digits are exact to fp32
+# rounding; 2 ("int16") to 2^-16 of each block's largest activation; 1 ("int8") is onnxruntime's own
+# int8 rounding, lossy (logits ~1e-3 relative). See runtimes/ternary_lowering.py for why.
+ACTIVATION_DIGITS = {"exact": 3, "int16": 2, "int8": 1}
 
 
 def matmulnbits_block(group_size: int) -> int | None:
-    """The MatMulNBits block size for a group size (it must divide the group), or None."""
-    return next((b for b in (64, 32, 16) if group_size % b == 0), None)
+    """The MatMulNBits block size for a group size (it must divide the group), or None. 128 is the
+    fastest its 2-bit int8 kernel takes; 256 falls back to a ~30x slower path (measured, 1.32)."""
+    return next((b for b in (128, 64, 32, 16) if group_size % b == 0), None)
 
 
-def lowering(info: TernaryInfo, ternary_op: str) -> str:
-    """The op that computes a packed linear: MatMulNBits where asked and possible, else TernaryMatMul."""
-    usable = ternary_op == "MatMulNBits" and matmulnbits_block(info.group_size) is not None
-    return "MatMulNBits" if usable else "TernaryMatMul"
+def matmulnbits_codes(packed: np.ndarray, block: int) -> np.ndarray:
+    """MatMulNBits' 2-bit B [N, K / block, block / 4] uint8 — the packed codes' own bytes: 4 codes a
+    byte, lowest bits first, is 16 codes a little-endian uint32, lowest bits first."""
+    n = packed.shape[0]
+    return np.ascontiguousarray(packed, dtype="<u4").view(np.uint8).reshape(n, -1, block // 4)
 
 
-def nibbles(codes: np.ndarray, block: int) -> np.ndarray:
-    """MatMulNBits' B [N, K / block, block / 2] uint8: two 4-bit values per byte, first in the low
-    nibble; code + 7 against the default zero point 8 gives code - 1."""
-    n, k = codes.shape
-    v = codes.astype(np.uint8).reshape(n, k // 2, 2) + 7
-    return (v[..., 0] | (v[..., 1] << 4)).reshape(n, k // block, block // 2)
+def matmulnbits_zero_points(n: int, k: int, block: int) -> np.ndarray:
+    """Zero point 1 (code c = w + 1) for every block: 2-bit fields, 4 a byte, each row padded to a byte."""
+    return np.full(n * -(-(k // block) // 4), 0b01010101, np.uint8)
 
 
-def summary(infos: dict[str, TernaryInfo], scale_itemsize: int, ternary_op: str = "TernaryMatMul") -> dict:
-    """The manifest's "ternary" section: per tensor granularity, op and stored bytes, and the totals
+def summary(infos: dict[str, TernaryInfo], scale_itemsize: int) -> dict:
+    """The manifest's "ternary" section: per tensor granularity and stored bytes, and the totals
     (scales of `scale_itemsize` bytes: the bundle's dtype)."""
-    def codes_bytes(i, op):
-        return i.packed_bytes if op == "TernaryMatMul" else i.shape[0] * i.shape[1] // 2
-
     tensors = {name: {"granularity": i.granularity, "group_size": i.group_size, "shape": list(i.shape),
-                      "lossy": i.lossy, "op": lowering(i, ternary_op), "packed_bytes": codes_bytes(i, lowering(i, ternary_op)),
-                      "scale_bytes": i.scale_bytes(scale_itemsize)}
+                      "lossy": i.lossy, "packed_bytes": i.packed_bytes, "scale_bytes": i.scale_bytes(scale_itemsize)}
                for name, i in infos.items()}
     weights = sum(i.shape[0] * i.shape[1] for i in infos.values())
     stored = sum(t["packed_bytes"] + t["scale_bytes"] for t in tensors.values())

@@ -67,18 +67,18 @@ class OnnxRuntimeBackend:
 
     def _decoder_model(self, graph: dict, lower_ternary: bool, opts) -> tuple[str | bytes, int]:
         """The decoder graph to load: its path, or — for a bundle with TernaryMatMul nodes — the
-        graph rewritten onto MatMulNBits in memory (runtimes/ternary_lowering.py), its other
+        graph rewritten onto 2-bit MatMulNBits in memory (runtimes/ternary_lowering.py), its other
         weights still read from the bundle's external data file."""
         path = self.bundle.file(graph["file"])
         if not lower_ternary or "TernaryMatMul" not in self.bundle.manifest.get("custom_ops", []):
             return str(path), 0
         import onnx
-        from edgecpm.export.ternary import ACCURACY_LEVEL
+        from edgecpm.export.ternary import ACTIVATION_DIGITS
         from edgecpm.runtimes.ternary_lowering import lower_ternary as lower
 
         model = onnx.load(str(path), load_external_data=False)
         activations = (self.bundle.manifest.get("ternary") or {}).get("activations", "exact")
-        lowered = lower(model, path.parent, ACCURACY_LEVEL[activations])
+        lowered = lower(model, path.parent, ACTIVATION_DIGITS[activations])
         if not lowered:
             return str(path), 0
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))

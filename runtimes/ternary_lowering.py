@@ -1,23 +1,36 @@
-"""Run a bundle's TernaryMatMul nodes on onnxruntime's own 4-bit kernel, rewritten at load.
+"""Run a bundle's TernaryMatMul nodes on onnxruntime's 2-bit MatMulNBits kernel, rewritten at load.
 
 A ternary bundle is exported with the `edgecpm::TernaryMatMul` custom op (the TensorRT plugin's
 contract) and a reference local function of standard ops. onnxruntime can run that function, but
-it constant-folds it at load: every linear is unpacked into a dense fp32 weight (~13 GiB of RSS and
-40 s for MiniCPM4-0.5B) and the 2-bit format saves nothing. So before the session is created each
-TernaryMatMul node becomes a `com.microsoft::MatMulNBits` node (bits=4, accuracy_level 1: fp32
-accumulation, exact for codes in {0, 1, 2}; accuracy_level 4, int8 activations, when the bundle
-was exported with `ternary_activations="int8"`) over the same codes, re-packed in memory as 4-bit
-nibbles. Nodes whose group size is not a multiple of 16 (MatMulNBits' block sizes) keep the
-reference function.
+it constant-folds it at load: every linear becomes a dense fp32 weight (~13 GiB of RSS and 40 s for
+MiniCPM4-0.5B) and the 2-bit format saves nothing. So before the session is created the
+TernaryMatMul nodes become `com.microsoft::MatMulNBits` nodes (bits=2, zero point 1) over the
+bundle's own packed bytes.
+
+Exactness. MatMulNBits' fast 2-bit CPU kernel quantizes its input rows to int8, per block of
+`block` inputs (scale = the block's max |x| / 127, symmetric), then multiplies integers: with
+ternary codes that part is exact, so all of its error is the activation rounding. A row whose
+every block is already on its int8 grid (x = k * scale, integer |k| <= 127, and some |k| = 127)
+goes through unchanged. So each activation row x is written as `digits` rows that are:
+x1 = x rounded to its blocks' int8 grids, x2 = the remainder x - x1 rounded to its own grids, and
+so on, the last digit carrying the rest. The digits run as extra rows of the same call (the weights
+are read once) and the rows of the result are summed. The last digit's rounding is the only error:
+at most 2^-(8 * digits - 1) of its block's largest activation — 3 digits ("exact") is fp32-level
+(~1e-7 relative logits, like the reference function), 2 ("int16") ~1e-5, 1 ("int8") ~1e-3.
+Linears that read the same activation (q/k/v, gate/up) become one call whose result is Split.
+
+Nodes whose group size is not a multiple of 16 (MatMulNBits' block sizes) keep the reference
+function. Activations are 2-D [T, K], as edgecpm's graphs write them.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import onnx
-from edgecpm.export.ternary import matmulnbits_block, nibbles, unpack
+from edgecpm.export.ternary import matmulnbits_block, matmulnbits_codes, matmulnbits_zero_points
 from onnx import helper, numpy_helper
 
 OP_TYPE, DOMAIN = "TernaryMatMul", "edgecpm"
@@ -27,43 +40,136 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def lower_ternary(model: onnx.ModelProto, folder: Path, accuracy_level: int = 1) -> int:
+class _Rewrite:
+    """The nodes and initializers a rewrite adds; constants are shared by name."""
+
+    def __init__(self, model: onnx.ModelProto, folder: Path):
+        self.folder = folder
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        self.added: list[onnx.TensorProto] = []
+        self.digit_rows: dict[tuple[str, int], str] = {}
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.inits[name], base_dir=str(self.folder))
+
+    def init(self, name: str, value: np.ndarray) -> str:
+        if name not in self.inits:
+            self.inits[name] = numpy_helper.from_array(np.asarray(value), name)
+            self.added.append(self.inits[name])
+        return name
+
+    def digits(self, x: str, k: int, block: int, digits: int, dtype: np.dtype) -> tuple[str, list[onnx.NodeProto]]:
+        """`digits` rows per row of x [T, K], stacked as [digits, T, K], each on its int8 grid but
+        the last; the nodes that make them (only the first caller of an (x, block) gets them)."""
+        if (x, block) in self.digit_rows:
+            return self.digit_rows[x, block], []
+        nodes: list[onnx.NodeProto] = []
+        p = f"{x}/digits{block}"
+
+        def op(op_type, inputs, out, **attrs):
+            nodes.append(helper.make_node(op_type, inputs, [f"{p}/{out}"], **attrs))
+            return f"{p}/{out}"
+
+        inv127 = self.init(f"inv127.{dtype}", np.array(1 / 127, dtype))
+        # An all-zero block would divide 0 by 0: its scale is floored at the smallest normal number.
+        tiny = self.init(f"tiny.{dtype}", np.array(np.finfo(dtype).tiny, dtype))
+        rest = op("Reshape", [x, self.init(f"blocks.{k}.{block}", np.array([-1, k // block, block]))], "blocks")
+        rows = []
+        for d in range(digits - 1):
+            absx = op("Abs", [rest], f"abs{d}")
+            if self.opset >= 18:
+                amax = op("ReduceMax", [absx, self.init("axis.-1", np.array([-1]))], f"amax{d}", keepdims=1)
+            else:
+                amax = op("ReduceMax", [absx], f"amax{d}", axes=[-1], keepdims=1)
+            # x / scale rounds to integers |k| <= 127, and to 127 at the block's largest value
+            # (127 * (1 +- a few ulps) rounds to 127): exactly the grid MatMulNBits will find.
+            scale = op("Mul", [op("Max", [amax, tiny], f"amax_floor{d}"), inv127], f"scale{d}")
+            digit = op("Mul", [op("Round", [op("Div", [rest, scale], f"x_over_scale{d}")], f"k{d}"), scale], f"digit{d}")
+            rows.append(digit)
+            rest = op("Sub", [rest, digit], f"rest{d}")
+        stacked = op("Concat", rows + [rest], "stacked", axis=0) if rows else rest
+        out = op("Reshape", [stacked, self.init(f"digit_rows.{digits}.{k}", np.array([digits, -1, k]))], "rows")
+        self.digit_rows[x, block] = out
+        return out, nodes
+
+    def linears(self, group: list[onnx.NodeProto], block: int, digits: int) -> list[onnx.NodeProto]:
+        """One MatMulNBits call for the TernaryMatMul nodes of `group` (same input), then the sum
+        of its digit rows and the Split into each node's output."""
+        first = group[0]
+        x, k = first.input[0], _attrs(first)["in_features"]
+        codes, scales, ns = [], [], []
+        for node in group:
+            packed, s = self.array(node.input[1]), self.array(node.input[2])
+            codes.append(matmulnbits_codes(packed, block))
+            scales.append(np.repeat(s, _attrs(node)["group_size"] // block, axis=1))  # one scale per block
+            ns.append(packed.shape[0])
+        n, dtype = sum(ns), scales[0].dtype
+        name = first.name or first.output[0]
+        b = self.init(f"{name}.codes2", np.concatenate(codes))
+        s = self.init(f"{name}.block_scales", np.concatenate(scales).reshape(-1))
+        z = self.init(f"{name}.zero_points", matmulnbits_zero_points(n, k, block))
+        outs = [node.output[0] for node in group]
+        if digits == 1:
+            a, nodes = x, []
+        else:
+            a, nodes = self.digits(x, k, block, digits, dtype)
+        y = outs[0] if digits == 1 and len(group) == 1 else f"{name}/matmulnbits"
+        nodes.append(helper.make_node("MatMulNBits", [a, b, s, z], [y], name=name, domain="com.microsoft",
+                                      K=k, N=n, bits=2, block_size=block, accuracy_level=4))
+        if digits > 1:
+            summed = outs[0] if len(group) == 1 else f"{name}/sum"
+            nodes.append(helper.make_node("ReduceSum", [y, self.init("axis.0", np.array([0]))], [summed], keepdims=0))
+            y = summed
+        if len(group) > 1:
+            nodes.append(helper.make_node("Split", [y, self.init(f"split.{'.'.join(map(str, ns))}", np.array(ns))],
+                                          outs, axis=-1))
+        return nodes
+
+
+def lower_ternary(model: onnx.ModelProto, folder: Path, digits: int = 3) -> int:
     """Rewrite, in place, the TernaryMatMul nodes of `model` (loaded without its external data;
-    `folder` holds that data) that MatMulNBits can compute. Returns how many were rewritten."""
+    `folder` holds that data) that MatMulNBits can compute, with `digits` int8 digits per
+    activation (module docstring). Returns how many nodes were rewritten."""
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    lowered, dropped = 0, set()
-    for i, node in enumerate(graph.node):
-        if node.op_type != OP_TYPE or node.domain != DOMAIN:
-            continue
-        a = _attrs(node)
-        k, group = a["in_features"], a["group_size"]
-        block = matmulnbits_block(group)
-        x, packed_name, scales_name = node.input
-        if block is None or packed_name not in inits or scales_name not in inits:
-            continue
-        packed = numpy_helper.to_array(inits[packed_name], base_dir=str(folder))
-        scales = numpy_helper.to_array(inits[scales_name], base_dir=str(folder))
-        n = packed.shape[0]
-        nib = numpy_helper.from_array(nibbles(unpack(packed, k), block), f"{packed_name}.nibbles")
-        # MatMulNBits wants one scale per block; a group spans group // block blocks.
-        per_block = numpy_helper.from_array(np.repeat(scales, group // block, axis=1).reshape(-1),
-                                            f"{scales_name}.blocks")
-        graph.initializer.extend([nib, per_block])
-        graph.node[i].CopyFrom(helper.make_node(
-            "MatMulNBits", [x, nib.name, per_block.name], list(node.output), name=node.name, domain="com.microsoft",
-            K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level))
-        dropped |= {packed_name, scales_name}
-        lowered += 1
-    if lowered:
-        still_used = {name for node in graph.node for name in node.input}
-        keep = [t for t in graph.initializer if t.name not in dropped or t.name in still_used]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-        if not any(node.op_type == OP_TYPE for node in graph.node):
-            kept = [f for f in model.functions if f.name != OP_TYPE]
-            del model.functions[:]
-            model.functions.extend(kept)
-        if not any(o.domain == "com.microsoft" for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return lowered
+    rw = _Rewrite(model, folder)
+    nodes = list(graph.node)  # held, so that id() names each node for the whole rewrite
+    by_input: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        if node.op_type == OP_TYPE and node.domain == DOMAIN and node.input[1] in rw.inits and node.input[2] in rw.inits:
+            by_input.setdefault(node.input[0], []).append(node)
+    # One call per input, on the largest block that divides every member's group; else one per node.
+    groups: list[tuple[int, list[onnx.NodeProto]]] = []
+    for members in by_input.values():
+        block = matmulnbits_block(math.gcd(*(_attrs(node)["group_size"] for node in members)))
+        if block is not None:
+            groups.append((block, members))
+        else:
+            groups += [(b, [node]) for node in members if (b := matmulnbits_block(_attrs(node)["group_size"]))]
+    if not groups:
+        return 0
+    # Each group's call takes the place of its first node: its input is ready there, and every
+    # other member's consumers come later.
+    at_first = {id(group[0]): (block, group) for block, group in groups}
+    lowered = {id(node) for _, group in groups for node in group}
+    new_nodes = []
+    for node in nodes:
+        if id(node) in at_first:
+            block, group = at_first[id(node)]
+            new_nodes += rw.linears(group, block, digits)
+        elif id(node) not in lowered:
+            new_nodes.append(node)
+    dropped = {name for _, group in groups for node in group for name in node.input[1:]}
+    still_used = {name for node in new_nodes for name in node.input}
+    keep = [t for t in list(graph.initializer) + rw.added if t.name not in dropped or t.name in still_used]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if not any(node.op_type == OP_TYPE for node in graph.node):
+        kept = [f for f in model.functions if f.name != OP_TYPE]
+        del model.functions[:]
+        model.functions.extend(kept)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(lowered)
