@@ -4,11 +4,12 @@
 
 Writes a checkpoint with the real MiniCPM4-0.5B shape whose linear weights are fake-quantized like
 BitCPM4 (bf16 values in {-s, 0, +s}, s = mean |W| per output row, or per --group-size inputs),
-and exports it four ways: the fp32 bundle of the dequantized weights (`quantize="none"`), the
-ternary bundle with TernaryMatMul nodes (the default export; onnxruntime rewrites them onto its
-exact 4-bit MatMulNBits kernel at load), the ternary bundle exported with MatMulNBits nodes, and
-the default export with `ternary_activations="int8"` (MatMulNBits on int8 activations: lossy,
-opt-in). All four sessions are open at once and their timed generations are interleaved, so a change of machine load hits all of them alike. Reports the bundle bytes of the
+and exports it four ways: the fp32 bundle of the dequantized weights (`quantize="none"`), and the
+ternary bundle (TernaryMatMul nodes, which onnxruntime rewrites onto its 2-bit MatMulNBits kernel at
+load: runtimes/ternary_lowering.py) with each `ternary_activations`: "exact" (the default, 3 int8
+digits, fp32-level), "int16" (2 digits) and "int8" (1 digit, lossy). All four sessions are open at
+once and their timed generations are interleaved, so a change of machine load hits all of them
+alike. Reports the bundle bytes of the
 linear weights (bits per weight), decode and prefill tok/s and their ratios to fp32, the bytes a
 decode token reads (and the embedding/lm_head share of them), each bundle's session creation in a
 fresh process (seconds, RSS after, peak RSS), and the logits of the ternary bundles against the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import struct
@@ -107,13 +109,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from edgecpm.export.exporter import export_bundle
+    from edgecpm.export.ternary import matmulnbits_block
 
     import edgecpm
 
     load_before = os.getloadavg()
     config, source = common.minicpm4_config("MiniCPM4-0.5B")
-    exports = {"fp32": {"quantize": "none"}, "ternary-TernaryMatMul": {},
-               "ternary-MatMulNBits": {"ternary_op": "MatMulNBits"},
+    exports = {"fp32": {"quantize": "none"}, "ternary-exact": {},
+               "ternary-int16-activations": {"ternary_activations": "int16"},
                "ternary-int8-activations": {"ternary_activations": "int8"}}
     results = {}
     with tempfile.TemporaryDirectory(prefix="edgecpm-bench-") as tmp:
@@ -153,18 +156,19 @@ def main(argv=None) -> int:
     # Bytes a decode token reads: every linear weight, the tied lm_head (embedding matrix), norms and
     # one embedding row; the last three stay fp32 in every bundle.
     dense = common.decode_weight_bytes(cfg, 4)
-    t = results["ternary-TernaryMatMul"]["ternary"]
+    t = results["ternary-exact"]["ternary"]
     linear_fp32 = dense["linear_elements"] * 4
     linear_packed = t["packed_bytes"] + t["scale_bytes"]
     rest = dense["bytes"] - linear_fp32
     lm_head = dense["lm_head_elements"] * 4
     fp32 = results["fp32"]
-    nb = results["ternary-MatMulNBits"]["ternary"]
-    # As run by MatMulNBits: 4-bit codes and one fp32 scale per block of 64 inputs.
-    linear_nbits = nb["packed_bytes"] + dense["linear_elements"] // 64 * 4
+    # As onnxruntime runs them (MatMulNBits): the 2-bit codes, one fp32 scale per block of inputs
+    # and a 2-bit zero point per block.
+    blocks = dense["linear_elements"] // matmulnbits_block(math.gcd(*t["group_sizes"]))
+    linear_nbits = t["packed_bytes"] + blocks * 4 + blocks // 4
     summary = {
         "linear_bits_per_weight": 8 * linear_packed / dense["linear_elements"],
-        "linear_bits_per_weight_matmulnbits": 8 * (nb["packed_bytes"] + nb["scale_bytes"]) / dense["linear_elements"],
+        "linear_bits_per_weight_matmulnbits": 8 * linear_nbits / dense["linear_elements"],
         "linear_bytes_fp32": linear_fp32,
         "linear_bytes_ternary": linear_packed,
         "bytes_read_per_token_fp32": dense["bytes"],

@@ -253,7 +253,8 @@ ACTIVATION_DIGITS = {"exact": 3, "int16": 2, "int8": 1}
 
 def matmulnbits_block(group_size: int) -> int | None:
     """The MatMulNBits block size for a group size (it must divide the group), or None. 128 is the
-    fastest its 2-bit int8 kernel takes; 256 falls back to a ~30x slower path (measured, 1.32)."""
+    fastest its 2-bit int8 kernel takes; at 256 onnxruntime 1.32 falls back to its exact 2-bit path,
+    ~30x slower (a 0.5B decode step: 835 ms)."""
     return next((b for b in (128, 64, 32, 16) if group_size % b == 0), None)
 
 
