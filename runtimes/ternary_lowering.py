@@ -15,8 +15,9 @@ goes through unchanged. So each activation row x is written as `digits` rows tha
 x1 = x rounded to its blocks' int8 grids, x2 = the remainder x - x1 rounded to its own grids, and
 so on, the last digit carrying the rest. The digits run as extra rows of the same call (the weights
 are read once) and the rows of the result are summed. The last digit's rounding is the only error:
-at most 2^-(8 * digits - 1) of its block's largest activation — 3 digits ("exact") is fp32-level
-(~1e-7 relative logits, like the reference function), 2 ("int16") ~1e-5, 1 ("int8") ~1e-3.
+at most 254^-digits (~2^-8 per digit) of its block's largest activation — 3 digits ("exact") is
+fp32-level (~1e-7 relative logits, like the reference function), 2 ("int16") ~1e-5, 1 ("int8")
+~1e-3.
 Linears that read the same activation (q/k/v, gate/up) become one call whose result is Split.
 
 Nodes whose group size is not a multiple of 16 (MatMulNBits' block sizes) keep the reference
