@@ -64,6 +64,21 @@ __device__ int block_sum(int v, int* scratch) {
     return total;
 }
 
+// Dot product of two shared-memory rows of D floats (D a multiple of 4, rows 16-byte aligned).
+__device__ __forceinline__ float dot_rows(const float* xr, const float* yr, int D) {
+    const float4* x = reinterpret_cast<const float4*>(xr);
+    const float4* y = reinterpret_cast<const float4*>(yr);
+    float dot = 0.f;
+    for (int d = 0; d < D / 4; ++d) {
+        const float4 u = x[d], w = y[d];
+        dot = fmaf(u.x, w.x, dot);
+        dot = fmaf(u.y, w.y, dot);
+        dot = fmaf(u.z, w.z, dot);
+        dot = fmaf(u.w, w.w, dot);
+    }
+    return dot;
+}
+
 // ---- compress ------------------------------------------------------------------------------------
 // One CTA per (new chunk, kv head); the chunk's rows come from the past or the new keys.
 template <typename T>
@@ -155,17 +170,7 @@ __global__ void __launch_bounds__(S1_THREADS) stage1_kernel(Stage1Args a) {
             if (r0 + r < n_rows && cg < a.nc) {
                 const int64_t t = t0 + (r0 + r) / G;
                 if (cg * a.st + a.ks - 1 <= (int64_t)a.pos[t]) {
-                    const float4* x = reinterpret_cast<const float4*>(q_s + r * ld);
-                    const float4* y = reinterpret_cast<const float4*>(ck_s + c * ld);
-                    float dot = 0.f;
-                    for (int d = 0; d < D / 4; ++d) {
-                        const float4 u = x[d], w = y[d];
-                        dot = fmaf(u.x, w.x, dot);
-                        dot = fmaf(u.y, w.y, dot);
-                        dot = fmaf(u.z, w.z, dot);
-                        dot = fmaf(u.w, w.w, dot);
-                    }
-                    s = dot * scale;
+                    s = dot_rows(q_s + r * ld, ck_s + c * ld, D) * scale;
                 }
             }
             s_s[i] = s;
@@ -407,17 +412,7 @@ __device__ void attend_tile(const AttnArgs& a, const AttnSmem& sm, int h, int64_
         if (visible && row >= a.P) visible = a.new_mask[t * a.T + (row - a.P)] != 0;
         float s = -CUDART_INF_F;
         if (visible) {
-            const float4* x = reinterpret_cast<const float4*>(sm.q + r * ld);
-            const float4* y = reinterpret_cast<const float4*>(sm.k + c * ld);
-            float dot = 0.f;
-            for (int d = 0; d < D / 4; ++d) {
-                const float4 u = x[d], w = y[d];
-                dot = fmaf(u.x, w.x, dot);
-                dot = fmaf(u.y, w.y, dot);
-                dot = fmaf(u.z, w.z, dot);
-                dot = fmaf(u.w, w.w, dot);
-            }
-            s = dot * scale;
+            s = dot_rows(sm.q + r * ld, sm.k + c * ld, D) * scale;
         }
         sm.s[i] = s;
     }
