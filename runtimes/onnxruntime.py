@@ -9,12 +9,16 @@ fast GPU path); CPU EP otherwise.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from edgecpm.bundle import Bundle
 from edgecpm.errors import BackendUnavailable, BundleError
 from edgecpm.kv_cache import KVCache
 
+# What can run a ternary bundle's TernaryMatMul nodes (OnnxRuntimeBackend's `ternary`).
+TERNARY_KERNELS = ("auto", "edgecpm", "matmulnbits", "reference")
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_}
 _ORT_TYPE = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
              "tensor(bool)": "bool"}
@@ -32,9 +36,14 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, threads: int | None = None, providers: list[str] | None = None,
-                 lower_ternary: bool = True):
-        """lower_ternary=False runs TernaryMatMul nodes through their reference function (for
-        checks: onnxruntime then folds them into dense fp32 weights at load)."""
+                 ternary: str = "auto"):
+        """ternary: what runs a ternary bundle's TernaryMatMul nodes (runtimes/ternary_lowering.py):
+        "edgecpm", the exact fp32 kernel of runtimes/onnxruntime_ops.cpp (built on first use);
+        "matmulnbits", onnxruntime's 2-bit kernel on the bundle's `ternary_activations` digits;
+        "auto", edgecpm's kernel for an fp32 bundle exported with exact activations when it can be
+        built here (else MatMulNBits, with a warning that says why), MatMulNBits for the others;
+        "reference", the op's reference function (for checks: onnxruntime folds it into dense fp32
+        weights at load). `ternary_kernel` says which runs."""
         ort = _import_ort()
         self.bundle, self.config = bundle, bundle.config
         graph = bundle.graph("decoder")
@@ -50,7 +59,7 @@ class OnnxRuntimeBackend:
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        model, self.ternary_lowered = self._decoder_model(graph, lower_ternary, opts)
+        model, self.ternary_kernel = self._decoder_model(graph, ternary, opts)
         self.session = ort.InferenceSession(model, opts, providers=providers)
         self.providers = self.session.get_providers()
         self._check_io(graph)
@@ -65,24 +74,48 @@ class OnnxRuntimeBackend:
         self.has_hidden = any(d["name"] == "hidden" for d in graph["outputs"])
         self.last_hidden: np.ndarray | None = None  # [T, H] float32: the last step's `hidden` rows
 
-    def _decoder_model(self, graph: dict, lower_ternary: bool, opts) -> tuple[str | bytes, int]:
-        """The decoder graph to load: its path, or — for a bundle with TernaryMatMul nodes — the
-        graph rewritten onto 2-bit MatMulNBits in memory (runtimes/ternary_lowering.py), its other
-        weights still read from the bundle's external data file."""
+    def _decoder_model(self, graph: dict, ternary: str, opts) -> tuple[str | bytes, str | None]:
+        """The decoder graph to load — its path, or for a bundle with TernaryMatMul nodes the graph
+        rewritten in memory (its other weights still read from the bundle's external data file) —
+        and what runs the ternary linears (None: there are none)."""
+        if ternary not in TERNARY_KERNELS:
+            raise ValueError(f"ternary={ternary!r}: expected one of {', '.join(TERNARY_KERNELS)}")
         path = self.bundle.file(graph["file"])
-        if not lower_ternary or "TernaryMatMul" not in self.bundle.manifest.get("custom_ops", []):
-            return str(path), 0
+        if "TernaryMatMul" not in self.bundle.manifest.get("custom_ops", []):
+            return str(path), None
+        if ternary == "reference":
+            return str(path), "reference function"
         import onnx
         from edgecpm.export.ternary import ACTIVATION_DIGITS
-        from edgecpm.runtimes.ternary_lowering import lower_ternary as lower
+        from edgecpm.runtimes import onnxruntime_ops
+        from edgecpm.runtimes.ternary_lowering import fuse_ternary, lower_ternary
 
         model = onnx.load(str(path), load_external_data=False)
         activations = (self.bundle.manifest.get("ternary") or {}).get("activations", "exact")
-        lowered = lower(model, path.parent, ACTIVATION_DIGITS[activations])
-        if not lowered:
-            return str(path), 0
+        kernel = None
+        fp32 = self.bundle.manifest.get("dtype", "fp32") == "fp32"
+        if ternary == "edgecpm" and not fp32:
+            raise BackendUnavailable(f"edgecpm's ternary kernel computes in fp32; {self.bundle.path} is "
+                                     f"{self.bundle.manifest['dtype']}")
+        if ternary == "edgecpm" or (ternary == "auto" and activations == "exact" and fp32):
+            try:
+                library = onnxruntime_ops.library()
+            except BackendUnavailable as e:
+                if ternary == "edgecpm":
+                    raise
+                # stacklevel: the application's Session(...) line
+                warnings.warn(f"{e}. Ternary linears run on onnxruntime's MatMulNBits instead (exact, slower).",
+                              stacklevel=5)
+            else:
+                opts.register_custom_ops_library(str(library))
+                fuse_ternary(model, path.parent)
+                kernel = f"edgecpm ({onnxruntime_ops.isa(library)})"
+        if kernel is None:
+            digits = ACTIVATION_DIGITS[activations]
+            lower_ternary(model, path.parent, digits)
+            kernel = f"MatMulNBits ({digits} int8 digits)"
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-        return model.SerializeToString(), lowered
+        return model.SerializeToString(), kernel
 
     def _check_io(self, graph: dict) -> None:
         want = {d["name"]: d["dtype"] for d in graph["inputs"] + graph["outputs"]}

@@ -1,11 +1,15 @@
-"""Run a bundle's TernaryMatMul nodes on onnxruntime's 2-bit MatMulNBits kernel, rewritten at load.
+"""How onnxruntime runs a bundle's TernaryMatMul nodes: rewritten at load, for edgecpm's own kernel
+or onto onnxruntime's 2-bit MatMulNBits.
 
 A ternary bundle is exported with the `edgecpm::TernaryMatMul` custom op (the TensorRT plugin's
 contract) and a reference local function of standard ops. onnxruntime can run that function, but
 it constant-folds it at load: every linear becomes a dense fp32 weight (~13 GiB of RSS and 40 s for
-MiniCPM4-0.5B) and the 2-bit format saves nothing. So before the session is created the
-TernaryMatMul nodes become `com.microsoft::MatMulNBits` nodes (bits=2, zero point 1) over the
-bundle's own packed bytes.
+MiniCPM4-0.5B) and the 2-bit format saves nothing. So before the session is created:
+
+- `fuse_ternary`: where edgecpm's kernel (runtimes/onnxruntime_ops.cpp: fp32 activations, exact)
+  is built, the nodes stay TernaryMatMul and run on it; linears that read one activation are fused.
+- `lower_ternary`: otherwise, they become `com.microsoft::MatMulNBits` nodes (bits=2, zero point 1)
+  over the bundle's own packed bytes, as follows.
 
 Exactness. MatMulNBits' fast 2-bit CPU kernel quantizes its input rows to int8, per block of
 `block` inputs (scale = the block's max |x| / 127, symmetric), then multiplies integers: with
@@ -94,6 +98,21 @@ class _Rewrite:
         self.digit_rows[x, block] = out
         return out, nodes
 
+    def fused(self, group: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+        """One TernaryMatMul over the rows of the nodes of `group` (same input and group size),
+        then the Split into each node's output."""
+        first = group[0]
+        name = first.name or first.output[0]
+        packed = self.init(f"{name}.fused_packed", np.concatenate([self.array(node.input[1]) for node in group]))
+        scales = self.init(f"{name}.fused_scales", np.concatenate([self.array(node.input[2]) for node in group]))
+        ns = [self.inits[node.input[1]].dims[0] for node in group]
+        y = f"{name}/fused"
+        node = helper.make_node(OP_TYPE, [first.input[0], packed, scales], [y], name=name, domain=DOMAIN)
+        node.attribute.extend(first.attribute)
+        split = helper.make_node("Split", [y, self.init(f"split.{'.'.join(map(str, ns))}", np.array(ns))],
+                                 [node.output[0] for node in group], axis=-1)
+        return [node, split]
+
     def linears(self, group: list[onnx.NodeProto], block: int, digits: int) -> list[onnx.NodeProto]:
         """One MatMulNBits call for the TernaryMatMul nodes of `group` (same input), then the sum
         of its digit rows and the Split into each node's output."""
@@ -128,49 +147,85 @@ class _Rewrite:
         return nodes
 
 
-def lower_ternary(model: onnx.ModelProto, folder: Path, digits: int = 3) -> int:
-    """Rewrite, in place, the TernaryMatMul nodes of `model` (loaded without its external data;
-    `folder` holds that data) that MatMulNBits can compute, with `digits` int8 digits per
-    activation (module docstring). Returns how many nodes were rewritten."""
-    graph = model.graph
-    rw = _Rewrite(model, folder)
-    nodes = list(graph.node)  # held, so that id() names each node for the whole rewrite
+def _ternary_nodes(nodes: list[onnx.NodeProto], rw: _Rewrite) -> dict[str, list[onnx.NodeProto]]:
+    """The TernaryMatMul nodes whose weights are initializers, by input."""
     by_input: dict[str, list[onnx.NodeProto]] = {}
     for node in nodes:
         if node.op_type == OP_TYPE and node.domain == DOMAIN and node.input[1] in rw.inits and node.input[2] in rw.inits:
             by_input.setdefault(node.input[0], []).append(node)
-    # One call per input, on the largest block that divides every member's group; else one per node.
-    groups: list[tuple[int, list[onnx.NodeProto]]] = []
-    for members in by_input.values():
-        block = matmulnbits_block(math.gcd(*(_attrs(node)["group_size"] for node in members)))
-        if block is not None:
-            groups.append((block, members))
-        else:
-            groups += [(b, [node]) for node in members if (b := matmulnbits_block(_attrs(node)["group_size"]))]
-    if not groups:
-        return 0
-    # Each group's call takes the place of its first node: its input is ready there, and every
-    # other member's consumers come later.
-    at_first = {id(group[0]): (block, group) for block, group in groups}
-    lowered = {id(node) for _, group in groups for node in group}
+    return by_input
+
+
+def _replace(model: onnx.ModelProto, rw: _Rewrite, nodes: list[onnx.NodeProto], groups: list[list[onnx.NodeProto]],
+             build) -> int:
+    """Put build(group)'s nodes in each group's place, drop the weights no node reads any more;
+    returns how many nodes were replaced. A group's nodes go where its first node was: their input
+    is ready there, and every other member's consumers come later."""
+    graph = model.graph
+    at_first = {id(group[0]): group for group in groups}
+    replaced = {id(node) for group in groups for node in group}
     new_nodes = []
     for node in nodes:
         if id(node) in at_first:
-            block, group = at_first[id(node)]
-            new_nodes += rw.linears(group, block, digits)
-        elif id(node) not in lowered:
+            new_nodes += build(at_first[id(node)])
+        elif id(node) not in replaced:
             new_nodes.append(node)
-    dropped = {name for _, group in groups for node in group for name in node.input[1:]}
+    dropped = {name for group in groups for node in group for name in node.input[1:]}
     still_used = {name for node in new_nodes for name in node.input}
     keep = [t for t in list(graph.initializer) + rw.added if t.name not in dropped or t.name in still_used]
     del graph.node[:]
     graph.node.extend(new_nodes)
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    if not any(node.op_type == OP_TYPE for node in graph.node):
-        kept = [f for f in model.functions if f.name != OP_TYPE]
-        del model.functions[:]
-        model.functions.extend(kept)
+    return len(replaced)
+
+
+def _drop_reference_function(model: onnx.ModelProto) -> None:
+    kept = [f for f in model.functions if f.name != OP_TYPE]
+    del model.functions[:]
+    model.functions.extend(kept)
+
+
+def lower_ternary(model: onnx.ModelProto, folder: Path, digits: int = 3) -> int:
+    """Rewrite, in place, the TernaryMatMul nodes of `model` (loaded without its external data;
+    `folder` holds that data) that MatMulNBits can compute, with `digits` int8 digits per
+    activation (module docstring). Returns how many nodes were rewritten."""
+    rw = _Rewrite(model, folder)
+    nodes = list(model.graph.node)  # held, so that id() names each node for the whole rewrite
+    # One call per input, on the largest block that divides every member's group; else one per node.
+    block_of: dict[int, int] = {}
+    groups: list[list[onnx.NodeProto]] = []
+    for members in _ternary_nodes(nodes, rw).values():
+        block = matmulnbits_block(math.gcd(*(_attrs(node)["group_size"] for node in members)))
+        split = [members] if block is not None else [[node] for node in members]
+        for group in split:
+            if (b := block or matmulnbits_block(_attrs(group[0])["group_size"])) is not None:
+                block_of[id(group[0])] = b
+                groups.append(group)
+    if not groups:
+        return 0
+    count = _replace(model, rw, nodes, groups, lambda group: rw.linears(group, block_of[id(group[0])], digits))
+    if not any(node.op_type == OP_TYPE for node in model.graph.node):
+        _drop_reference_function(model)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return len(lowered)
+    return count
+
+
+def fuse_ternary(model: onnx.ModelProto, folder: Path) -> int:
+    """For edgecpm's own kernel (runtimes/onnxruntime_ops.cpp), which implements TernaryMatMul:
+    rewrite `model` in place so that linears reading one activation with one group size (q/k/v,
+    gate/up) are one TernaryMatMul over their rows, then a Split — one kernel call and one wake of
+    the thread pool instead of three — and drop the op's reference function. Returns how many
+    nodes were fused."""
+    rw = _Rewrite(model, folder)
+    nodes = list(model.graph.node)
+    groups = []
+    for members in _ternary_nodes(nodes, rw).values():
+        by_group: dict[int, list[onnx.NodeProto]] = {}
+        for node in members:
+            by_group.setdefault(_attrs(node)["group_size"], []).append(node)
+        groups += [group for group in by_group.values() if len(group) > 1]
+    count = _replace(model, rw, nodes, groups, rw.fused) if groups else 0
+    _drop_reference_function(model)
+    return count

@@ -157,3 +157,27 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
 def rel_err(ours, ref) -> float:
     ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def ternary_graph(x_dtype, linears, k):
+    """A model whose TernaryMatMul nodes all read input x [M, k]; linears: (n, g, packed, scales)."""
+    import onnx
+    from edgecpm.export import custom_ops
+    from edgecpm.export.onnx_builder import GraphBuilder
+    from onnx import helper, numpy_helper
+
+    b = GraphBuilder(lambda name, a: numpy_helper.from_array(a, name))
+    et = helper.np_dtype_to_tensor_dtype(np.dtype(x_dtype))
+    outputs = []
+    for i, (n, g, packed, scales) in enumerate(linears):
+        y = custom_ops.ternary_node(b, "x", b.weight(f"packed{i}", packed), b.weight(f"scales{i}", scales), k, g)
+        b.nodes.append(helper.make_node("Identity", [y], [f"y{i}"]))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", et, ["M", n]))
+    graph = helper.make_graph(b.nodes, "g", [helper.make_tensor_value_info("x", et, ["M", k])], outputs,
+                              initializer=b.initializers)
+    custom_ops.register_schemas()
+    model = helper.make_model(graph, functions=[custom_ops.ternary_function()], opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid("edgecpm", 1)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import rel_err, ternary_graph
 from edgecpm.export import ternary
 from edgecpm.export.ternary import MIN_GROUP, detect, encode, explain, pack, quantize, unpack
 
@@ -118,30 +118,6 @@ def test_torch_op_matches_dequantized_matmul(n, k, g, dtype):
     ref = x.double() @ torch.from_numpy(ternary.dequantize(packed, scales, k)).to(dtype).double().T
     assert y.dtype == dtype and rel_err(y.double(), ref) <= (1e-6 if dtype == torch.float32 else 1e-3)
     torch.library.opcheck(torch.ops.edgecpm.ternary_matmul, args)
-
-
-def ternary_graph(x_dtype, linears, k):
-    """A model whose TernaryMatMul nodes all read input x [M, k]; linears: (n, g, packed, scales)."""
-    import onnx
-    from edgecpm.export import custom_ops
-    from edgecpm.export.onnx_builder import GraphBuilder
-    from onnx import helper, numpy_helper
-
-    b = GraphBuilder(lambda name, a: numpy_helper.from_array(a, name))
-    et = helper.np_dtype_to_tensor_dtype(np.dtype(x_dtype))
-    outputs = []
-    for i, (n, g, packed, scales) in enumerate(linears):
-        y = custom_ops.ternary_node(b, "x", b.weight(f"packed{i}", packed), b.weight(f"scales{i}", scales), k, g)
-        b.nodes.append(helper.make_node("Identity", [y], [f"y{i}"]))
-        outputs.append(helper.make_tensor_value_info(f"y{i}", et, ["M", n]))
-    graph = helper.make_graph(b.nodes, "g", [helper.make_tensor_value_info("x", et, ["M", k])], outputs,
-                              initializer=b.initializers)
-    custom_ops.register_schemas()
-    model = helper.make_model(graph, functions=[custom_ops.ternary_function()], opset_imports=[
-        helper.make_opsetid("", 17), helper.make_opsetid("edgecpm", 1)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 # Relative error bound of each onnxruntime lowering (runtimes/ternary_lowering.py) on the rows below
@@ -268,10 +244,12 @@ def test_ternary_checkpoint_to_bundle_parity(granularity, ternary_checkpoints, t
     on_torch = edgecpm.Session(ckpt, backend="torch")
     assert isinstance(on_torch.backend.model.model.layers[1].mlp.down_proj, TernaryLinear)
     bundle = export_bundle(ckpt, tmp_path / "b", progress=False)
-    on_ort = edgecpm.Session(bundle)
-    assert on_ort.backend.ternary_lowered == 14  # every linear runs on MatMulNBits (see runtimes/ternary_lowering.py)
-    reference_fn = edgecpm.Session.from_backend(OnnxRuntimeBackend(load_bundle(bundle), lower_ternary=False))
-    for s in (on_torch, on_ort, reference_fn):
+    # onnxruntime: edgecpm's kernel where it can be built (runtimes/onnxruntime_ops.cpp), MatMulNBits
+    # on 3 int8 digits of the activations (runtimes/ternary_lowering.py), the op's reference function.
+    on_ort = [edgecpm.Session.from_backend(OnnxRuntimeBackend(load_bundle(bundle), ternary=kernel))
+              for kernel in ("auto", "matmulnbits", "reference")]
+    assert on_ort[1].backend.ternary_kernel == "MatMulNBits (3 int8 digits)"
+    for s in (on_torch, *on_ort):
         assert rel_err(s.logits(ids), ref_logits) <= 1e-4
         assert s.generate(ids, max_new_tokens=8, ignore_eos=True).token_ids == ref_tokens
 
@@ -288,7 +266,7 @@ def test_ternary_checkpoint_to_bundle_parity(granularity, ternary_checkpoints, t
     # Session.memory() reports the bundle's weights: the dense ones shrank to the packed bytes.
     dense_linear = 4 * t["weights"]
     full = sum(p.numel() * 4 for p in dense.parameters())
-    assert on_ort.memory()["weights_bytes"] <= full - dense_linear + t["packed_bytes"] + t["scale_bytes"] + 64 * 4096
+    assert on_ort[0].memory()["weights_bytes"] <= full - dense_linear + t["packed_bytes"] + t["scale_bytes"] + 64 * 4096
     assert on_torch.memory()["weights_bytes"] == full - dense_linear + t["packed_bytes"] + t["scale_bytes"]
 
 

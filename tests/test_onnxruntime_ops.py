@@ -1,0 +1,134 @@
+"""edgecpm's onnxruntime kernel for TernaryMatMul (runtimes/onnxruntime_ops.cpp): built on first
+use, exact against the dequantized matmul on each of its CPU paths, fused where linears share an
+input, and a clear fallback (or error) where it cannot be built."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from conftest import rel_err, ternary_graph
+from edgecpm.export import ternary
+from edgecpm.export.ternary import pack
+
+from edgecpm.errors import BackendUnavailable
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+
+@pytest.fixture
+def ort_ops():
+    """The built library, or a skip that says why it cannot be built here (a failure in CI, which
+    installs the headers: .ci/run sets EDGECPM_REQUIRE_ORT_OPS)."""
+    from edgecpm.runtimes import onnxruntime_ops
+
+    try:
+        return onnxruntime_ops.library()
+    except BackendUnavailable as e:
+        if os.environ.get("EDGECPM_REQUIRE_ORT_OPS"):
+            raise
+        pytest.skip(f"edgecpm's onnxruntime kernel cannot be built here: {e}")
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """library() forgets its result (before and after the test) and builds into tmp_path."""
+    from edgecpm.runtimes import onnxruntime_ops
+
+    onnxruntime_ops.library.cache_clear()
+    monkeypatch.setenv("EDGECPM_CACHE", str(tmp_path / "cache"))
+    yield onnxruntime_ops
+    onnxruntime_ops.library.cache_clear()
+
+
+def session(model, library):
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(library))
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def linear(rng, n, k, g):
+    return n, g, pack(rng.integers(0, 3, (n, k)).astype(np.uint8)), (rng.random((n, k // g)) + 0.1).astype(np.float32)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("n, k, g, m", [(7, 40, 20, 3), (64, 128, 32, 9), (24, 384, 384, 1), (33, 1000, 1000, 17),
+                                        (16, 20, 20, 2), (40, 4096, 128, 8)])
+def test_kernel_matches_dequantized_matmul(isa, n, k, g, m, ort_ops, monkeypatch, tmp_path):
+    """Shapes cover: K not a multiple of 16 (a partial last word), groups that split words (20),
+    several groups per row, and token counts on and off the kernel's tiles (8 on AVX-512, 4 on AVX2)."""
+    from edgecpm.runtimes.onnxruntime_ops import isa as isa_of
+    from edgecpm.runtimes.ternary_lowering import fuse_ternary
+
+    monkeypatch.setenv("EDGECPM_ORT_ISA", isa)  # read when onnxruntime creates the kernel
+    if isa_of(ort_ops) != isa:
+        pytest.skip(f"this CPU has no {isa}")
+    rng = np.random.default_rng(k + m)
+    n, g, packed, scales = linear(rng, n, k, g)
+    model = ternary_graph(np.float32, [(n, g, packed, scales)], k)
+    assert fuse_ternary(model, tmp_path) == 0 and not model.functions  # the kernel replaces the reference body
+    s = session(model, ort_ops)
+    w = ternary.dequantize(packed, scales, k)
+    # One-hot rows read the dequantized weight back exactly: +-1 * 1 summed with zeros, times the scale.
+    assert np.array_equal(s.run(None, {"x": np.eye(k, dtype=np.float32)})[0], w.T)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[0, 3] = 300  # an outlier, as LLM activations have
+    y = s.run(None, {"x": x})[0]
+    assert y.shape == (m, n)
+    assert rel_err(y, x.astype(np.float64) @ w.T) <= 1e-6  # fp32 summation, no activation rounding
+
+
+def test_linears_reading_one_activation_are_fused(ort_ops, tmp_path):
+    """q/k/v-like linears with one group size become one TernaryMatMul over their rows and a Split;
+    a linear with another group size keeps its own node."""
+    from edgecpm.runtimes.ternary_lowering import fuse_ternary
+
+    rng = np.random.default_rng(0)
+    k = 256
+    linears = [linear(rng, n, k, g) for n, g in [(64, 128), (16, 256), (16, 128), (8, 128)]]
+    model = ternary_graph(np.float32, linears, k)
+    assert fuse_ternary(model, tmp_path) == 3
+    ops = [nd.op_type for nd in model.graph.node]
+    assert ops.count("TernaryMatMul") == 2 and ops.count("Split") == 1 and not model.functions
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    for y, (n, g, packed, scales) in zip(session(model, ort_ops).run(None, {"x": x}), linears):
+        assert y.shape == (3, n)
+        assert rel_err(y, x.astype(np.float64) @ ternary.dequantize(packed, scales, k).T) <= 1e-6
+
+
+def test_library_is_cached_and_says_why_it_cannot_be_built(fresh_build, ort_ops, monkeypatch):
+    first = fresh_build.library()
+    fresh_build.library.cache_clear()
+    assert fresh_build.library() == first  # the second session of a process, or the next process: no rebuild
+    fresh_build.library.cache_clear()
+    monkeypatch.setenv("CXX", "false")
+    monkeypatch.setenv("EDGECPM_CACHE", str(first.parents[3] / "other"))
+    with pytest.raises(BackendUnavailable, match="building onnxruntime_ops.cpp failed"):
+        fresh_build.library()
+    assert not list((first.parents[3] / "other").rglob("*.so"))  # nothing half-built left behind
+    monkeypatch.setenv("ONNXRUNTIME_INCLUDE_DIR", "/nonexistent/include")
+    with pytest.raises(BackendUnavailable, match="ONNXRUNTIME_INCLUDE_DIR=/nonexistent/include"):
+        fresh_build.library()
+
+
+def test_backend_falls_back_to_matmulnbits_with_a_warning(fresh_build, make_checkpoint, monkeypatch, tmp_path):
+    """Without the headers, "auto" runs MatMulNBits (exact digits) and warns why; "edgecpm" refuses."""
+    pytest.importorskip("torch")
+    from edgecpm.export.exporter import export_bundle
+    from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
+    from test_ternary import ternarize_checkpoint
+
+    import edgecpm
+    from edgecpm.bundle import load_bundle
+
+    ckpt = ternarize_checkpoint(make_checkpoint(dtype="bf16", tie=False), tmp_path / "c", "K")
+    bundle = load_bundle(export_bundle(ckpt, tmp_path / "b", progress=False))
+    monkeypatch.setenv("ONNXRUNTIME_INCLUDE_DIR", str(tmp_path / "no-headers"))
+    with pytest.warns(UserWarning, match="no-headers.*MatMulNBits instead"):
+        backend = OnnxRuntimeBackend(bundle)
+    assert backend.ternary_kernel == "MatMulNBits (3 int8 digits)"
+    assert len(edgecpm.Session.from_backend(backend).generate([1, 5, 9], max_new_tokens=3).token_ids) == 3
+    with pytest.raises(BackendUnavailable, match="no-headers"):
+        OnnxRuntimeBackend(bundle, ternary="edgecpm")
