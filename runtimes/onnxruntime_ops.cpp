@@ -9,9 +9,10 @@
 // Decode (one token) reads each weight once, so the work per 16 weights is kept to three vector
 // instructions: shift the broadcast word so that lane i holds code i in its low bits, look the
 // weight up with a 16-entry permute (vpermps reads the low four bits: code i plus four times the
-// next code, hence the table repeats -1, 0, 1), and fuse-multiply-add the 16 inputs. Rows are split
-// over onnxruntime's intra-op threads; tokens are taken in tiles so each decoded word serves
-// several of them in prefill.
+// next code, hence the table repeats -1, 0, 1), and fuse-multiply-add the 16 inputs. Tasks of 16
+// rows go to onnxruntime's intra-op threads; within one, 4 rows x 4 tokens at a time, so in prefill
+// each decoded word serves 4 tokens and each loaded input 4 rows (prefill is then as fast as fp32's
+// GEMM: the multiply-adds are the bound).
 //
 // Paths: AVX-512F, AVX2+FMA, portable C++ (groups that are not whole words take it too). The
 // library is built on first use by runtimes/onnxruntime_ops.py; EDGECPM_ORT_ISA=avx2|scalar caps
@@ -68,45 +69,70 @@ __attribute__((target("avx512f"))) inline __m512 weights16(uint32_t word, __m512
   return _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi32(int(word)), shifts), table);
 }
 
-// Row n for tokens m0 .. m0 + MT: MT accumulators per group, two words per step.
-template <int MT>
+// Rows n .. n + R for tokens m0 .. m0 + MT: R * MT accumulators per group, so each decoded word
+// serves MT tokens and each loaded input R rows. One row and one token (the last rows of a task)
+// take two words a step instead, to keep two accumulators in flight.
+template <int R, int MT>
 __attribute__((target("avx512f"))) void tile_avx512(const Problem& p, int64_t n, int64_t m0) {
+  constexpr int U = R * MT == 1 ? 2 : 1;
   const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512 table = _mm512_setr_ps(-1, 0, 1, 2, -1, 0, 1, 2, -1, 0, 1, 2, -1, 0, 1, 2);
   const uint32_t* codes = p.packed + n * p.words;
   const float* x = p.x + m0 * p.K;
   const int64_t whole = p.K / 16, per_group = p.groups == 1 ? p.words : p.group_size / 16;
-  __m512 y[MT];
-  for (auto& v : y) v = _mm512_setzero_ps();
+  __m512 y[R][MT];
+  for (auto& row : y)
+    for (auto& v : row) v = _mm512_setzero_ps();
   for (int64_t j = 0; j < p.groups; ++j) {
     const int64_t end = (j + 1) * per_group;
-    __m512 a0[MT], a1[MT];
-    for (int t = 0; t < MT; ++t) a0[t] = a1[t] = _mm512_setzero_ps();
+    __m512 acc[U][R][MT];
+    for (auto& a : acc)
+      for (auto& row : a)
+        for (auto& v : row) v = _mm512_setzero_ps();
     int64_t w = j * per_group;
-    for (; w + 2 <= std::min(end, whole); w += 2) {
-      const __m512 u = weights16(codes[w], shifts, table), v = weights16(codes[w + 1], shifts, table);
-      for (int t = 0; t < MT; ++t) {
-        a0[t] = _mm512_fmadd_ps(u, _mm512_loadu_ps(x + t * p.K + 16 * w), a0[t]);
-        a1[t] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + t * p.K + 16 * w + 16), a1[t]);
+    for (; w + U <= std::min(end, whole); w += U) {
+      for (int u = 0; u < U; ++u) {
+        __m512 wr[R];
+        for (int r = 0; r < R; ++r) wr[r] = weights16(codes[r * p.words + w + u], shifts, table);
+        for (int t = 0; t < MT; ++t) {
+          const __m512 xt = _mm512_loadu_ps(x + t * p.K + 16 * (w + u));
+          for (int r = 0; r < R; ++r) acc[u][r][t] = _mm512_fmadd_ps(wr[r], xt, acc[u][r][t]);
+        }
       }
     }
     for (; w < end; ++w) {  // an odd word, or the last, partial one: inputs past K are not read
       const __mmask16 live = w < whole ? __mmask16(0xFFFF) : __mmask16((1u << (p.K % 16)) - 1);
-      const __m512 u = weights16(codes[w], shifts, table);
-      for (int t = 0; t < MT; ++t) a0[t] = _mm512_fmadd_ps(u, _mm512_maskz_loadu_ps(live, x + t * p.K + 16 * w), a0[t]);
+      __m512 wr[R];
+      for (int r = 0; r < R; ++r) wr[r] = weights16(codes[r * p.words + w], shifts, table);
+      for (int t = 0; t < MT; ++t) {
+        const __m512 xt = _mm512_maskz_loadu_ps(live, x + t * p.K + 16 * w);
+        for (int r = 0; r < R; ++r) acc[0][r][t] = _mm512_fmadd_ps(wr[r], xt, acc[0][r][t]);
+      }
     }
-    const __m512 s = _mm512_set1_ps(p.scales[n * p.groups + j]);
-    for (int t = 0; t < MT; ++t) y[t] = _mm512_fmadd_ps(_mm512_add_ps(a0[t], a1[t]), s, y[t]);
+    for (int r = 0; r < R; ++r) {
+      const __m512 s = _mm512_set1_ps(p.scales[(n + r) * p.groups + j]);
+      for (int t = 0; t < MT; ++t) {
+        __m512 sum = acc[0][r][t];
+        for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][r][t]);
+        y[r][t] = _mm512_fmadd_ps(sum, s, y[r][t]);
+      }
+    }
   }
-  for (int t = 0; t < MT; ++t) p.y[(m0 + t) * p.N + n] = _mm512_reduce_add_ps(y[t]);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < MT; ++t) p.y[(m0 + t) * p.N + n + r] = _mm512_reduce_add_ps(y[r][t]);
+}
+
+template <int R>
+__attribute__((target("avx512f"))) void tokens_avx512(const Problem& p, int64_t n) {
+  int64_t m = 0;
+  for (; m + 4 <= p.M; m += 4) tile_avx512<R, 4>(p, n, m);
+  for (; m < p.M; ++m) tile_avx512<R, 1>(p, n, m);
 }
 
 __attribute__((target("avx512f"))) void rows_avx512(const Problem& p, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    int64_t m = 0;
-    for (; m + 8 <= p.M; m += 8) tile_avx512<8>(p, n, m);
-    for (; m < p.M; ++m) tile_avx512<1>(p, n, m);
-  }
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) tokens_avx512<4>(p, n);
+  for (; n < n1; ++n) tokens_avx512<1>(p, n);
 }
 
 // ---- AVX2 + FMA: one word = two vectors of 8 weights --------------------------------------------
