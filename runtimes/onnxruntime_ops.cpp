@@ -142,50 +142,63 @@ __attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
-template <int MT>
+// Rows n .. n + R for tokens m0 .. m0 + MT, as tile_avx512; 2 x 2 fits AVX2's 16 registers.
+template <int R, int MT>
 __attribute__((target("avx2,fma"))) void tile_avx2(const Problem& p, int64_t n, int64_t m0) {
   const __m256i lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
   const __m256 table = _mm256_setr_ps(-1, 0, 1, 2, -1, 0, 1, 2);  // vpermps reads the low three bits
   const uint32_t* codes = p.packed + n * p.words;
   const float* x = p.x + m0 * p.K;
   const int64_t whole = p.K / 16, per_group = p.groups == 1 ? p.words : p.group_size / 16;
-  __m256 y[MT];
-  for (auto& v : y) v = _mm256_setzero_ps();
+  // Loads of the last, partial word: only the inputs below K.
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), left = _mm256_set1_epi32(int(p.K % 16));
+  const __m256i live_lo = _mm256_cmpgt_epi32(left, lane);
+  const __m256i live_hi = _mm256_cmpgt_epi32(left, _mm256_add_epi32(lane, _mm256_set1_epi32(8)));
+  __m256 y[R][MT];
+  for (auto& row : y)
+    for (auto& v : row) v = _mm256_setzero_ps();
   for (int64_t j = 0; j < p.groups; ++j) {
     const int64_t end = (j + 1) * per_group;
-    __m256 a0[MT], a1[MT];
-    for (int t = 0; t < MT; ++t) a0[t] = a1[t] = _mm256_setzero_ps();
+    __m256 a0[R][MT], a1[R][MT];  // inputs 0-7 and 8-15 of each word
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < MT; ++t) a0[r][t] = a1[r][t] = _mm256_setzero_ps();
     for (int64_t w = j * per_group; w < end; ++w) {
-      const __m256i word = _mm256_set1_epi32(int(codes[w]));
-      const __m256 u = _mm256_permutevar8x32_ps(table, _mm256_srlv_epi32(word, lo));
-      const __m256 v = _mm256_permutevar8x32_ps(table, _mm256_srlv_epi32(word, hi));
-      if (w < whole) {
-        for (int t = 0; t < MT; ++t) {
-          a0[t] = _mm256_fmadd_ps(u, _mm256_loadu_ps(x + t * p.K + 16 * w), a0[t]);
-          a1[t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + t * p.K + 16 * w + 8), a1[t]);
-        }
-      } else {  // the last, partial word: inputs past K are not read
-        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), left = _mm256_set1_epi32(int(p.K % 16));
-        const __m256i m_lo = _mm256_cmpgt_epi32(left, lane);
-        const __m256i m_hi = _mm256_cmpgt_epi32(left, _mm256_add_epi32(lane, _mm256_set1_epi32(8)));
-        for (int t = 0; t < MT; ++t) {
-          a0[t] = _mm256_fmadd_ps(u, _mm256_maskload_ps(x + t * p.K + 16 * w, m_lo), a0[t]);
-          a1[t] = _mm256_fmadd_ps(v, _mm256_maskload_ps(x + t * p.K + 16 * w + 8, m_hi), a1[t]);
+      __m256 u[R], v[R];
+      for (int r = 0; r < R; ++r) {
+        const __m256i word = _mm256_set1_epi32(int(codes[r * p.words + w]));
+        u[r] = _mm256_permutevar8x32_ps(table, _mm256_srlv_epi32(word, lo));
+        v[r] = _mm256_permutevar8x32_ps(table, _mm256_srlv_epi32(word, hi));
+      }
+      for (int t = 0; t < MT; ++t) {
+        const float* xw = x + t * p.K + 16 * w;
+        const __m256 x0 = w < whole ? _mm256_loadu_ps(xw) : _mm256_maskload_ps(xw, live_lo);
+        const __m256 x1 = w < whole ? _mm256_loadu_ps(xw + 8) : _mm256_maskload_ps(xw + 8, live_hi);
+        for (int r = 0; r < R; ++r) {
+          a0[r][t] = _mm256_fmadd_ps(u[r], x0, a0[r][t]);
+          a1[r][t] = _mm256_fmadd_ps(v[r], x1, a1[r][t]);
         }
       }
     }
-    const __m256 s = _mm256_set1_ps(p.scales[n * p.groups + j]);
-    for (int t = 0; t < MT; ++t) y[t] = _mm256_fmadd_ps(_mm256_add_ps(a0[t], a1[t]), s, y[t]);
+    for (int r = 0; r < R; ++r) {
+      const __m256 s = _mm256_set1_ps(p.scales[(n + r) * p.groups + j]);
+      for (int t = 0; t < MT; ++t) y[r][t] = _mm256_fmadd_ps(_mm256_add_ps(a0[r][t], a1[r][t]), s, y[r][t]);
+    }
   }
-  for (int t = 0; t < MT; ++t) p.y[(m0 + t) * p.N + n] = hsum8(y[t]);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < MT; ++t) p.y[(m0 + t) * p.N + n + r] = hsum8(y[r][t]);
+}
+
+template <int R>
+__attribute__((target("avx2,fma"))) void tokens_avx2(const Problem& p, int64_t n) {
+  int64_t m = 0;
+  for (; m + 2 <= p.M; m += 2) tile_avx2<R, 2>(p, n, m);
+  for (; m < p.M; ++m) tile_avx2<R, 1>(p, n, m);
 }
 
 __attribute__((target("avx2,fma"))) void rows_avx2(const Problem& p, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    int64_t m = 0;
-    for (; m + 4 <= p.M; m += 4) tile_avx2<4>(p, n, m);
-    for (; m < p.M; ++m) tile_avx2<1>(p, n, m);
-  }
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) tokens_avx2<2>(p, n);
+  for (; n < n1; ++n) tokens_avx2<1>(p, n);
 }
 #endif
 
