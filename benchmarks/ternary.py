@@ -4,16 +4,20 @@
 
 Writes a checkpoint with the real MiniCPM4-0.5B shape whose linear weights are fake-quantized like
 BitCPM4 (bf16 values in {-s, 0, +s}, s = mean |W| per output row, or per --group-size inputs),
-and exports it four ways: the fp32 bundle of the dequantized weights (`quantize="none"`), and the
-ternary bundle (TernaryMatMul nodes, which onnxruntime rewrites onto its 2-bit MatMulNBits kernel at
-load: runtimes/ternary_lowering.py) with each `ternary_activations`: "exact" (the default, 3 int8
-digits, fp32-level), "int16" (2 digits) and "int8" (1 digit, lossy). All four sessions are open at
-once and their timed generations are interleaved, so a change of machine load hits all of them
-alike. Reports the bundle bytes of the
-linear weights (bits per weight), decode and prefill tok/s and their ratios to fp32, the bytes a
-decode token reads (and the embedding/lm_head share of them), each bundle's session creation in a
-fresh process (seconds, RSS after, peak RSS), and the logits of the ternary bundles against the
-fp32 one. Writes benchmarks/results/ternary.json.
+and exports it: the fp32 bundle of the dequantized weights (`quantize="none"`), and the ternary
+bundle (TernaryMatMul nodes) with each `ternary_activations`. It runs the ternary bundle five ways:
+- "ternary-exact": the default; on edgecpm's own kernel (runtimes/onnxruntime_ops.cpp: fp32
+  activations, exact), which this benchmark requires to build (see its module for the headers);
+- "ternary-exact-matmulnbits": the fallback where that kernel cannot be built, onnxruntime's 2-bit
+  MatMulNBits on 3 int8 digits of the activations (fp32-level; runtimes/ternary_lowering.py);
+- "ternary-int16-activations" / "ternary-int8-activations": MatMulNBits on 2 digits (~1e-5) or
+  1 (lossy), the bundles exported with those options.
+All sessions are open at once and their timed generations are interleaved, so a change of machine
+load hits all of them alike. Reports the bundle bytes of the linear weights (bits per weight),
+decode and prefill tok/s and their ratios to fp32, the bytes a decode token reads (and the
+embedding/lm_head share of them), each session's creation in a fresh process (seconds, RSS after,
+peak RSS), and the logits of the ternary runs against the fp32 one. Writes
+benchmarks/results/ternary.json.
 """
 
 from __future__ import annotations
@@ -75,17 +79,35 @@ def write_ternary_checkpoint(folder: Path, config: dict, group_size: int | None,
     return folder
 
 
-def measure_load(bundle: Path, threads: int) -> dict:
-    """Session creation in a fresh process: seconds, RSS after it and peak RSS (onnxruntime folds
-    constant subgraphs at load, which can cost far more memory than the weights). The peak is
-    VmHWM: ru_maxrss would carry over the parent's peak across fork + exec."""
+def open_session(bundle: Path, threads: int, kernel: str):
+    """A Session whose ternary linears run on `kernel` (OnnxRuntimeBackend's `ternary`)."""
+    from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
+
+    import edgecpm
+    from edgecpm.bundle import load_bundle
+
+    backend = OnnxRuntimeBackend(load_bundle(bundle), threads=threads, ternary=kernel)
+    return edgecpm.Session.from_backend(backend, kv_budget="256MiB", path=bundle)
+
+
+def measure_load(bundle: Path, threads: int, kernel: str) -> dict:
+    """Session creation in a fresh process, the bundle's files already read once: seconds, RSS after
+    it and peak RSS (onnxruntime folds constant subgraphs at load, which can cost far more memory
+    than the weights). The peak is VmHWM: ru_maxrss would carry over the parent's peak across fork
+    + exec."""
     code = ("import json, re, sys, time; sys.path.insert(0, sys.argv[1]); import common, edgecpm; "
-            "t0 = time.perf_counter(); s = edgecpm.Session(sys.argv[2], backend='onnxruntime', kv_budget='256MiB', "
-            "threads=int(sys.argv[3])); dt = time.perf_counter() - t0; "
+            "import ternary; from pathlib import Path; "
+            "t0 = time.perf_counter(); s = ternary.open_session(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]); "
+            "dt = time.perf_counter() - t0; "
             "hwm = int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) * 1024; "
             "print(json.dumps({'load_s': dt, 'rss_after_load_bytes': common.current_rss_bytes(), "
             "'peak_rss_bytes': hwm}))")
-    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent), str(bundle), str(threads)],
+    for f in bundle.iterdir():  # the file cache warm, as on a device that loads its bundle again
+        with open(f, "rb") as data:
+            while data.read(1 << 24):
+                pass
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent), str(bundle), str(threads),
+                          kernel],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -110,29 +132,35 @@ def main(argv=None) -> int:
 
     from edgecpm.export.exporter import export_bundle
     from edgecpm.export.ternary import matmulnbits_block
+    from edgecpm.runtimes import onnxruntime_ops
 
-    import edgecpm
-
+    library = onnxruntime_ops.library()  # the exact kernel must be measured, not silently replaced
     load_before = os.getloadavg()
     config, source = common.minicpm4_config("MiniCPM4-0.5B")
-    exports = {"fp32": {"quantize": "none"}, "ternary-exact": {},
-               "ternary-int16-activations": {"ternary_activations": "int16"},
-               "ternary-int8-activations": {"ternary_activations": "int8"}}
-    results = {}
+    exports = {"fp32": {"quantize": "none"}, "ternary": {}, "ternary-int16": {"ternary_activations": "int16"},
+               "ternary-int8": {"ternary_activations": "int8"}}
+    # run name: (bundle, what runs its ternary linears)
+    runs = {"fp32": ("fp32", "auto"), "ternary-exact": ("ternary", "edgecpm"),
+            "ternary-exact-matmulnbits": ("ternary", "matmulnbits"),
+            "ternary-int16-activations": ("ternary-int16", "matmulnbits"),
+            "ternary-int8-activations": ("ternary-int8", "matmulnbits")}
+    results, exported = {}, {}
     with tempfile.TemporaryDirectory(prefix="edgecpm-bench-") as tmp:
         ckpt = write_ternary_checkpoint(Path(tmp) / "ckpt", config, args.group_size)
         for name, options in exports.items():
             t0 = time.perf_counter()
             bundle = export_bundle(ckpt, Path(tmp) / name, dtype="fp32", progress=False, **options)
-            results[name] = {"export_s": time.perf_counter() - t0, "runs": [],
-                             "ternary": json.loads((bundle / "manifest.json").read_text())["ternary"]}
-        for name in exports:  # before this process holds any session, so the machine has the memory
-            results[name] |= measure_load(Path(tmp) / name, args.threads)
+            exported[name] = {"export_s": time.perf_counter() - t0,
+                              "ternary": json.loads((bundle / "manifest.json").read_text())["ternary"]}
+        for name, (bundle, kernel) in runs.items():  # before this process holds any session: the machine has the memory
+            results[name] = {"bundle": bundle, **exported[bundle], "runs": []}
+            results[name] |= measure_load(Path(tmp) / bundle, args.threads, kernel)
             print(f"{name}: exported in {results[name]['export_s']:.1f} s, loaded in {results[name]['load_s']:.1f} s, "
                   f"peak RSS {results[name]['peak_rss_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
         sessions = {}
-        for name in exports:
-            s = edgecpm.Session(Path(tmp) / name, backend="onnxruntime", kv_budget="256MiB", threads=args.threads)
+        for name, (bundle, kernel) in runs.items():
+            s = open_session(Path(tmp) / bundle, args.threads, kernel)
+            results[name]["kernel"] = s.backend.ternary_kernel
             results[name]["bundle_weights_bytes"] = s.memory()["weights_bytes"]
             sessions[name] = s
         cfg = s.config
@@ -162,7 +190,7 @@ def main(argv=None) -> int:
     rest = dense["bytes"] - linear_fp32
     lm_head = dense["lm_head_elements"] * 4
     fp32 = results["fp32"]
-    # As onnxruntime runs them (MatMulNBits): the 2-bit codes, one fp32 scale per block of inputs
+    # As MatMulNBits runs them: the 2-bit codes, one fp32 scale per block of inputs
     # and a 2-bit zero point per block.
     blocks = dense["linear_elements"] // matmulnbits_block(math.gcd(*t["group_sizes"]))
     linear_nbits = t["packed_bytes"] + blocks * 4 + blocks // 4
@@ -178,7 +206,7 @@ def main(argv=None) -> int:
         "bytes_read_per_token_matmulnbits": linear_nbits + rest,
         "lm_head_share_of_bytes_read_matmulnbits": lm_head / (linear_nbits + rest),
     }
-    for name in exports:
+    for name in runs:
         if name != "fp32":
             summary[f"{name}_decode_speedup"] = results[name]["decode_tok_s"] / fp32["decode_tok_s"]
             summary[f"{name}_prefill_speedup"] = results[name]["prefill_tok_s"] / fp32["prefill_tok_s"]
@@ -186,7 +214,8 @@ def main(argv=None) -> int:
         "benchmark": "ternary",
         "command": "python benchmarks/ternary.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {**common.machine_info(), "threads": args.threads, "loadavg_before": load_before,
+        "machine": {**common.machine_info(), "threads": args.threads, "edgecpm_kernel": onnxruntime_ops.isa(library),
+                    "loadavg_before": load_before,
                     "loadavg_after": load_after},
         "model": {"shape": "MiniCPM4-0.5B", "config": source, "params": cfg.n_params(),
                   "linear_scales": f"one per {args.group_size} inputs" if args.group_size else "one per output row"},
@@ -196,7 +225,7 @@ def main(argv=None) -> int:
         "summary": summary,
     }
     path = common.write_results("ternary", result, args.output)
-    rows = [{"bundle": name, "decode tok/s": r["decode_tok_s"], "prefill tok/s": r["prefill_tok_s"],
+    rows = [{"run": name, "kernel": r["kernel"] or "dense MatMul", "decode tok/s": r["decode_tok_s"], "prefill tok/s": r["prefill_tok_s"],
              "decode vs fp32": r["decode_tok_s"] / fp32["decode_tok_s"],
              "bundle weights (MiB)": r["bundle_weights_bytes"] / 2**20,
              "load s": r["load_s"], "RSS after load (MiB)": r["rss_after_load_bytes"] / 2**20,

@@ -578,7 +578,7 @@ errors print "edgecpm: error: ..." and exit with status 2; add --debug for a tra
   edgecpm export path/to/MiniCPM4-0.5B -o draft-0.5B/ --frspec freq.npy
   edgecpm export path/to/MiniCPM4-8B-Eagle-FRSpec --eagle-of path/to/MiniCPM4-8B -o eagle-8B/ --frspec freq.npy
   edgecpm export path/to/BitCPM4-0.5B -o bundle-bitcpm/           # ternary: packed at 2 bits
-  edgecpm export path/to/BitCPM4-0.5B -o bundle-cpu/ --ternary-activations int16  # faster on onnxruntime CPU, ~1e-5 off
+  edgecpm export path/to/BitCPM4-0.5B -o bundle-cpu/ --ternary-activations int8  # fastest on onnxruntime CPU, ~1e-3 off
   edgecpm export path/to/my-qat-model -o bundle-ternary/ --quantize ternary
   edgecpm run bundle-0.5B/ -p "The capital of France is" --backend onnxruntime""", [common])
     p.add_argument("path", metavar="PATH", help="Hugging Face checkpoint folder")
@@ -594,9 +594,10 @@ errors print "edgecpm: error: ..." and exit with status 2; add --debug for a tra
                    help="PATH is an EAGLE draft head for this target checkpoint (which lends it the embedding / "
                         "LM head it lacks); run the bundle with --draft BUNDLE next to TARGET's bundle")
     p.add_argument("--ternary-activations", default="exact", choices=("exact", "int16", "int8"),
-                   help="how onnxruntime computes packed ternary linears (as int8 digits of the activations on its "
-                        "2-bit kernel): exact (to fp32 rounding), int16 (faster on CPU, logits ~1e-5 relative off) "
-                        "or int8 (faster again, lossy: ~1e-3); TensorRT ignores it (default: exact)")
+                   help="how onnxruntime computes packed ternary linears: exact (fp32 activations, on edgecpm's "
+                        "kernel where it can be built, else on onnxruntime's MatMulNBits as 3 int8 digits), int16 "
+                        "(MatMulNBits on 2 digits: logits ~1e-5 relative off; only faster where edgecpm's kernel "
+                        "cannot be built) or int8 (1 digit: fastest, lossy: ~1e-3); TensorRT ignores it (default: exact)")
     p.add_argument("--quantize", default=None, choices=("ternary", "none"),
                    help="linear weights: by default a BitCPM4 ternary checkpoint (detected exactly) is packed at 2 "
                         "bits and any other stays dense; 'ternary' also ternarizes non-ternary linears (lossy: "

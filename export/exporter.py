@@ -68,11 +68,12 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     detected exactly; a checkpoint with some non-ternary linears is refused), "ternary" also
     ternarizes the others (lossy: only for a QAT-trained model; one scale per `quantize_group_size`
     inputs, default per row), "none" keeps every linear dense. Packed linears are TernaryMatMul
-    nodes (TensorRT's plugin; onnxruntime rewrites them onto its 2-bit MatMulNBits kernel at load).
+    nodes (TensorRT's plugin; onnxruntime runs them on edgecpm's kernel or its own MatMulNBits).
     ternary_activations, recorded in the manifest, is how onnxruntime computes them
-    (runtimes/ternary_lowering.py): "exact" (fp32-level, the default), "int16" (faster on CPU,
-    logits ~1e-5 relative off) or "int8" (faster again, lossy: ~1e-3). The TensorRT plugin
-    ignores it and computes in the model dtype.
+    (runtimes/ternary_lowering.py): "exact" (fp32 activations, the default: edgecpm's kernel where it
+    can be built, else MatMulNBits on 3 int8 digits), "int16" (MatMulNBits on 2 digits, logits ~1e-5
+    relative off: faster only where edgecpm's kernel cannot be built) or "int8" (1 digit, fastest,
+    lossy: ~1e-3). The TensorRT plugin ignores it and computes in the model dtype.
     eagle_of: `checkpoint` is an EAGLE head (export/modeling_eagle.py) drafting for this target
     checkpoint, which supplies the embedding / LM head the head lacks; frspec restricts the head's
     LM head the same way. Its bundle runs as `Session(target, draft=BUNDLE)`."""

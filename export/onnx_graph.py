@@ -78,8 +78,8 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
     head_ids: FR-Spec — the LM head keeps only these rows, a separate [r, H] weight, so the last
     matmul of a draft costs r/V of the full one; logit column j is token head_ids[j].
     ternary: linear weights stored packed (edgecpm.export.ternary) as TernaryMatMul nodes, the
-    custom op (2-bit codes; TensorRT's plugin, and onnxruntime, which rewrites them onto its
-    MatMulNBits kernel at load: runtimes/ternary_lowering.py).
+    custom op (2-bit codes; TensorRT's plugin, and onnxruntime, which runs them on edgecpm's
+    kernel or its own MatMulNBits, rewritten at load: runtimes/ternary_lowering.py).
     eagle: an EAGLE head (export/modeling_eagle.py): `tensor` serves its layers under the decoder's
     names; the input is fc([rmsnorm1(embedding); rmsnorm2(hidden_in)]) and there is no final norm.
     Every graph outputs `hidden` [T, H] float32, the LM head's input for every row."""

@@ -244,10 +244,11 @@ def ternary_codes(w: np.ndarray, info: TernaryInfo) -> tuple[np.ndarray, np.ndar
 
 
 # ---- onnxruntime's MatMulNBits: the 2-bit kernel (runtimes/ternary_lowering.py) ----------------------
-# How the onnxruntime backend computes a bundle's packed linears, per its `ternary.activations`: as
-# int8 "digits" of the activations on MatMulNBits' integer kernel. 3 digits are exact to fp32
-# rounding; 2 ("int16") to 2^-16 of each block's largest activation; 1 ("int8") is onnxruntime's own
-# int8 rounding, lossy (logits ~1e-3 relative). See runtimes/ternary_lowering.py for why.
+# How the onnxruntime backend computes a bundle's packed linears where edgecpm's own kernel does not
+# (runtimes/onnxruntime_ops.cpp, "exact" only), per its `ternary.activations`: as int8 "digits" of
+# the activations on MatMulNBits' integer kernel. 3 digits are exact to fp32 rounding; 2 ("int16")
+# to 2^-16 of each block's largest activation; 1 ("int8") is onnxruntime's own int8 rounding, lossy
+# (logits ~1e-3 relative). See runtimes/ternary_lowering.py for why.
 ACTIVATION_DIGITS = {"exact": 3, "int16": 2, "int8": 1}
 
 

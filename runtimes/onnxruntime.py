@@ -41,7 +41,8 @@ class OnnxRuntimeBackend:
         "edgecpm", the exact fp32 kernel of runtimes/onnxruntime_ops.cpp (built on first use);
         "matmulnbits", onnxruntime's 2-bit kernel on the bundle's `ternary_activations` digits;
         "auto", edgecpm's kernel for an fp32 bundle exported with exact activations when it can be
-        built here (else MatMulNBits, with a warning that says why), MatMulNBits for the others;
+        built here (else MatMulNBits, with a warning that says why) and has a vector path for this
+        CPU (x86-64: AVX-512 or AVX2), MatMulNBits for the others;
         "reference", the op's reference function (for checks: onnxruntime folds it into dense fp32
         weights at load). `ternary_kernel` says which runs."""
         ort = _import_ort()
@@ -92,30 +93,39 @@ class OnnxRuntimeBackend:
 
         model = onnx.load(str(path), load_external_data=False)
         activations = (self.bundle.manifest.get("ternary") or {}).get("activations", "exact")
-        kernel = None
-        fp32 = self.bundle.manifest.get("dtype", "fp32") == "fp32"
-        if ternary == "edgecpm" and not fp32:
-            raise BackendUnavailable(f"edgecpm's ternary kernel computes in fp32; {self.bundle.path} is "
-                                     f"{self.bundle.manifest['dtype']}")
-        if ternary == "edgecpm" or (ternary == "auto" and activations == "exact" and fp32):
-            try:
-                library = onnxruntime_ops.library()
-            except BackendUnavailable as e:
-                if ternary == "edgecpm":
-                    raise
-                # stacklevel: the application's Session(...) line
-                warnings.warn(f"{e}. Ternary linears run on onnxruntime's MatMulNBits instead (exact, slower).",
-                              stacklevel=5)
-            else:
-                opts.register_custom_ops_library(str(library))
-                fuse_ternary(model, path.parent)
-                kernel = f"edgecpm ({onnxruntime_ops.isa(library)})"
-        if kernel is None:
+        library = self._edgecpm_library(ternary, activations)
+        if library is not None:
+            opts.register_custom_ops_library(str(library))
+            fuse_ternary(model, path.parent)
+            kernel = f"edgecpm ({onnxruntime_ops.isa(library)})"
+        else:
             digits = ACTIVATION_DIGITS[activations]
             lower_ternary(model, path.parent, digits)
             kernel = f"MatMulNBits ({digits} int8 digits)"
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
         return model.SerializeToString(), kernel
+
+    def _edgecpm_library(self, ternary: str, activations: str):
+        """The path of edgecpm's kernel library (runtimes/onnxruntime_ops.py) where it is to run the
+        ternary linears, else None: they run on MatMulNBits."""
+        from edgecpm.runtimes import onnxruntime_ops
+
+        dtype = self.bundle.manifest.get("dtype", "fp32")
+        if ternary == "edgecpm":
+            if dtype != "fp32":
+                raise BackendUnavailable(f"edgecpm's ternary kernel computes in fp32; {self.bundle.path} is {dtype}")
+            return onnxruntime_ops.library()
+        if ternary != "auto" or activations != "exact" or dtype != "fp32":
+            return None
+        try:
+            library = onnxruntime_ops.library()
+        except BackendUnavailable as e:
+            # stacklevel: the application's Session(...) line
+            warnings.warn(f"{e}. Ternary linears run on onnxruntime's MatMulNBits instead (exact, slower).",
+                          stacklevel=6)
+            return None
+        # Without a vector path (a CPU other than x86-64's) onnxruntime's own kernel is the faster one.
+        return library if onnxruntime_ops.isa(library) != "scalar" else None
 
     def _check_io(self, graph: dict) -> None:
         want = {d["name"]: d["dtype"] for d in graph["inputs"] + graph["outputs"]}

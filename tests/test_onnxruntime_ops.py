@@ -113,22 +113,53 @@ def test_library_is_cached_and_says_why_it_cannot_be_built(fresh_build, ort_ops,
         fresh_build.library()
 
 
-def test_backend_falls_back_to_matmulnbits_with_a_warning(fresh_build, make_checkpoint, monkeypatch, tmp_path):
-    """Without the headers, "auto" runs MatMulNBits (exact digits) and warns why; "edgecpm" refuses."""
+@pytest.fixture(scope="module")
+def ternary_bundle(make_checkpoint, tmp_path_factory):
     pytest.importorskip("torch")
     from edgecpm.export.exporter import export_bundle
-    from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
     from test_ternary import ternarize_checkpoint
 
-    import edgecpm
     from edgecpm.bundle import load_bundle
 
-    ckpt = ternarize_checkpoint(make_checkpoint(dtype="bf16", tie=False), tmp_path / "c", "K")
-    bundle = load_bundle(export_bundle(ckpt, tmp_path / "b", progress=False))
+    root = tmp_path_factory.mktemp("ort_ops")
+    ckpt = ternarize_checkpoint(make_checkpoint(dtype="bf16", tie=False), root / "c", "K")
+    return load_bundle(export_bundle(ckpt, root / "b", progress=False))
+
+
+def test_backend_falls_back_to_matmulnbits_with_a_warning(fresh_build, ternary_bundle, monkeypatch, tmp_path):
+    """Without the headers, "auto" runs MatMulNBits (exact digits) and warns why; "edgecpm" refuses."""
+    from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
+
+    import edgecpm
+
     monkeypatch.setenv("ONNXRUNTIME_INCLUDE_DIR", str(tmp_path / "no-headers"))
     with pytest.warns(UserWarning, match="no-headers.*MatMulNBits instead"):
-        backend = OnnxRuntimeBackend(bundle)
+        backend = OnnxRuntimeBackend(ternary_bundle)
     assert backend.ternary_kernel == "MatMulNBits (3 int8 digits)"
     assert len(edgecpm.Session.from_backend(backend).generate([1, 5, 9], max_new_tokens=3).token_ids) == 3
     with pytest.raises(BackendUnavailable, match="no-headers"):
-        OnnxRuntimeBackend(bundle, ternary="edgecpm")
+        OnnxRuntimeBackend(ternary_bundle, ternary="edgecpm")
+
+
+def test_auto_takes_edgecpm_kernel_only_with_a_vector_path(ort_ops, ternary_bundle, monkeypatch):
+    """Where the library has only its portable C++ path, onnxruntime's own kernel is the faster exact
+    one: "auto" picks it, silently; asked for by name, edgecpm's still runs, and agrees."""
+    import warnings
+
+    from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
+    from edgecpm.runtimes.onnxruntime_ops import isa
+
+    import edgecpm
+
+    if isa(ort_ops) == "scalar":
+        pytest.skip("this CPU has neither AVX-512 nor AVX2")
+    assert OnnxRuntimeBackend(ternary_bundle).ternary_kernel == f"edgecpm ({isa(ort_ops)})"
+    monkeypatch.setenv("EDGECPM_ORT_ISA", "scalar")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert OnnxRuntimeBackend(ternary_bundle).ternary_kernel == "MatMulNBits (3 int8 digits)"
+    scalar = OnnxRuntimeBackend(ternary_bundle, ternary="edgecpm")
+    assert scalar.ternary_kernel == "edgecpm (scalar)"
+    ids = [1, *range(7, 40, 3)]
+    ref = edgecpm.Session.from_backend(OnnxRuntimeBackend(ternary_bundle, ternary="reference")).logits(ids)
+    assert rel_err(edgecpm.Session.from_backend(scalar).logits(ids), ref) <= 1e-5
