@@ -9,6 +9,7 @@ fast GPU path); CPU EP otherwise.
 
 from __future__ import annotations
 
+import platform
 import warnings
 
 import numpy as np
@@ -115,7 +116,8 @@ class OnnxRuntimeBackend:
             if dtype != "fp32":
                 raise BackendUnavailable(f"edgecpm's ternary kernel computes in fp32; {self.bundle.path} is {dtype}")
             return onnxruntime_ops.library()
-        if ternary != "auto" or activations != "exact" or dtype != "fp32":
+        # Its vector paths are x86-64's (AVX-512, AVX2); elsewhere onnxruntime's kernel is the faster one.
+        if ternary != "auto" or activations != "exact" or dtype != "fp32" or platform.machine() != "x86_64":
             return None
         try:
             library = onnxruntime_ops.library()
@@ -124,7 +126,6 @@ class OnnxRuntimeBackend:
             warnings.warn(f"{e}. Ternary linears run on onnxruntime's MatMulNBits instead (exact, slower).",
                           stacklevel=6)
             return None
-        # Without a vector path (a CPU other than x86-64's) onnxruntime's own kernel is the faster one.
         return library if onnxruntime_ops.isa(library) != "scalar" else None
 
     def _check_io(self, graph: dict) -> None:
