@@ -63,6 +63,8 @@ def run_bench(path, backend="auto", kv_budget="1GiB", threads=None, dtype=None, 
         ids = _prompts(s, list(prompts), prompt_len, repeats)
         name = "plain" if draft is None else str(getattr(draft, "draft", draft))
         results[name] = {**measure(s, ids, new_tokens), "memory": s.memory(), "backend": s.backend.name}
+        if kernel := getattr(s.backend, "ternary_kernel", None):  # what ran a ternary bundle's linears
+            results[name]["ternary_kernel"] = kernel
         print(f"{name}: decode {results[name]['decode_tok_s']:.2f} tok/s", file=sys.stderr)
         del s
     plain = results["plain"]["decode_tok_s"]

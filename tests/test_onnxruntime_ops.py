@@ -163,3 +163,10 @@ def test_auto_takes_edgecpm_kernel_only_with_a_vector_path(ort_ops, ternary_bund
     ids = [1, *range(7, 40, 3)]
     ref = edgecpm.Session.from_backend(OnnxRuntimeBackend(ternary_bundle, ternary="reference")).logits(ids)
     assert rel_err(edgecpm.Session.from_backend(scalar).logits(ids), ref) <= 1e-5
+
+
+def test_bench_says_what_ran_the_ternary_linears(ternary_bundle):
+    from edgecpm.bench import run_bench
+
+    result = run_bench(ternary_bundle.path, backend="onnxruntime", prompt_len=8, new_tokens=2, repeats=1)
+    assert result["configs"]["plain"]["ternary_kernel"].startswith(("edgecpm (", "MatMulNBits ("))
