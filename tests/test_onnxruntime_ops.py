@@ -170,3 +170,16 @@ def test_bench_says_what_ran_the_ternary_linears(ternary_bundle):
 
     result = run_bench(ternary_bundle.path, backend="onnxruntime", prompt_len=8, new_tokens=2, repeats=1)
     assert result["configs"]["plain"]["ternary_kernel"].startswith(("edgecpm (", "MatMulNBits ("))
+
+
+def test_kernel_refuses_weights_that_disagree_with_its_attributes(ort_ops, tmp_path):
+    from edgecpm.runtimes.ternary_lowering import fuse_ternary
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(0)
+    model = ternary_graph(np.float32, [linear(rng, 8, 64, 32)], 64)
+    fuse_ternary(model, tmp_path)
+    scales = next(t for t in model.graph.initializer if t.name.startswith("scales"))
+    scales.CopyFrom(numpy_helper.from_array(np.ones((8, 3), np.float32), scales.name))  # 3 groups, not 2
+    with pytest.raises(Exception, match="do not agree with in_features / group_size"):
+        session(model, ort_ops).run(None, {"x": np.ones((1, 64), np.float32)})
