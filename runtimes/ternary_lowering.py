@@ -107,11 +107,11 @@ class _Rewrite:
         scales = self.init(f"{name}.fused_scales", np.concatenate([self.array(node.input[2]) for node in group]))
         ns = [self.inits[node.input[1]].dims[0] for node in group]
         y = f"{name}/fused"
-        node = helper.make_node(OP_TYPE, [first.input[0], packed, scales], [y], name=name, domain=DOMAIN)
-        node.attribute.extend(first.attribute)
+        fused = helper.make_node(OP_TYPE, [first.input[0], packed, scales], [y], name=name, domain=DOMAIN)
+        fused.attribute.extend(first.attribute)
         split = helper.make_node("Split", [y, self.init(f"split.{'.'.join(map(str, ns))}", np.array(ns))],
                                  [node.output[0] for node in group], axis=-1)
-        return [node, split]
+        return [fused, split]
 
     def linears(self, group: list[onnx.NodeProto], block: int, digits: int) -> list[onnx.NodeProto]:
         """One MatMulNBits call for the TernaryMatMul nodes of `group` (same input), then the sum
