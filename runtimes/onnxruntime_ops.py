@@ -19,6 +19,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -66,17 +67,21 @@ def library() -> Path:
     out = cache / "ort_ops" / key / "libedgecpm_ort_ops.so"
     if out.is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside its final name and renamed: a concurrent or interrupted build never leaves a
-    # half-written library where a session would load it.
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        part = Path(tmp) / out.name
-        cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", f"-I{include}",
-               str(SOURCE), "-o", str(part)]
-        done = subprocess.run(cmd, check=False, capture_output=True, text=True)
-        if done.returncode:
-            raise BackendUnavailable(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
-        os.replace(part, out)
+    print(f"edgecpm: building the onnxruntime TernaryMatMul kernel into {out.parent} (once)", file=sys.stderr, flush=True)
+    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", f"-I{include}", str(SOURCE), "-o"]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Built beside its final name and renamed: a concurrent or interrupted build never leaves a
+        # half-written library where a session would load it.
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            part = Path(tmp) / out.name
+            done = subprocess.run([*cmd, str(part)], check=False, capture_output=True, text=True)
+            if done.returncode:
+                raise BackendUnavailable(f"building {SOURCE.name} failed ({' '.join(cmd)} ...):\n{done.stderr[-2000:]}")
+            os.replace(part, out)
+    except OSError as e:
+        raise BackendUnavailable(f"cannot build {SOURCE.name} into {out.parent} ({e}); set EDGECPM_CACHE to a "
+                                 "writable folder, CXX to a C++ compiler") from None
     return out
 
 

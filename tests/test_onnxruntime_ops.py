@@ -183,3 +183,12 @@ def test_kernel_refuses_weights_that_disagree_with_its_attributes(ort_ops, tmp_p
     scales.CopyFrom(numpy_helper.from_array(np.ones((8, 3), np.float32), scales.name))  # 3 groups, not 2
     with pytest.raises(Exception, match="do not agree with in_features / group_size"):
         session(model, ort_ops).run(None, {"x": np.ones((1, 64), np.float32)})
+
+
+def test_unwritable_cache_is_a_clear_error(fresh_build, ort_ops, monkeypatch, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("EDGECPM_CACHE", str(blocked))
+    fresh_build.library.cache_clear()
+    with pytest.raises(BackendUnavailable, match="set EDGECPM_CACHE to a writable folder"):
+        fresh_build.library()
