@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import platform
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -106,7 +107,7 @@ class OnnxRuntimeBackend:
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
         return model.SerializeToString(), kernel
 
-    def _edgecpm_library(self, ternary: str, activations: str):
+    def _edgecpm_library(self, ternary: str, activations: str) -> Path | None:
         """The path of edgecpm's kernel library (runtimes/onnxruntime_ops.py) where it is to run the
         ternary linears, else None: they run on MatMulNBits."""
         from edgecpm.runtimes import onnxruntime_ops

@@ -192,19 +192,16 @@ def lower_ternary(model: onnx.ModelProto, folder: Path, digits: int = 3) -> int:
     activation (module docstring). Returns how many nodes were rewritten."""
     rw = _Rewrite(model, folder)
     nodes = list(model.graph.node)  # held, so that id() names each node for the whole rewrite
-    # One call per input, on the largest block that divides every member's group; else one per node.
-    block_of: dict[int, int] = {}
+    def block(group: list[onnx.NodeProto]) -> int | None:  # the largest that divides every member's group
+        return matmulnbits_block(math.gcd(*(_attrs(node)["group_size"] for node in group)))
+
+    # One call per input; else one per node.
     groups: list[list[onnx.NodeProto]] = []
     for members in _ternary_nodes(nodes, rw).values():
-        block = matmulnbits_block(math.gcd(*(_attrs(node)["group_size"] for node in members)))
-        split = [members] if block is not None else [[node] for node in members]
-        for group in split:
-            if (b := block or matmulnbits_block(_attrs(group[0])["group_size"])) is not None:
-                block_of[id(group[0])] = b
-                groups.append(group)
+        groups += [members] if block(members) else [[node] for node in members if block([node])]
     if not groups:
         return 0
-    count = _replace(model, rw, nodes, groups, lambda group: rw.linears(group, block_of[id(group[0])], digits))
+    count = _replace(model, rw, nodes, groups, lambda group: rw.linears(group, block(group), digits))
     if not any(node.op_type == OP_TYPE for node in model.graph.node):
         _drop_reference_function(model)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
