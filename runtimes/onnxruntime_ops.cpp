@@ -69,11 +69,9 @@ __attribute__((target("avx512f"))) inline __m512 weights16(uint32_t word, __m512
 }
 
 // Rows n .. n + R for tokens m0 .. m0 + MT: R * MT accumulators per group, so each decoded word
-// serves MT tokens and each loaded input R rows. One row and one token (the last rows of a task)
-// take two words a step instead, to keep two accumulators in flight.
+// serves MT tokens and each loaded input R rows.
 template <int R, int MT>
 __attribute__((target("avx512f"))) void tile_avx512(const Problem& p, int64_t n, int64_t m0) {
-  constexpr int U = R * MT == 1 ? 2 : 1;
   const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512 table = _mm512_setr_ps(-1, 0, 1, 2, -1, 0, 1, 2, -1, 0, 1, 2, -1, 0, 1, 2);
   const uint32_t* codes = p.packed + n * p.words;
@@ -84,37 +82,22 @@ __attribute__((target("avx512f"))) void tile_avx512(const Problem& p, int64_t n,
     for (auto& v : row) v = _mm512_setzero_ps();
   for (int64_t j = 0; j < p.groups; ++j) {
     const int64_t end = (j + 1) * per_group;
-    __m512 acc[U][R][MT];
-    for (auto& a : acc)
-      for (auto& row : a)
-        for (auto& v : row) v = _mm512_setzero_ps();
-    int64_t w = j * per_group;
-    for (; w + U <= std::min(end, whole); w += U) {
-      for (int u = 0; u < U; ++u) {
-        __m512 wr[R];
-        for (int r = 0; r < R; ++r) wr[r] = weights16(codes[r * p.words + w + u], shifts, table);
-        for (int t = 0; t < MT; ++t) {
-          const __m512 xt = _mm512_loadu_ps(x + t * p.K + 16 * (w + u));
-          for (int r = 0; r < R; ++r) acc[u][r][t] = _mm512_fmadd_ps(wr[r], xt, acc[u][r][t]);
-        }
-      }
-    }
-    for (; w < end; ++w) {  // an odd word, or the last, partial one: inputs past K are not read
+    __m512 acc[R][MT];
+    for (auto& row : acc)
+      for (auto& v : row) v = _mm512_setzero_ps();
+    for (int64_t w = j * per_group; w < end; ++w) {
+      // The last, partial word: inputs past K are not read.
       const __mmask16 live = w < whole ? __mmask16(0xFFFF) : __mmask16((1u << (p.K % 16)) - 1);
       __m512 wr[R];
       for (int r = 0; r < R; ++r) wr[r] = weights16(codes[r * p.words + w], shifts, table);
       for (int t = 0; t < MT; ++t) {
         const __m512 xt = _mm512_maskz_loadu_ps(live, x + t * p.K + 16 * w);
-        for (int r = 0; r < R; ++r) acc[0][r][t] = _mm512_fmadd_ps(wr[r], xt, acc[0][r][t]);
+        for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(wr[r], xt, acc[r][t]);
       }
     }
     for (int r = 0; r < R; ++r) {
       const __m512 s = _mm512_set1_ps(p.scales[(n + r) * p.groups + j]);
-      for (int t = 0; t < MT; ++t) {
-        __m512 sum = acc[0][r][t];
-        for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][r][t]);
-        y[r][t] = _mm512_fmadd_ps(sum, s, y[r][t]);
-      }
+      for (int t = 0; t < MT; ++t) y[r][t] = _mm512_fmadd_ps(acc[r][t], s, y[r][t]);
     }
   }
   for (int r = 0; r < R; ++r)
