@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,23 +59,70 @@ def is_bundle(path: Path) -> bool:
     return (Path(path) / MANIFEST).exists()
 
 
+def manifest_path(path: str | Path) -> Path:
+    """The manifest file of `path`: a bundle folder (-> folder/manifest.json) or a manifest file."""
+    path = Path(path)
+    return path if path.suffix == ".json" and not path.is_dir() else path / MANIFEST
+
+
+def read_manifest(path: str | Path, check_format: bool = True) -> dict:
+    """The manifest of a bundle folder (or of a manifest.json path) as a dict. The one reader of
+    manifest.json: a missing file, invalid JSON, a non-object, and (with check_format) another
+    format or a newer format version are BundleErrors naming the file."""
+    mpath = manifest_path(path)
+    try:
+        text = mpath.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        folder = mpath.parent
+        raise BundleError(f"{mpath}: not found; {folder} is not an exported bundle — export one with "
+                          f"`edgecpm export CHECKPOINT -o {folder}`") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BundleError(f"{mpath}: cannot be read ({e}); re-export or re-copy the bundle") from None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{mpath}: not valid JSON ({e}); re-export or re-copy the bundle") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{mpath}: not an edgecpm bundle manifest (a JSON {type(manifest).__name__}, "
+                          f"not an object); re-export the bundle")
+    if check_format:
+        if manifest.get("format") != FORMAT:
+            raise BundleError(f"{mpath}: not an edgecpm bundle manifest (format={manifest.get('format')!r})")
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise BundleError(
+                f"{mpath}: bundle format version {version} is newer than this edgecpm reads ({FORMAT_VERSION}); "
+                f"upgrade edgecpm on the device or export with a matching version"
+            )
+    return manifest
+
+
+def write_manifest(path: str | Path, manifest: dict) -> Path:
+    """Writes the manifest of a bundle folder (or to a manifest.json path) atomically: a temp file in
+    the same folder, flushed to disk, then os.replace -- a reader sees the old or the new manifest,
+    never half of one. The one writer of manifest.json. Returns the manifest's path."""
+    mpath = manifest_path(path)
+    data = json.dumps(manifest, indent=1).encode()
+    tmp = mpath.with_name(f".{mpath.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, mpath)
+    except OSError as e:
+        raise BundleError(f"{mpath}: cannot be written ({e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return mpath
+
+
 def load_bundle(path: str | Path, verify: bool = False) -> Bundle:
     path = Path(path)
     mpath = path / MANIFEST
     if not mpath.exists():
         raise BundleError(f"{path}: no {MANIFEST}; export a bundle with `edgecpm export CHECKPOINT -o {path}`")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{mpath}: not valid JSON ({e}); re-export or re-copy the bundle") from None
-    if manifest.get("format") != FORMAT:
-        raise BundleError(f"{mpath}: not an edgecpm bundle manifest (format={manifest.get('format')!r})")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise BundleError(
-            f"{mpath}: bundle format version {version} is newer than this edgecpm reads ({FORMAT_VERSION}); "
-            f"upgrade edgecpm on the device or export with a matching version"
-        )
+    manifest = read_manifest(mpath)
     _check_files(path, manifest["files"], verify)
     return Bundle(path, manifest, ModelConfig.from_dict(manifest["config"], source=str(mpath)))
 

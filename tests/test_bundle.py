@@ -235,3 +235,40 @@ def test_graph_io_mismatch(bundle_copy):
     (bundle_copy / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="do not match the manifest"):
         edgecpm.Session(bundle_copy)
+
+
+def test_read_write_manifest(tmp_path, monkeypatch):
+    from edgecpm.bundle import FORMAT, FORMAT_VERSION, read_manifest, write_manifest
+
+    m = {"format": FORMAT, "format_version": FORMAT_VERSION, "files": {}, "note": "ü"}
+    assert write_manifest(tmp_path, m) == tmp_path / "manifest.json"
+    assert read_manifest(tmp_path) == m
+    assert read_manifest(tmp_path / "manifest.json") == m
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]  # no temp file left
+
+    def fail(src, dst):  # interrupted before the rename: the old manifest stays whole, no temp file
+        raise OSError("disk full")
+
+    monkeypatch.setattr("edgecpm.bundle.os.replace", fail)
+    with pytest.raises(BundleError, match=r"manifest\.json: cannot be written"):
+        write_manifest(tmp_path, {**m, "note": "new"})
+    monkeypatch.undo()
+    assert read_manifest(tmp_path) == m
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_read_manifest_errors_name_the_file(tmp_path):
+    from edgecpm.bundle import read_manifest
+
+    with pytest.raises(BundleError, match=r"nothere[/\\]manifest\.json: not found"):
+        read_manifest(tmp_path / "nothere")
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match=r"manifest\.json: not valid JSON"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(BundleError, match=r"manifest\.json: not an edgecpm bundle manifest"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"format": "other"}')
+    with pytest.raises(BundleError, match="format='other'"):
+        read_manifest(tmp_path)
+    assert read_manifest(tmp_path, check_format=False) == {"format": "other"}
