@@ -1,7 +1,9 @@
 """Tokenizer on the `tokenizers` library, the model's own chat template, UTF-8-safe streaming.
 
 Files read from a checkpoint or bundle folder:
-- tokenizer.json (or tokenizer.model, converted on the fly; needs the `export` extra)
+- tokenizer.json (a checkpoint with only a SentencePiece tokenizer.model is converted by the
+  export step, which writes tokenizer.json into the bundle, or by the torch backend's
+  `edgecpm.runtimes.torch.load_tokenizer`; the device side never converts)
 - tokenizer_config.json: add_bos_token, bos_token, chat_template
 - generation_config.json / config.json: EOS ids (MiniCPM4: 2 and 73440)
 """
@@ -50,17 +52,24 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
+        """The tokenizer of a bundle or checkpoint folder holding tokenizer.json."""
         path = Path(path)
-        tj, tm = path / "tokenizer.json", path / "tokenizer.model"
+        tj = path / "tokenizer.json"
         if tj.exists():
-            tok = HFTokenizer.from_file(str(tj))
-        elif tm.exists():
-            from edgecpm.export.tokenizer_convert import convert_sentencepiece
+            return cls.from_tokenizer(HFTokenizer.from_file(str(tj)), path)
+        if (path / "tokenizer.model").exists():
+            raise ConfigError(
+                f"{path}: only a SentencePiece tokenizer.model, no tokenizer.json, and the device side does not "
+                f"convert it; export the checkpoint (`edgecpm export {path} -o BUNDLE`: bundles always carry "
+                f"tokenizer.json) or run it with backend='torch' (needs the export extra)"
+            )
+        raise ConfigError(f"{path}: no tokenizer.json or tokenizer.model; copy the checkpoint's tokenizer files")
 
-            added = _read_json(path / "added_tokens.json")
-            tok = convert_sentencepiece(tm, added_tokens=added or None)
-        else:
-            raise ConfigError(f"{path}: no tokenizer.json or tokenizer.model; copy the checkpoint's tokenizer files")
+    @classmethod
+    def from_tokenizer(cls, tok: HFTokenizer, path: str | Path) -> Tokenizer:
+        """A Tokenizer around `tok`, with the chat template, BOS and EOS ids read from the folder's
+        tokenizer_config.json, generation_config.json and config.json."""
+        path = Path(path)
         config = _read_json(path / "tokenizer_config.json")
         gen = _read_json(path / "generation_config.json")
         model_cfg = _read_json(path / "config.json")

@@ -6,7 +6,6 @@ and checked, so an interrupted export never leaves a folder that loads as a bund
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -19,13 +18,13 @@ from edgecpm.export.checkpoint import Checkpoint
 from edgecpm.export.custom_ops import DOMAIN
 from edgecpm.export.onnx_graph import build_decoder, graph_io
 from edgecpm.export.ternary import ACTIVATION_DIGITS, TernaryInfo, linear_names, plan, summary
+from edgecpm.export.tokenizer_convert import load_tokenizer
 from onnx import TensorProto, helper
 
 from edgecpm import __version__
-from edgecpm.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_record
+from edgecpm.bundle import FORMAT, FORMAT_VERSION, file_record, write_manifest
 from edgecpm.errors import BundleError
 from edgecpm.speculative import load_freq_table
-from edgecpm.tokenizer import Tokenizer
 
 ALIGN = 4096  # page-aligned external tensors can be memory-mapped by the runtime
 
@@ -139,7 +138,7 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, he
 
     tokenizer_files = []
     if any((ckpt.folder / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
-        tok = Tokenizer.from_pretrained(ckpt.folder)
+        tok = load_tokenizer(ckpt.folder)  # a tokenizer.model is converted: bundles carry tokenizer.json
         tok.save(folder)
         tokenizer_files = ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
 
@@ -169,4 +168,4 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, he
         "tokenizer": {"files": tokenizer_files, "eos_token_ids": sorted(cfg.eos_token_ids)},
         "files": {name: file_record(folder / name) for name in files},
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_manifest(folder, manifest)

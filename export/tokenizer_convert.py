@@ -22,13 +22,35 @@ always joins the adjacent pair whose merged piece scores highest).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import tokenizers
 
-__all__ = ["convert_sentencepiece"]
+    import edgecpm.tokenizer
+
+__all__ = ["convert_sentencepiece", "load_tokenizer"]
+
+
+def load_tokenizer(folder: str | Path) -> edgecpm.tokenizer.Tokenizer:
+    """The tokenizer of a checkpoint folder: its tokenizer.json, else its SentencePiece
+    tokenizer.model converted here (with added_tokens.json). The export step and the torch backend
+    use this; the device side reads tokenizer.json only (edgecpm.Tokenizer.from_pretrained)."""
+    from edgecpm.errors import ConfigError
+    from edgecpm.tokenizer import Tokenizer
+
+    folder = Path(folder)
+    model = folder / "tokenizer.model"
+    if (folder / "tokenizer.json").exists() or not model.exists():
+        return Tokenizer.from_pretrained(folder)
+    added = folder / "added_tokens.json"
+    try:
+        added_tokens = json.loads(added.read_text(encoding="utf-8")) if added.exists() else None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{added}: not valid JSON ({e})") from None
+    return Tokenizer.from_tokenizer(convert_sentencepiece(model, added_tokens=added_tokens or None), folder)
 
 
 def convert_sentencepiece(

@@ -97,3 +97,15 @@ class EagleTorchBackend(TorchBackend):
         self.weight_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
         self.has_hidden = True
         self.last_hidden = None
+
+
+from edgecpm.tokenizer import Tokenizer  # for load_tokenizer, the function below
+
+
+def load_tokenizer(folder) -> Tokenizer:
+    """The tokenizer of a checkpoint run on torch: its tokenizer.json, else its SentencePiece
+    tokenizer.model converted on the fly (the device side reads tokenizer.json only; exported
+    bundles always carry one)."""
+    from edgecpm.export.tokenizer_convert import load_tokenizer as convert_or_load
+
+    return convert_or_load(folder)

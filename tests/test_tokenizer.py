@@ -208,13 +208,33 @@ def test_save_and_reload(tok, tmp_path):
         [{"role": "user", "content": "hi"}])
 
 
-def test_from_sentencepiece_model_only(tok, tmp_path):
-    pytest.importorskip("sentencepiece", reason="converting tokenizer.model needs sentencepiece")
+@pytest.fixture
+def sp_only_folder(tmp_path):
+    """A checkpoint's tokenizer files without tokenizer.json: SentencePiece tokenizer.model only."""
     shutil.copy(SHARED / "tokenizer.model", tmp_path / "tokenizer.model")
     for f in ("added_tokens.json", "tokenizer_config.json"):
         shutil.copy(SHARED / "MiniCPM4-0.5B" / f, tmp_path / f)
     assert not (tmp_path / "tokenizer.json").exists()
-    conv = Tokenizer.from_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_sentencepiece_model_only_is_a_clear_error(sp_only_folder):
+    """The device side never converts tokenizer.model: it says to export or to use torch."""
+    with pytest.raises(ConfigError) as e:
+        Tokenizer.from_pretrained(sp_only_folder)
+    msg = str(e.value)
+    assert str(sp_only_folder) in msg and "tokenizer.model" in msg
+    assert "edgecpm export" in msg and "torch" in msg
+
+
+def test_from_sentencepiece_model_only_on_torch(tok, sp_only_folder):
+    """The torch backend's load_tokenizer converts tokenizer.model like the reference tokenizer.json."""
+    pytest.importorskip("sentencepiece", reason="converting tokenizer.model needs sentencepiece")
+    pytest.importorskip("torch")
+    from edgecpm.runtimes.torch import load_tokenizer
+
+    conv = load_tokenizer(sp_only_folder)
+    assert isinstance(conv, Tokenizer)
     diffs = [t for t in TEXTS if conv.encode(t) != tok.encode(t)]
     assert not diffs, f"{len(diffs)} texts differ, e.g. {diffs[:3]!r}"
     chat = [{"role": "user", "content": "hi"}]
@@ -222,6 +242,14 @@ def test_from_sentencepiece_model_only(tok, tmp_path):
     # EOS from tokenizer_config.json's eos_token (<|im_end|>) even without config/generation files.
     assert IM_END in conv.eos_token_ids
     assert json.loads((SHARED / "MiniCPM4-0.5B" / "added_tokens.json").read_text())["<|im_end|>"] == IM_END
+
+
+def test_load_tokenizer_prefers_tokenizer_json(tok, tok_folder):
+    pytest.importorskip("torch")
+    from edgecpm.runtimes.torch import load_tokenizer
+
+    again = load_tokenizer(tok_folder)
+    assert again.encode(TEXTS[0]) == tok.encode(TEXTS[0]) and again.eos_token_ids == tok.eos_token_ids
 
 
 def test_stream_decoder_flush_shows_an_incomplete_character(tok):

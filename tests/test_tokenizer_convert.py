@@ -1,9 +1,11 @@
-"""convert_sentencepiece against sentencepiece itself and a known-good tokenizer.json (MiniCPM4)."""
+"""convert_sentencepiece against sentencepiece itself and a known-good tokenizer.json (MiniCPM4);
+load_tokenizer and the export step, which turn a tokenizer.model-only checkpoint into tokenizer.json."""
 
 from __future__ import annotations
 
 import json
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,6 +19,8 @@ spm = pytest.importorskip(
 
 from edgecpm.export.tokenizer_convert import convert_sentencepiece
 from tokenizers import Tokenizer
+
+from edgecpm.errors import ConfigError
 
 BOS = 1
 
@@ -282,3 +286,43 @@ def test_missing_sentencepiece_message(monkeypatch):
     monkeypatch.setitem(sys.modules, "sentencepiece", None)
     with pytest.raises(ImportError, match=r"pip install 'edgecpm\[export\]'"):
         convert_sentencepiece(SHARED / "tokenizer.model")
+
+
+@pytest.fixture
+def sp_checkpoint(make_checkpoint, tmp_path):
+    """A tiny checkpoint whose tokenizer is a SentencePiece tokenizer.model only."""
+    from conftest import copy_checkpoint
+
+    folder = copy_checkpoint(make_checkpoint(with_tokenizer=True), tmp_path / "ckpt")
+    (folder / "tokenizer.json").unlink()
+    shutil.copy(SHARED / "tokenizer.model", folder / "tokenizer.model")
+    shutil.copy(SHARED / "MiniCPM4-0.5B" / "added_tokens.json", folder / "added_tokens.json")
+    return folder
+
+
+def test_load_tokenizer_converts(sp_checkpoint, reference):
+    from edgecpm.export.tokenizer_convert import load_tokenizer
+
+    tok = load_tokenizer(sp_checkpoint)
+    for text in TEXTS[:200]:
+        assert tok.encode(text, add_bos=False) == reference.encode(text, add_special_tokens=False).ids
+    assert {2, 73440} <= set(tok.eos_token_ids)
+    (sp_checkpoint / "added_tokens.json").write_text("{oops")
+    with pytest.raises(ConfigError, match=r"added_tokens\.json: not valid JSON"):
+        load_tokenizer(sp_checkpoint)
+
+
+def test_export_writes_tokenizer_json(sp_checkpoint, reference, tmp_path):
+    """Conversion happens at export: the bundle carries tokenizer.json, read by the device side."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from edgecpm.export.exporter import export_bundle
+
+    import edgecpm
+
+    bundle = export_bundle(sp_checkpoint, tmp_path / "bundle", progress=False)
+    assert (bundle / "tokenizer.json").exists() and not (bundle / "tokenizer.model").exists()
+    assert "tokenizer.json" in edgecpm.bundle.read_manifest(bundle)["files"]
+    tok = edgecpm.Tokenizer.from_pretrained(bundle)
+    for text in TEXTS[:200]:
+        assert tok.encode(text, add_bos=False) == reference.encode(text, add_special_tokens=False).ids
