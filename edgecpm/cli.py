@@ -12,17 +12,13 @@ without a traceback (`--debug` shows it). Importing this module, and `inspect`, 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import os
-import struct
 import sys
 import traceback
 from pathlib import Path
 
-from edgecpm.errors import BackendUnavailable, ConfigError, EdgeCPMError
-from edgecpm.safetensors_files import checkpoint_files, read_safetensors_header
+from edgecpm.errors import BackendUnavailable, EdgeCPMError
 
 PROG = "edgecpm"
 
@@ -215,259 +211,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 # ---- inspect (no torch) ------------------------------------------------------------------------
-KV_DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2}
-
-
-def inspect_info(path: str | Path, kv_budget: int | str = "1GiB") -> dict:
-    """Everything `edgecpm inspect` shows, as a JSON-able dict."""
-    from edgecpm.config import ModelConfig
-    from edgecpm.kv_cache import parse_bytes
-
-    path = Path(path)
-    folder = path.parent if path.is_file() else path
-    if not path.exists():
-        raise ConfigError(f"{path}: no such file or folder; pass a checkpoint or bundle folder")
-    budget = parse_bytes(kv_budget)
-    manifest = None
-    if path.is_dir() and (path / "manifest.json").exists():
-        manifest = _read_manifest(path / "manifest.json")
-        cfg = ModelConfig.from_dict(manifest["config"], source=str(path / "manifest.json"))
-    else:
-        cfg = ModelConfig.from_file(path)
-
-    config = {
-        "layers": cfg.num_hidden_layers,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "attention_heads": cfg.num_attention_heads,
-        "kv_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "gqa_group": cfg.group_size,
-        "vocab_size": cfg.vocab_size,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "scale_emb": cfg.scale_emb,
-        "scale_depth": cfg.scale_depth,
-        "residual_scale": cfg.residual_scale,
-        "dim_model_base": cfg.dim_model_base,
-        "logit_divisor": cfg.logit_divisor,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "original_max_position_embeddings": cfg.original_max_position_embeddings,
-        "rope_theta": cfg.rope_theta,
-        "rope_factor": ("long_factor" if cfg.max_position_embeddings > cfg.original_max_position_embeddings
-                        else "short_factor"),
-        "rope_factors_equal": cfg.long_factor == cfg.short_factor,
-        "rope_attention_scale": cfg.rope_attention_scale,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_ids": list(cfg.eos_token_ids),
-        "attention": "dense" if cfg.sparse is None else "infllmv2",
-        "sparse_config": None if cfg.sparse is None else dataclasses.asdict(cfg.sparse),
-    }
-
-    if manifest is not None:
-        files = [folder / name for name in manifest.get("files", {})]
-        missing = [f.name for f in files if not f.exists()]
-        weights = {
-            "files": [f.name for f in files],
-            "bytes_on_disk": sum(f.stat().st_size for f in files if f.exists()),
-            "bundle": {k: manifest.get(k) for k in ("format_version", "dtype", "exporter", "created", "source")},
-        }
-        notes = [f"files listed in manifest.json but missing: {', '.join(missing)}"] if missing else []
-        section = manifest.get("ternary")
-        ternary = {"ternary": bool(section), **{k: v for k, v in (section or {}).items() if k != "tensors"}}
-    else:
-        weights, notes = _checkpoint_weights(folder, cfg)
-        ternary = _checkpoint_ternary(folder, cfg) if weights["files"] and not notes else None
-
-    kv_per_token = {name: cfg.kv_bytes_per_token(b) for name, b in KV_DTYPES.items()}
-    return {
-        "path": str(path),
-        "kind": "bundle" if manifest is not None else "checkpoint",
-        "config": config,
-        "params": cfg.n_params(),
-        "weights": weights,
-        "kv": {
-            "bytes_per_token": kv_per_token,
-            "budget_bytes": budget,
-            # What fits in the budget; a session's arena is also capped at max_position_embeddings.
-            "tokens_in_budget": {name: budget // per for name, per in kv_per_token.items()},
-        },
-        "ternary": ternary,
-        "notes": notes,
-    }
-
-
-def _read_manifest(path: Path) -> dict:
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e}); re-export or re-copy the bundle") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
-        raise ConfigError(f"{path}: no model config in this manifest; is this an edgecpm bundle?")
-    return manifest
-
-
-def _checkpoint_weights(folder: Path, cfg) -> tuple[dict, list[str]]:
-    """Per-dtype bytes and element counts from the safetensors headers (weights are not read)."""
-    files = checkpoint_files(folder)
-    by_dtype: dict[str, dict] = {}
-    n_tensors = n_elements = 0
-    names: set[str] = set()
-    for f in files:
-        for name, t in read_safetensors_header(f).items():
-            numel = math.prod(t["shape"])
-            entry = by_dtype.setdefault(t["dtype"], {"tensors": 0, "bytes": 0})
-            entry["tensors"] += 1
-            entry["bytes"] += t["data_offsets"][1] - t["data_offsets"][0]
-            n_tensors += 1
-            n_elements += numel
-            names.add(name)
-    notes = []
-    if not files:
-        notes.append("no model.safetensors or model.safetensors.index.json: weights not inspected")
-    elif cfg.tie_word_embeddings and "lm_head.weight" in names:
-        notes.append("lm_head.weight is present but the config ties embeddings (tie_word_embeddings absent/true)")
-    elif not cfg.tie_word_embeddings and "lm_head.weight" not in names:
-        notes.append("lm_head.weight is missing but the config does not tie embeddings")
-    if files and n_elements != cfg.n_params():
-        notes.append(f"the files hold {n_elements} elements but the config implies {cfg.n_params()} parameters")
-    weights = {
-        "files": [f.name for f in files],
-        "bytes_on_disk": sum(f.stat().st_size for f in files),
-        "tensors": n_tensors,
-        "elements": n_elements,
-        "by_dtype": by_dtype,
-    }
-    return weights, notes
-
-
-def _checkpoint_ternary(folder: Path, cfg) -> dict:
-    """BitCPM4 ternary detection on the linear weights, read straight from the safetensors files
-    (numpy, no torch): the report export acts on."""
-    import numpy as np
-
-    from edgecpm.export.ternary import linear_names, report
-
-    where = {}
-    for f in checkpoint_files(folder):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-        for name, t in read_safetensors_header(f).items():
-            where[name] = (f, 8 + n + t["data_offsets"][0], t)
-    stored = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
-
-    def tensor(name):  # float32 values; bf16 is the top half of a float32
-        f, offset, t = where[name]
-        if t["dtype"] not in stored:
-            return np.full(t["shape"], np.nan, np.float32)  # not a float weight: never ternary
-        raw = np.fromfile(f, stored[t["dtype"]], math.prod(t["shape"]), offset=offset).reshape(t["shape"])
-        return (raw.astype(np.uint32) << 16).view(np.float32) if t["dtype"] == "BF16" else raw.astype(np.float32)
-
-    return report(linear_names(cfg.num_hidden_layers), tensor)
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _inspect_sections(info: dict) -> list[tuple[str, list[tuple[str, str]]]]:
-    c, w, kv = info["config"], info["weights"], info["kv"]
-    sparse = "dense" if c["sparse_config"] is None else "InfLLM v2 " + ", ".join(
-        f"{k}={v}" for k, v in c["sparse_config"].items())
-    model = [
-        ("layers", str(c["layers"])),
-        ("hidden / intermediate", f"{c['hidden_size']} / {c['intermediate_size']}"),
-        ("heads / kv heads / head_dim", f"{c['attention_heads']} / {c['kv_heads']} / {c['head_dim']}"),
-        ("GQA group", str(c["gqa_group"])),
-        ("vocab", str(c["vocab_size"])),
-        ("tied embeddings", "yes" if c["tie_word_embeddings"] else "no"),
-        ("rms_norm_eps", f"{c['rms_norm_eps']:g}"),
-        ("scale_emb", f"{c['scale_emb']:g}"),
-        ("residual scale", f"{c['residual_scale']:.6g} (scale_depth {c['scale_depth']:g} / sqrt({c['layers']}))"),
-        ("logit divisor", f"{c['logit_divisor']:g} (hidden / dim_model_base {c['dim_model_base']:g})"),
-        ("max positions", f"{c['max_position_embeddings']} (original {c['original_max_position_embeddings']})"),
-        ("rope", (f"longrope, theta {c['rope_theta']:g}, {c['rope_factor']}"
-                  f"{' (long == short)' if c['rope_factors_equal'] else ''}, "
-                  f"scale {c['rope_attention_scale']:.4g}")),
-        ("bos / eos", f"{c['bos_token_id']} / {c['eos_token_ids']}"),
-        ("attention", sparse),
-    ]
-    weights = [("parameters (config)", f"{info['params']:,} ({info['params'] / 1e6:.1f} M)"),
-               ("files", ", ".join(w["files"]) or "none"),
-               ("bytes on disk", f"{w['bytes_on_disk']:,} ({_human_bytes(w['bytes_on_disk'])})")]
-    if "bundle" in w:
-        b = w["bundle"]
-        weights += [("bundle", f"format {b['format_version']}, dtype {b['dtype']}, {b['exporter']}, {b['created']}")]
-    else:
-        weights += [("tensors / elements", f"{w['tensors']} / {w['elements']:,}")]
-        weights += [(f"  {dt}", f"{d['tensors']} tensors, {d['bytes']:,} bytes ({_human_bytes(d['bytes'])})")
-                    for dt, d in sorted(w["by_dtype"].items())]
-    budget = _human_bytes(kv["budget_bytes"])
-    max_pos = c["max_position_embeddings"]
-    cache = [(f"{dt}", f"{per:,} bytes/token, {kv['tokens_in_budget'][dt]:,} tokens in {budget}"
-                       + (f" (a session holds at most max positions = {max_pos:,})"
-                          if kv["tokens_in_budget"][dt] > max_pos else ""))
-             for dt, per in kv["bytes_per_token"].items()]
-    sections = [("model", model), ("weights", weights), ("KV cache", cache)]
-    if info["ternary"] is not None:
-        sections.append(("ternary (BitCPM4)", _ternary_rows(info["ternary"], info["kind"])))
-    if info["notes"]:
-        sections.append(("notes", [("!", n) for n in info["notes"]]))
-    return sections
-
-
-def _ternary_rows(t: dict, kind: str) -> list[tuple[str, str]]:
-    if kind == "bundle" and not t["ternary"]:
-        return [("linear weights", "dense")]
-    if kind == "checkpoint" and t["count"] == 0:
-        return [("linear weights", "not ternary: " + t["reason"])]
-    state = "ternary" if t["ternary"] else "mostly not ternary"
-    if kind == "bundle":
-        state = "packed: " + ("2-bit codes, TernaryMatMul" if t["op"] == "TernaryMatMul"
-                              else "4-bit codes, onnxruntime MatMulNBits (an older export)")
-        state += {"int16": "; int16 activations on onnxruntime (logits ~1e-5 off)",
-                  "int8": "; int8 activations on onnxruntime (lossy)"}.get(t.get("activations"), "")
-    rows = [("linear weights", f"{t['count']} linear weights {state}"),
-            ("granularity", ", ".join(t["scales"])),
-            ("group sizes", ", ".join(map(str, t["group_sizes"]))),
-            ("packed bytes", (f"{t['packed_bytes']:,} codes + {t['scale_bytes']:,} scales "
-                              f"({t['bits_per_weight']:.3f} bits per weight)"))]
-    if t.get("lossy"):
-        rows.append(("lossy", f"{t['lossy']} tensors ternarized by --quantize ternary"))
-    if "reason" in t:
-        rows.append(("not ternary", f"{t['reason']} ({t['linears'] - t['count']} of {t['linears']})"))
-    return rows
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from edgecpm.inspect import inspect_info, print_report
+
     info = inspect_info(args.path, args.kv_budget)
     if args.json:
         print(json.dumps(info, indent=2))
-        return 0
-    sections = _inspect_sections(info)
-    if sys.stdout.isatty():
-        from rich.console import Console
-        from rich.table import Table
-
-        console = Console()
-        for title, rows in sections:
-            table = Table(title=title, show_header=False, title_justify="left")
-            table.add_column(style="bold")
-            table.add_column()
-            for k, v in rows:
-                table.add_row(k, v)
-            console.print(table)
     else:
-        print(info["path"])
-        for title, rows in sections:
-            print(f"\n[{title}]")
-            width = max(len(k) for k, _ in rows)
-            for k, v in rows:
-                print(f"  {k:<{width}}  {v}")
+        print_report(info)
     return 0
 
 
@@ -497,6 +248,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from edgecpm.bench import run_bench
+    from edgecpm.inspect import human_bytes
 
     drafts = [spec_config(args, d) for d in (args.draft_compare or ([args.draft] if args.draft else []))]
     result = run_bench(args.path, backend=args.backend, kv_budget=args.kv_budget, threads=args.threads,
@@ -508,8 +260,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"{'config':<28} {'prefill tok/s':>14} {'decode tok/s':>13} {'tok/step':>9} {'speedup':>8} {'KV used':>10}")
     for name, r in result["configs"].items():
         print(f"{name[-28:]:<28} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.2f} {r['tokens_per_step']:>9.2f} "
-              f"{r['decode_speedup']:>7.2f}x {_human_bytes(r['kv_bytes_in_use']):>10}")
-    print(f"peak RSS {_human_bytes(result['peak_rss_bytes'])}")
+              f"{r['decode_speedup']:>7.2f}x {human_bytes(r['kv_bytes_in_use']):>10}")
+    print(f"peak RSS {human_bytes(result['peak_rss_bytes'])}")
     return 0
 
 

@@ -1,0 +1,254 @@
+"""`edgecpm inspect`: what a checkpoint or bundle folder holds, without loading its weights.
+
+`inspect_info(path, kv_budget)` reads config.json and the safetensors headers (a checkpoint) or
+manifest.json (a bundle) and returns a JSON-able dict; `sections(info)` turns it into titled
+(label, value) rows and `print_report(info)` prints them (rich tables on a terminal, plain text
+otherwise). Never imports torch; a checkpoint's ternary report reads its linear weights with numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edgecpm import dtypes
+from edgecpm.config import ModelConfig
+from edgecpm.errors import BundleError, ConfigError
+from edgecpm.safetensors_files import ST_FLOAT_DTYPES, StoredTensor, checkpoint_files, checkpoint_tensors
+
+
+def inspect_info(path: str | Path, kv_budget: int | str = "1GiB") -> dict:
+    """Everything `edgecpm inspect` shows, as a JSON-able dict."""
+    from edgecpm.bundle import MANIFEST, is_bundle, read_manifest
+    from edgecpm.kv_cache import parse_bytes
+
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file or folder; pass a checkpoint or bundle folder")
+    budget = parse_bytes(kv_budget)
+    manifest = None
+    if path.is_dir() and is_bundle(path):
+        manifest = read_manifest(path)
+        if not isinstance(manifest.get("config"), dict):
+            raise BundleError(f"{path / MANIFEST}: no model config in this manifest; re-export the bundle")
+        cfg = ModelConfig.from_dict(manifest["config"], source=str(path / MANIFEST))
+    else:
+        cfg = ModelConfig.from_file(path)
+
+    if manifest is not None:
+        weights, notes = _bundle_weights(folder, manifest)
+        section = manifest.get("ternary")
+        ternary = {"ternary": bool(section), **{k: v for k, v in (section or {}).items() if k != "tensors"}}
+    else:
+        tensors = checkpoint_tensors(folder)
+        weights, notes = _checkpoint_weights(folder, cfg, tensors)
+        ternary = _checkpoint_ternary(tensors, cfg) if weights["files"] and not notes else None
+
+    kv_per_token = {name: cfg.kv_bytes_per_token(dtypes.ITEMSIZE[name]) for name in dtypes.NAMES}
+    return {
+        "path": str(path),
+        "kind": "bundle" if manifest is not None else "checkpoint",
+        "config": _config_facts(cfg),
+        "params": cfg.n_params(),
+        "weights": weights,
+        "kv": {
+            "bytes_per_token": kv_per_token,
+            "budget_bytes": budget,
+            # What fits in the budget; a session's arena is also capped at max_position_embeddings.
+            "tokens_in_budget": {name: budget // per for name, per in kv_per_token.items()},
+        },
+        "ternary": ternary,
+        "notes": notes,
+    }
+
+
+def _config_facts(cfg: ModelConfig) -> dict:
+    return {
+        "layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "attention_heads": cfg.num_attention_heads,
+        "kv_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "gqa_group": cfg.group_size,
+        "vocab_size": cfg.vocab_size,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "scale_emb": cfg.scale_emb,
+        "scale_depth": cfg.scale_depth,
+        "residual_scale": cfg.residual_scale,
+        "dim_model_base": cfg.dim_model_base,
+        "logit_divisor": cfg.logit_divisor,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "original_max_position_embeddings": cfg.original_max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_factor": ("long_factor" if cfg.max_position_embeddings > cfg.original_max_position_embeddings
+                        else "short_factor"),
+        "rope_factors_equal": cfg.long_factor == cfg.short_factor,
+        "rope_attention_scale": cfg.rope_attention_scale,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_ids": list(cfg.eos_token_ids),
+        "attention": "dense" if cfg.sparse is None else "infllmv2",
+        "sparse_config": None if cfg.sparse is None else dataclasses.asdict(cfg.sparse),
+    }
+
+
+def _bundle_weights(folder: Path, manifest: dict) -> tuple[dict, list[str]]:
+    files = [folder / name for name in manifest.get("files", {})]
+    missing = [f.name for f in files if not f.exists()]
+    weights = {
+        "files": [f.name for f in files],
+        "bytes_on_disk": sum(f.stat().st_size for f in files if f.exists()),
+        "bundle": {k: manifest.get(k) for k in ("format_version", "dtype", "exporter", "created", "source")},
+    }
+    notes = [f"files listed in manifest.json but missing: {', '.join(missing)}"] if missing else []
+    return weights, notes
+
+
+def _checkpoint_weights(folder: Path, cfg: ModelConfig, tensors: dict[str, StoredTensor]) -> tuple[dict, list[str]]:
+    """Per-dtype bytes and element counts from the safetensors headers (weights are not read)."""
+    files = checkpoint_files(folder)
+    by_dtype: dict[str, dict] = {}
+    for t in tensors.values():
+        entry = by_dtype.setdefault(t.dtype, {"tensors": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["bytes"] += t.nbytes
+    n_elements = sum(t.numel for t in tensors.values())
+    notes = []
+    if not files:
+        notes.append("no model.safetensors or model.safetensors.index.json: weights not inspected")
+    elif cfg.tie_word_embeddings and "lm_head.weight" in tensors:
+        notes.append("lm_head.weight is present but the config ties embeddings (tie_word_embeddings absent/true)")
+    elif not cfg.tie_word_embeddings and "lm_head.weight" not in tensors:
+        notes.append("lm_head.weight is missing but the config does not tie embeddings")
+    if files and n_elements != cfg.n_params():
+        notes.append(f"the files hold {n_elements} elements but the config implies {cfg.n_params()} parameters")
+    weights = {
+        "files": [f.name for f in files],
+        "bytes_on_disk": sum(f.stat().st_size for f in files),
+        "tensors": len(tensors),
+        "elements": n_elements,
+        "by_dtype": by_dtype,
+    }
+    return weights, notes
+
+
+def _checkpoint_ternary(tensors: dict[str, StoredTensor], cfg: ModelConfig) -> dict:
+    """BitCPM4 ternary detection on the linear weights, read straight from the safetensors files
+    (numpy, no torch): the report export acts on."""
+    from edgecpm.export.ternary import linear_names, report  # numpy only; a workstation entry point
+
+    def tensor(name):  # float32 values
+        t = tensors[name]
+        if t.dtype not in ST_FLOAT_DTYPES:
+            return np.full(t.shape, np.nan, np.float32)  # not a float weight: never ternary
+        return t.read_float()
+
+    return report(linear_names(cfg.num_hidden_layers), tensor)
+
+
+# ---- rendering --------------------------------------------------------------------------------
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def sections(info: dict) -> list[tuple[str, list[tuple[str, str]]]]:
+    """`inspect_info`'s dict as titled sections of (label, value) rows."""
+    c, w, kv = info["config"], info["weights"], info["kv"]
+    sparse = "dense" if c["sparse_config"] is None else "InfLLM v2 " + ", ".join(
+        f"{k}={v}" for k, v in c["sparse_config"].items())
+    model = [
+        ("layers", str(c["layers"])),
+        ("hidden / intermediate", f"{c['hidden_size']} / {c['intermediate_size']}"),
+        ("heads / kv heads / head_dim", f"{c['attention_heads']} / {c['kv_heads']} / {c['head_dim']}"),
+        ("GQA group", str(c["gqa_group"])),
+        ("vocab", str(c["vocab_size"])),
+        ("tied embeddings", "yes" if c["tie_word_embeddings"] else "no"),
+        ("rms_norm_eps", f"{c['rms_norm_eps']:g}"),
+        ("scale_emb", f"{c['scale_emb']:g}"),
+        ("residual scale", f"{c['residual_scale']:.6g} (scale_depth {c['scale_depth']:g} / sqrt({c['layers']}))"),
+        ("logit divisor", f"{c['logit_divisor']:g} (hidden / dim_model_base {c['dim_model_base']:g})"),
+        ("max positions", f"{c['max_position_embeddings']} (original {c['original_max_position_embeddings']})"),
+        ("rope", (f"longrope, theta {c['rope_theta']:g}, {c['rope_factor']}"
+                  f"{' (long == short)' if c['rope_factors_equal'] else ''}, "
+                  f"scale {c['rope_attention_scale']:.4g}")),
+        ("bos / eos", f"{c['bos_token_id']} / {c['eos_token_ids']}"),
+        ("attention", sparse),
+    ]
+    weights = [("parameters (config)", f"{info['params']:,} ({info['params'] / 1e6:.1f} M)"),
+               ("files", ", ".join(w["files"]) or "none"),
+               ("bytes on disk", f"{w['bytes_on_disk']:,} ({human_bytes(w['bytes_on_disk'])})")]
+    if "bundle" in w:
+        b = w["bundle"]
+        weights += [("bundle", f"format {b['format_version']}, dtype {b['dtype']}, {b['exporter']}, {b['created']}")]
+    else:
+        weights += [("tensors / elements", f"{w['tensors']} / {w['elements']:,}")]
+        weights += [(f"  {dt}", f"{d['tensors']} tensors, {d['bytes']:,} bytes ({human_bytes(d['bytes'])})")
+                    for dt, d in sorted(w["by_dtype"].items())]
+    budget = human_bytes(kv["budget_bytes"])
+    max_pos = c["max_position_embeddings"]
+    cache = [(f"{dt}", f"{per:,} bytes/token, {kv['tokens_in_budget'][dt]:,} tokens in {budget}"
+                       + (f" (a session holds at most max positions = {max_pos:,})"
+                          if kv["tokens_in_budget"][dt] > max_pos else ""))
+             for dt, per in kv["bytes_per_token"].items()]
+    result = [("model", model), ("weights", weights), ("KV cache", cache)]
+    if info["ternary"] is not None:
+        result.append(("ternary (BitCPM4)", _ternary_rows(info["ternary"], info["kind"])))
+    if info["notes"]:
+        result.append(("notes", [("!", n) for n in info["notes"]]))
+    return result
+
+
+def _ternary_rows(t: dict, kind: str) -> list[tuple[str, str]]:
+    if kind == "bundle" and not t["ternary"]:
+        return [("linear weights", "dense")]
+    if kind == "checkpoint" and t["count"] == 0:
+        return [("linear weights", "not ternary: " + t["reason"])]
+    state = "ternary" if t["ternary"] else "mostly not ternary"
+    if kind == "bundle":
+        state = "packed: " + ("2-bit codes, TernaryMatMul" if t["op"] == "TernaryMatMul"
+                              else "4-bit codes, onnxruntime MatMulNBits (an older export)")
+        state += {"int16": "; int16 activations on onnxruntime (logits ~1e-5 off)",
+                  "int8": "; int8 activations on onnxruntime (lossy)"}.get(t.get("activations"), "")
+    rows = [("linear weights", f"{t['count']} linear weights {state}"),
+            ("granularity", ", ".join(t["scales"])),
+            ("group sizes", ", ".join(map(str, t["group_sizes"]))),
+            ("packed bytes", (f"{t['packed_bytes']:,} codes + {t['scale_bytes']:,} scales "
+                              f"({t['bits_per_weight']:.3f} bits per weight)"))]
+    if t.get("lossy"):
+        rows.append(("lossy", f"{t['lossy']} tensors ternarized by --quantize ternary"))
+    if "reason" in t:
+        rows.append(("not ternary", f"{t['reason']} ({t['linears'] - t['count']} of {t['linears']})"))
+    return rows
+
+
+def print_report(info: dict, file=None) -> None:
+    """The sections as rich tables when `file` (default stdout) is a terminal, else as plain text."""
+    file = file or sys.stdout
+    if file.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        console = Console(file=file)
+        for title, rows in sections(info):
+            table = Table(title=title, show_header=False, title_justify="left")
+            table.add_column(style="bold")
+            table.add_column()
+            for k, v in rows:
+                table.add_row(k, v)
+            console.print(table)
+        return
+    print(info["path"], file=file)
+    for title, rows in sections(info):
+        print(f"\n[{title}]", file=file)
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            print(f"  {k:<{width}}  {v}", file=file)
