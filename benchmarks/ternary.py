@@ -131,8 +131,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from edgecpm.export.exporter import export_bundle
-    from edgecpm.export.ternary import matmulnbits_block
     from edgecpm.runtimes import onnxruntime_ops
+
+    from edgecpm.ternary_format import matmulnbits_block
 
     library = onnxruntime_ops.library()  # the exact kernel must be measured, not silently replaced
     load_before = os.getloadavg()

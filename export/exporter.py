@@ -17,14 +17,15 @@ import torch
 from edgecpm.export.checkpoint import Checkpoint
 from edgecpm.export.custom_ops import DOMAIN
 from edgecpm.export.onnx_graph import build_decoder, graph_io
-from edgecpm.export.ternary import ACTIVATION_DIGITS, TernaryInfo, linear_names, plan, summary
+from edgecpm.export.ternary import TernaryInfo, linear_names, plan, summary
 from edgecpm.export.tokenizer_convert import load_tokenizer
 from onnx import TensorProto, helper
 
 from edgecpm import __version__
 from edgecpm.bundle import FORMAT, FORMAT_VERSION, file_record, write_manifest
 from edgecpm.errors import BundleError
-from edgecpm.speculative import load_freq_table
+from edgecpm.frspec import load_freq_table
+from edgecpm.ternary_format import ACTIVATION_DIGITS
 
 ALIGN = 4096  # page-aligned external tensors can be memory-mapped by the runtime
 

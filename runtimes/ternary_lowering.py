@@ -35,8 +35,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from edgecpm.export.ternary import matmulnbits_block, matmulnbits_codes, matmulnbits_zero_points
 from onnx import helper, numpy_helper
+
+from edgecpm.ternary_format import matmulnbits_block, matmulnbits_codes, matmulnbits_zero_points
 
 OP_TYPE, DOMAIN = "TernaryMatMul", "edgecpm"
 

@@ -9,10 +9,9 @@ import os
 import numpy as np
 import pytest
 from conftest import rel_err, ternary_graph
-from edgecpm.export import ternary
-from edgecpm.export.ternary import pack
 
 from edgecpm.errors import BackendUnavailable
+from edgecpm.ternary_format import dequantize, pack
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -70,7 +69,7 @@ def test_kernel_matches_dequantized_matmul(isa, n, k, g, m, ort_ops, monkeypatch
     model = ternary_graph(np.float32, [(n, g, packed, scales)], k)
     assert fuse_ternary(model, tmp_path) == 0 and not model.functions  # the kernel replaces the reference body
     s = session(model, ort_ops)
-    w = ternary.dequantize(packed, scales, k)
+    w = dequantize(packed, scales, k)
     # One-hot rows read the dequantized weight back exactly: +-1 * 1 summed with zeros, times the scale.
     assert np.array_equal(s.run(None, {"x": np.eye(k, dtype=np.float32)})[0], w.T)
     x = rng.standard_normal((m, k)).astype(np.float32)
@@ -95,7 +94,7 @@ def test_linears_reading_one_activation_are_fused(ort_ops, tmp_path):
     x = rng.standard_normal((3, k)).astype(np.float32)
     for y, (n, g, packed, scales) in zip(session(model, ort_ops).run(None, {"x": x}), linears):
         assert y.shape == (3, n)
-        assert rel_err(y, x.astype(np.float64) @ ternary.dequantize(packed, scales, k).T) <= 1e-6
+        assert rel_err(y, x.astype(np.float64) @ dequantize(packed, scales, k).T) <= 1e-6
 
 
 def test_library_is_cached_and_says_why_it_cannot_be_built(fresh_build, ort_ops, monkeypatch):

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from conftest import rel_err, ternary_graph
 from edgecpm.export import ternary
-from edgecpm.export.ternary import MIN_GROUP, detect, encode, explain, pack, quantize, unpack
+from edgecpm.export.ternary import MIN_GROUP, detect, explain, quantize
 
+from edgecpm import ternary_format
 from edgecpm.errors import CheckpointError
+from edgecpm.ternary_format import dequantize, encode, pack, unpack
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
@@ -37,8 +39,10 @@ def random_ternary(rng, n, k, group_size) -> np.ndarray:
 
 # ---- the format ---------------------------------------------------------------------------------
 def test_worked_example_in_the_docstring():
-    result = doctest.testmod(ternary)
-    assert result.attempted >= 5 and result.failed == 0
+    result = doctest.testmod(ternary_format)  # the format (device side)
+    assert result.attempted >= 6 and result.failed == 0
+    result = doctest.testmod(ternary)  # detection (export side)
+    assert result.attempted >= 4 and result.failed == 0
 
 
 def test_worked_example_words_by_hand():
@@ -67,7 +71,7 @@ def test_detect_granularity_and_exact_encoding(k, group_size, granularity):
     info = detect(w)
     assert info.granularity == granularity and info.group_size == (group_size or k)
     codes, scales = encode(w, info.group_size)
-    assert np.array_equal(ternary.dequantize(pack(codes), scales, w.shape[1]), w)  # bit-exact
+    assert np.array_equal(dequantize(pack(codes), scales, w.shape[1]), w)  # bit-exact
 
 
 def test_all_zero_group_fits_any_scale():
@@ -115,7 +119,7 @@ def test_torch_op_matches_dequantized_matmul(n, k, g, dtype):
     x = torch.from_numpy(rng.standard_normal((3, k)).astype(np.float32)).to(dtype)
     args = (x, torch.from_numpy(packed.view(np.int32)), torch.from_numpy(scales).to(dtype), k, g)
     y = ternary.ternary_matmul(*args)
-    ref = x.double() @ torch.from_numpy(ternary.dequantize(packed, scales, k)).to(dtype).double().T
+    ref = x.double() @ torch.from_numpy(dequantize(packed, scales, k)).to(dtype).double().T
     assert y.dtype == dtype and rel_err(y.double(), ref) <= (1e-6 if dtype == torch.float32 else 1e-3)
     torch.library.opcheck(torch.ops.edgecpm.ternary_matmul, args)
 
@@ -138,14 +142,14 @@ def test_onnx_lowerings_match_dequantized_matmul(lowering, n, k, g, dtype, tmp_p
     packed = pack(rng.integers(0, 3, (n, k)).astype(np.uint8))
     scales = (rng.random((n, k // g)) + 0.1).astype(dtype)
     model = ternary_graph(dtype, [(n, g, packed, scales)], k)
-    block = ternary.matmulnbits_block(g)
+    block = ternary_format.matmulnbits_block(g)
     if lowering != "reference function":  # what the onnxruntime backend does to a bundle's TernaryMatMul nodes
         assert lower_ternary(model, tmp_path, digits=lowering) == (block is not None)
         if block is None:
             pytest.skip(f"MatMulNBits blocks are multiples of 16; group size {g} is not (the node kept its function)")
         assert [nd.op_type for nd in model.graph.node].count("MatMulNBits") == 1 and not model.functions
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    w = ternary.dequantize(packed, scales, k)
+    w = dequantize(packed, scales, k)
     # One-hot rows read the dequantized weight back: exactly through the reference function, to
     # fp32 rounding through MatMulNBits (127 * (1 / 127) on its int8 grid; its zero point is
     # subtracted in float).
@@ -182,7 +186,7 @@ def test_linears_reading_one_activation_share_one_matmulnbits_call(tmp_path):
     ys = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     for y, (n, g, packed, scales) in zip(ys, linears):
         assert y.shape == (3, n)
-        assert rel_err(y, x.astype(np.float64) @ ternary.dequantize(packed, scales, k).T) <= 1e-6
+        assert rel_err(y, x.astype(np.float64) @ dequantize(packed, scales, k).T) <= 1e-6
 
 
 # ---- ternary checkpoints -> bundles -------------------------------------------------------------
