@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-import copy
+import importlib.util
 import json
 import os
 import shutil
@@ -20,41 +20,24 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("MKL_NUM_THREADS", "2")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "minicpm4"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_benchmarks_common():
+    """benchmarks/common.py (a folder of scripts, not a package: loaded by path), the one home of
+    the MiniCPM4 reference config the tests and the benchmarks start from."""
+    spec = importlib.util.spec_from_file_location("edgecpm_benchmarks_common", ROOT / "benchmarks" / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_common = _load_benchmarks_common()
+SHARED = bench_common.SHARED
 GOLDEN = SHARED / "golden"
 TORCH_THREADS = 2
 
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"MiniCPM4 reference data not found at {SHARED}")
-
-# The key layout of the shipped MiniCPM4-0.5B config.json; used only when SHARED is absent.
-_FALLBACK_05B_CONFIG = {
-    "_name_or_path": "openbmb/MiniCPM4-0.5B",
-    "architectures": ["MiniCPMForCausalLM"],
-    "bos_token_id": 1,
-    "eos_token_id": [2, 73440],
-    "hidden_act": "silu",
-    "hidden_size": 1024,
-    "initializer_range": 0.1,
-    "intermediate_size": 4096,
-    "max_position_embeddings": 32768,
-    "num_attention_heads": 16,
-    "num_hidden_layers": 24,
-    "num_key_value_heads": 2,
-    "rms_norm_eps": 1e-05,
-    "rope_scaling": {
-        "rope_type": "longrope",
-        "long_factor": [1.0 + 1.5 * i for i in range(32)],
-        "short_factor": [1.0 + 1.5 * i for i in range(32)],
-        "original_max_position_embeddings": 32768,
-    },
-    "torch_dtype": "bfloat16",
-    "transformers_version": "4.46.3",
-    "use_cache": True,
-    "vocab_size": 73448,
-    "scale_emb": 12,
-    "dim_model_base": 256,
-    "scale_depth": 1.4,
-}
 
 TOKENIZER_VOCAB = 73448
 TINY_VOCAB = 512
@@ -69,7 +52,8 @@ def pytest_configure(config):
 
 
 def real_config(name: str = "MiniCPM4-0.5B") -> dict:
-    return json.loads((SHARED / name / "config.json").read_text())
+    """The shipped config.json (from SHARED; MiniCPM4-0.5B's embedded copy when SHARED is absent)."""
+    return bench_common.minicpm4_config(name)[0]
 
 
 def _resize(values: list[float], n: int) -> list[float]:
@@ -80,7 +64,7 @@ def _resize(values: list[float], n: int) -> list[float]:
 
 def tiny_config(tie: bool = True, with_tokenizer: bool = False, **overrides) -> dict:
     """A config.json dict in the real 0.5B key layout, shrunk to a tiny model."""
-    base = real_config() if SHARED.is_dir() else copy.deepcopy(_FALLBACK_05B_CONFIG)
+    base = real_config()
     base.pop("auto_map", None)  # remote-code pointers are meaningless for a random checkpoint
     base.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=128, vocab_size=TOKENIZER_VOCAB if with_tokenizer else TINY_VOCAB)
