@@ -9,172 +9,43 @@ decode/verify steps), build with a timing cache kept in bundle/engines/, write t
 atomically and record it in manifest.json (rewritten atomically). Peak host memory of the build is
 reported: Jetson boards share 8-64 GB between CPU and GPU.
 
-Everything that does not need TensorRT -- engine naming, profile planning, the graph rewrite, the
-manifest record, the "built for another GPU / TensorRT" check -- is a plain function here, tested
-on CPU (tests/test_tensorrt_host.py). TensorRT itself is imported lazily.
+Everything that does not need TensorRT -- profile planning, the graph rewrite, the manifest
+record -- is a plain function here, tested on CPU (tests/test_tensorrt_host.py). What the device
+needs at run time as well -- engine naming and the "built for another GPU / TensorRT" check, the
+GPU's identity, the plugin library, the lazy TensorRT and cuda-python imports, profile selection --
+lives beside the TensorRT backend, in edgecpm.runtimes.tensorrt_engines. TensorRT itself is
+imported lazily.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 import resource
 import sys
 import time
 from pathlib import Path
 
-from edgecpm.bundle import MANIFEST, load_bundle
+from edgecpm.runtimes.tensorrt_engines import (
+    ENGINES_DIR,
+    PLUGIN_LIB_NAME,
+    engine_filename,
+    gpu_identity,
+    import_tensorrt,
+    load_plugins,
+    n_chunks,
+    require_plugin_library,
+    slug,
+)
+
+from edgecpm.bundle import load_bundle, read_manifest, write_manifest
 from edgecpm.errors import BackendUnavailable, BundleError, ConfigError, EdgeCPMError
 
-PLUGIN_LIB_NAME = "libedgecpm_plugins.so"
-PLUGIN_ENV = "EDGECPM_PLUGIN_LIB"
-ENGINES_DIR = "engines"
 TRT_GRAPH = ".decoder.trt.onnx"  # the rewritten graph, beside decoder.onnx so external data resolves
 CUSTOM_DOMAIN = "edgecpm"
-REPO_ROOT = Path(__file__).resolve().parents[1]  # a source checkout / editable install
-
-TENSORRT_HELP = (
-    "TensorRT 10.x Python bindings and cuda-python are needed: on Jetson they come with JetPack 6/7 "
-    "(`sudo apt install python3-libnvinfer` for the system python; cuda-python: `pip install cuda-python`), on x86 "
-    "`pip install 'edgecpm[trt]'` (tensorrt + cuda-python)"
-)
-PLUGIN_HELP = (
-    "build the plugin library on the device: `cmake -S plugins -B plugins/build -DCMAKE_CUDA_ARCHITECTURES=87 "
-    "&& cmake --build plugins/build -j` (87 = Orin, 110 = Thor; needs the TensorRT headers, e.g. "
-    f"-DTENSORRT_INCLUDE_DIR=/usr/include/aarch64-linux-gnu), or point {PLUGIN_ENV} at it"
-)
-
-
-# ---- lazy imports ---------------------------------------------------------------------------------
-def import_tensorrt(what: str = "edgecpm build"):
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise BackendUnavailable(f"{what}: cannot import tensorrt ({e}); {TENSORRT_HELP}") from None
-    major = int(str(trt.__version__).split(".")[0])
-    if major < 10:
-        raise BackendUnavailable(f"{what}: TensorRT {trt.__version__} found, edgecpm needs TensorRT >= 10 "
-                                 f"(IPluginV3 plugins); {TENSORRT_HELP}")
-    return trt
-
-
-def import_cudart(what: str = "edgecpm build"):
-    """cuda-python's runtime module (cuda.bindings.runtime in cuda-python >= 12.6, cuda.cudart before)."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError as e:
-            raise BackendUnavailable(f"{what}: cannot import cuda-python ({e}); {TENSORRT_HELP}") from None
-    return cudart
-
-
-# ---- names, identities, checks -------------------------------------------------------------------------
-def slug(text: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'; 'Orin (nvgpu)' -> 'orin-nvgpu'."""
-    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.") or "gpu"
-
-
-def engine_filename(gpu_name: str, trt_version: str) -> str:
-    return f"{slug(gpu_name)}-trt{slug(trt_version)}.engine"
-
-
-def engine_mismatch(record: dict, gpu_name: str, compute_capability: str, trt_version: str) -> str | None:
-    """Why an engine recorded in the manifest cannot run here, or None when it can. Engines are
-    specific to the TensorRT version (serialization) and to the GPU (kernels and tactics)."""
-    if record.get("tensorrt") != trt_version:
-        return (f"{record.get('file')} was built with TensorRT {record.get('tensorrt')}, this device has TensorRT "
-                f"{trt_version}")
-    if record.get("compute_capability") != compute_capability or record.get("gpu") != gpu_name:
-        return (f"{record.get('file')} was built for {record.get('gpu')} (compute capability "
-                f"{record.get('compute_capability')}), this device is {gpu_name} ({compute_capability})")
-    return None
-
-
-def find_engine(manifest: dict, gpu_name: str, compute_capability: str,
-                trt_version: str) -> tuple[dict | None, list[str]]:
-    """The manifest's engine for this GPU and TensorRT, and the reasons every other one was refused."""
-    reasons = []
-    for rec in manifest.get("engines") or []:
-        why = engine_mismatch(rec, gpu_name, compute_capability, trt_version)
-        if why is None:
-            return rec, reasons
-        reasons.append(why)
-    return None, reasons
-
-
-def gpu_identity() -> tuple[str, str]:
-    """(device name, compute capability 'major.minor') of GPU 0, through cuda-python."""
-    cudart = import_cudart()
-    err, props = cudart.cudaGetDeviceProperties(0)
-    if int(err) != 0:
-        raise BackendUnavailable(f"no CUDA device usable (cudaGetDeviceProperties: {err}); is this the device "
-                                 f"the engine is for, and does the process see the GPU?")
-    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-    return name.strip("\x00").strip(), f"{props.major}.{props.minor}"
-
-
-def find_plugin_library(explicit: str | Path | None = None) -> Path | None:
-    """The plugin library: explicit path, else $EDGECPM_PLUGIN_LIB, else plugins/build/ or
-    build/plugins/ of the source tree edgecpm runs from. None when none exists."""
-    if explicit is not None:
-        path = Path(explicit)
-        if not path.is_file():
-            raise BackendUnavailable(f"plugin library {path} not found; {PLUGIN_HELP}")
-        return path
-    if os.environ.get(PLUGIN_ENV):
-        path = Path(os.environ[PLUGIN_ENV])
-        if not path.is_file():
-            raise BackendUnavailable(f"{PLUGIN_ENV}={path}: no such file; {PLUGIN_HELP}")
-        return path
-    for path in (REPO_ROOT / "plugins" / "build" / PLUGIN_LIB_NAME, REPO_ROOT / "build" / "plugins" / PLUGIN_LIB_NAME):
-        if path.is_file():
-            return path
-    return None
-
-
-_LOADED_PLUGIN_LIBS: set[str] = set()
-
-
-def load_plugins(trt, lib: Path) -> None:
-    """Registers the plugin library with TensorRT once per process (a second load_library of the
-    same creators fails, e.g. for a draft model's backend next to the target's)."""
-    registry = trt.get_plugin_registry()
-    get = getattr(registry, "get_creator", None)
-    if str(lib) in _LOADED_PLUGIN_LIBS or (get is not None and get("InfLLMv2Attention", "1", "") is not None):
-        return
-    if not registry.load_library(str(lib)):
-        raise BackendUnavailable(f"TensorRT could not load the plugin library {lib} (built for another TensorRT or "
-                                 f"CUDA?); {PLUGIN_HELP}")
-    _LOADED_PLUGIN_LIBS.add(str(lib))
-
-
-def needs_plugins(manifest: dict) -> bool:
-    return bool(manifest.get("custom_ops"))
-
-
-def require_plugin_library(manifest: dict, explicit=None, what: str = "edgecpm build") -> Path | None:
-    """The plugin library when the graph has custom ops (None otherwise), or a clear error."""
-    if not needs_plugins(manifest):
-        return None
-    path = find_plugin_library(explicit)
-    if path is None:
-        raise BackendUnavailable(f"{what}: the graph uses the custom ops {manifest['custom_ops']}, which run as "
-                                 f"TensorRT plugins from {PLUGIN_LIB_NAME}; {PLUGIN_HELP}")
-    return path
 
 
 # ---- optimization profiles -----------------------------------------------------------------------------
-def n_chunks(length: int, sparse: dict | None) -> int:
-    if not sparse:
-        return 0
-    ks, st = sparse["kernel_size"], sparse["kernel_stride"]
-    return 0 if length < ks else (length - ks) // st + 1
-
-
 def plan_profiles(manifest: dict, max_prefill: int = 512, max_verify: int = 64,
                   max_context: int | None = None) -> list[dict]:
     """Two optimization profiles as dim ranges [min, opt, max]: 0 'prefill' (T up to max_prefill),
@@ -221,19 +92,6 @@ def profile_shapes(inputs: list[dict], profile: dict) -> dict[str, tuple[tuple, 
             shapes.append(tuple(shape))
         out[spec["name"]] = tuple(shapes)
     return out
-
-
-def select_profile(profiles: list[dict], T: int, P: int) -> int:
-    """The profile index for a step of T new tokens over P cached ones: the tightest T range that
-    holds it (decode/verify for small T). Raises when none does."""
-    fits = [(p["dims"]["T"][2], i) for i, p in enumerate(profiles)
-            if p["dims"]["T"][0] <= T <= p["dims"]["T"][2] and p["dims"]["P"][0] <= P <= p["dims"]["P"][2]]
-    if not fits:
-        t_max = max(p["dims"]["T"][2] for p in profiles)
-        p_max = max(p["dims"]["P"][2] for p in profiles)
-        raise ConfigError(f"a step of {T} tokens after {P} cached ones is outside the engine's profiles (T <= {t_max}, "
-                          f"P <= {p_max}); rebuild with a larger --max-prefill/--max-context or lower kv_budget")
-    return min(fits)[1]
 
 
 # ---- the graph rewrite ---------------------------------------------------------------------------------
@@ -343,10 +201,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def write_manifest(bundle_path: Path, manifest: dict) -> None:
-    atomic_write_bytes(Path(bundle_path) / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
 def peak_rss_bytes() -> int:
@@ -462,7 +316,7 @@ def build_engine(bundle_path, fp16: bool = False, max_prefill: int = 512, max_ve
         "build_seconds": round(time.time() - t0, 1),
         "peak_host_rss_bytes": peak_rss_bytes(),
     }
-    write_manifest(bundle_path, record_engine(json.loads((bundle_path / MANIFEST).read_text()), record))
+    write_manifest(bundle_path, record_engine(read_manifest(bundle_path), record))
     print(f"edgecpm build: wrote {engine} ({len(data) / 2**20:.1f} MiB) in {record['build_seconds']} s; peak host "
           f"memory {record['peak_host_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr)
     return engine

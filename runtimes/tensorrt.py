@@ -22,6 +22,7 @@ import mmap
 from pathlib import Path
 
 import numpy as np
+from edgecpm.runtimes import tensorrt_engines as te  # engine checks, plugins, profiles; no TensorRT import
 
 from edgecpm.bundle import Bundle
 from edgecpm.errors import BackendUnavailable, BundleError, ConfigError
@@ -38,14 +39,6 @@ class _Config(ctypes.Structure):  # ecpm_infllmv2_config (plugins/include/edgecp
 class _Dims(ctypes.Structure):  # ecpm_attn_dims
     _fields_ = [("T", ctypes.c_int64), ("P", ctypes.c_int64), ("Hq", ctypes.c_int32), ("Hkv", ctypes.c_int32),
                 ("D", ctypes.c_int32)]
-
-
-def _trt_build():
-    # Host-side helpers shared with `edgecpm build` (engine checks, profiles, plugin lookup). They live
-    # in edgecpm.export.trt_build, which imports no torch/onnx at module level.
-    from edgecpm.export import trt_build
-
-    return trt_build
 
 
 def compaction_copies(start: int, rows) -> list[tuple[int, int, int]]:
@@ -93,12 +86,11 @@ def usable_engine(bundle: Bundle) -> tuple[dict | None, str]:
     """(engine record, "") when this bundle has an engine for this GPU and TensorRT, else (None, why).
     Never raises: for backend="auto", which prefers tensorrt when it can run."""
     try:
-        tb = _trt_build()
-        trt = tb.import_tensorrt("backend 'tensorrt'")
-        gpu, cc = tb.gpu_identity()
+        trt = te.import_tensorrt("backend 'tensorrt'")
+        gpu, cc = te.gpu_identity()
     except BackendUnavailable as e:
         return None, str(e)
-    record, refused = tb.find_engine(bundle.manifest, gpu, cc, str(trt.__version__))
+    record, refused = te.find_engine(bundle.manifest, gpu, cc, str(trt.__version__))
     if record is None:
         return None, "; ".join(refused) or f"no engine built for {gpu}: run `edgecpm build {bundle.path}`"
     return record, ""
@@ -125,13 +117,12 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, bundle: Bundle, threads: int | None = None, plugin_lib=None, verify: bool = False):
-        tb = _trt_build()
-        trt = tb.import_tensorrt("backend 'tensorrt'")
-        self.cuda = _Cuda(tb.import_cudart("backend 'tensorrt'"))
+        trt = te.import_tensorrt("backend 'tensorrt'")
+        self.cuda = _Cuda(te.import_cudart("backend 'tensorrt'"))
         self.bundle, self.config = bundle, bundle.config
         manifest = bundle.manifest
-        gpu, cc = tb.gpu_identity()
-        record, refused = tb.find_engine(manifest, gpu, cc, str(trt.__version__))
+        gpu, cc = te.gpu_identity()
+        record, refused = te.find_engine(manifest, gpu, cc, str(trt.__version__))
         if record is None:
             why = ("; refused: " + "; ".join(refused)) if refused else ""
             raise BackendUnavailable(f"{bundle.path}: no TensorRT engine for {gpu} (compute capability {cc}) and "
@@ -142,10 +133,10 @@ class TensorRTBackend:
         self._check_engine_file(engine_path, record, verify)
 
         self.logger = trt.Logger(trt.Logger.WARNING)
-        lib = tb.require_plugin_library(manifest, plugin_lib, "backend 'tensorrt'")
+        lib = te.require_plugin_library(manifest, plugin_lib, "backend 'tensorrt'")
         self.kernels = None
         if lib is not None:
-            tb.load_plugins(trt, lib)
+            te.load_plugins(trt, lib)
             self.kernels = ctypes.CDLL(str(lib))  # the C ABI, for compaction of compressed keys
         self.runtime = trt.Runtime(self.logger)
         with open(engine_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
@@ -286,7 +277,7 @@ class TensorRTBackend:
             raise ConfigError(f"{P + T} tokens exceed the {self.max_context}-token context the engine was built for; "
                               f"rebuild with a larger --max-context or lower kv_budget")
         self._ensure_arena(cache)
-        profile = _trt_build().select_profile(self.profiles, T, P)
+        profile = te.select_profile(self.profiles, T, P)
         ctx = self.context
         if profile != self.active_profile:
             ctx.set_optimization_profile_async(profile, self._stream_int)

@@ -1,6 +1,7 @@
 """`edgecpm build` and the tensorrt backend, host side (CPU only, no TensorRT): engine naming, the
 "built for another GPU / TensorRT" refusal, profile planning, the graph rewrite for TensorRT's
-parser, the manifest record, plugin library lookup, KV compaction copies, and the errors that say
+parser, the manifest record, plugin library lookup (edgecpm.runtimes.tensorrt_engines: what runs
+on the device; edgecpm.export.trt_build: the build), KV compaction copies, and the errors that say
 what to install."""
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import numpy as np
 import onnx
 import pytest
 from edgecpm.export import trt_build as tb
+from edgecpm.runtimes import tensorrt_engines as te
 from edgecpm.runtimes.tensorrt import compaction_copies, is_causal
 from onnx import TensorProto, helper, numpy_helper
 
-from edgecpm.bundle import load_bundle
+from edgecpm.bundle import load_bundle, write_manifest
 from edgecpm.errors import BackendUnavailable, ConfigError
 
 pytest.importorskip("torch")
@@ -44,25 +46,25 @@ def sparse_bundle(make_checkpoint, tmp_path_factory):
 
 # ---- names and identity checks -----------------------------------------------------------------------
 def test_engine_filename():
-    assert tb.engine_filename("NVIDIA H100 80GB HBM3", "10.3.0") == "nvidia-h100-80gb-hbm3-trt10.3.0.engine"
-    assert tb.engine_filename("Orin (nvgpu)", "10.3.0.30") == "orin-nvgpu-trt10.3.0.30.engine"
-    assert tb.engine_filename("NVIDIA Thor", "10.13.3") == "nvidia-thor-trt10.13.3.engine"
+    assert te.engine_filename("NVIDIA H100 80GB HBM3", "10.3.0") == "nvidia-h100-80gb-hbm3-trt10.3.0.engine"
+    assert te.engine_filename("Orin (nvgpu)", "10.3.0.30") == "orin-nvgpu-trt10.3.0.30.engine"
+    assert te.engine_filename("NVIDIA Thor", "10.13.3") == "nvidia-thor-trt10.13.3.engine"
 
 
 def test_engine_refused_for_another_gpu_or_tensorrt():
     rec = {"file": "engines/orin-trt10.3.0.engine", "gpu": "Orin (nvgpu)", "compute_capability": "8.7",
            "tensorrt": "10.3.0"}
-    assert tb.engine_mismatch(rec, "Orin (nvgpu)", "8.7", "10.3.0") is None
-    why = tb.engine_mismatch(rec, "Orin (nvgpu)", "8.7", "10.7.0")
+    assert te.engine_mismatch(rec, "Orin (nvgpu)", "8.7", "10.3.0") is None
+    why = te.engine_mismatch(rec, "Orin (nvgpu)", "8.7", "10.7.0")
     assert "TensorRT 10.3.0" in why and "10.7.0" in why and rec["file"] in why
-    why = tb.engine_mismatch(rec, "NVIDIA Thor", "11.0", "10.3.0")
+    why = te.engine_mismatch(rec, "NVIDIA Thor", "11.0", "10.3.0")
     assert "Orin (nvgpu)" in why and "NVIDIA Thor" in why and "8.7" in why
     thor = {**rec, "file": "engines/thor.engine", "gpu": "NVIDIA Thor", "compute_capability": "11.0"}
-    found, refused = tb.find_engine({"engines": [rec, thor]}, "NVIDIA Thor", "11.0", "10.3.0")
+    found, refused = te.find_engine({"engines": [rec, thor]}, "NVIDIA Thor", "11.0", "10.3.0")
     assert found is thor and len(refused) == 1 and "Orin" in refused[0]
-    found, refused = tb.find_engine({"engines": [rec]}, "NVIDIA Thor", "11.0", "10.3.0")
+    found, refused = te.find_engine({"engines": [rec]}, "NVIDIA Thor", "11.0", "10.3.0")
     assert found is None and len(refused) == 1
-    assert tb.find_engine({}, "x", "8.7", "10.3.0") == (None, [])
+    assert te.find_engine({}, "x", "8.7", "10.3.0") == (None, [])
 
 
 # ---- profiles ------------------------------------------------------------------------------------------
@@ -104,7 +106,7 @@ def test_sparse_profiles_bound_compressed_keys(sparse_bundle):
     manifest = load_bundle(sparse_bundle).manifest
     sp = manifest["sparse"]
     for p in tb.plan_profiles(manifest, max_context=4096):
-        assert p["dims"]["C"] == [tb.n_chunks(v, sp) for v in p["dims"]["P"]]
+        assert p["dims"]["C"] == [te.n_chunks(v, sp) for v in p["dims"]["P"]]
         assert p["dims"]["C"][2] == (4095 - sp["kernel_size"]) // sp["kernel_stride"] + 1
     shapes = tb.profile_shapes(manifest["graphs"]["decoder"]["inputs"], tb.plan_profiles(manifest)[1])
     assert shapes["past_ckey.0"][0][0] == 0
@@ -112,14 +114,14 @@ def test_sparse_profiles_bound_compressed_keys(sparse_bundle):
 
 def test_profile_selection_by_step_size(dense_bundle):
     profiles = tb.plan_profiles(load_bundle(dense_bundle).manifest, max_prefill=512, max_verify=64, max_context=2048)
-    assert tb.select_profile(profiles, 1, 100) == 1  # decode
-    assert tb.select_profile(profiles, 64, 0) == 1  # a verify tree
-    assert tb.select_profile(profiles, 65, 0) == 0  # prefill chunk
-    assert tb.select_profile(profiles, 512, 1000) == 0
+    assert te.select_profile(profiles, 1, 100) == 1  # decode
+    assert te.select_profile(profiles, 64, 0) == 1  # a verify tree
+    assert te.select_profile(profiles, 65, 0) == 0  # prefill chunk
+    assert te.select_profile(profiles, 512, 1000) == 0
     with pytest.raises(ConfigError, match="outside the engine's profiles"):
-        tb.select_profile(profiles, 513, 0)
+        te.select_profile(profiles, 513, 0)
     with pytest.raises(ConfigError, match="max-context"):
-        tb.select_profile(profiles, 1, 2048)
+        te.select_profile(profiles, 1, 2048)
 
 
 # ---- the graph rewrite -----------------------------------------------------------------------------------
@@ -216,7 +218,7 @@ def test_engine_record_in_manifest(dense_bundle, tmp_path):
     other = {**rec, "file": "engines/thor-trt10.13.0.engine"}
     m2 = tb.record_engine(tb.record_engine(m1, other), newer)
     assert [e["file"] for e in m2["engines"]] == [other["file"], rec["file"]] and m2["engines"][1]["size"] == 2
-    tb.write_manifest(bundle, m2)
+    write_manifest(bundle, m2)
     assert not list(bundle.glob(".manifest.json.tmp*"))
     again = load_bundle(bundle, verify=True)  # still a valid bundle, files unchanged
     assert again.manifest["engines"] == m2["engines"]
@@ -236,32 +238,32 @@ def test_peak_rss_is_reported_in_bytes():
 
 # ---- plugin library lookup -------------------------------------------------------------------------------
 def test_plugin_library_lookup(tmp_path, monkeypatch):
-    monkeypatch.setattr(tb, "REPO_ROOT", tmp_path)
-    monkeypatch.delenv(tb.PLUGIN_ENV, raising=False)
-    assert tb.find_plugin_library() is None
-    built = tmp_path / "build" / "plugins" / tb.PLUGIN_LIB_NAME
+    monkeypatch.setattr(te, "REPO_ROOT", tmp_path)
+    monkeypatch.delenv(te.PLUGIN_ENV, raising=False)
+    assert te.find_plugin_library() is None
+    built = tmp_path / "build" / "plugins" / te.PLUGIN_LIB_NAME
     built.parent.mkdir(parents=True)
     built.write_bytes(b"")
-    assert tb.find_plugin_library() == built
-    preferred = tmp_path / "plugins" / "build" / tb.PLUGIN_LIB_NAME
+    assert te.find_plugin_library() == built
+    preferred = tmp_path / "plugins" / "build" / te.PLUGIN_LIB_NAME
     preferred.parent.mkdir(parents=True)
     preferred.write_bytes(b"")
-    assert tb.find_plugin_library() == preferred
-    monkeypatch.setenv(tb.PLUGIN_ENV, str(built))
-    assert tb.find_plugin_library() == built
-    monkeypatch.setenv(tb.PLUGIN_ENV, str(tmp_path / "nope.so"))
+    assert te.find_plugin_library() == preferred
+    monkeypatch.setenv(te.PLUGIN_ENV, str(built))
+    assert te.find_plugin_library() == built
+    monkeypatch.setenv(te.PLUGIN_ENV, str(tmp_path / "nope.so"))
     with pytest.raises(BackendUnavailable, match="nope.so"):
-        tb.find_plugin_library()
+        te.find_plugin_library()
     with pytest.raises(BackendUnavailable, match="missing.so: not found|missing.so not found"):
-        tb.find_plugin_library(tmp_path / "missing.so")
+        te.find_plugin_library(tmp_path / "missing.so")
 
 
 def test_plugins_needed_only_for_custom_ops(dense_bundle, sparse_bundle, tmp_path, monkeypatch):
-    monkeypatch.setattr(tb, "REPO_ROOT", tmp_path)
-    monkeypatch.delenv(tb.PLUGIN_ENV, raising=False)
-    assert tb.require_plugin_library(load_bundle(dense_bundle).manifest) is None
+    monkeypatch.setattr(te, "REPO_ROOT", tmp_path)
+    monkeypatch.delenv(te.PLUGIN_ENV, raising=False)
+    assert te.require_plugin_library(load_bundle(dense_bundle).manifest) is None
     with pytest.raises(BackendUnavailable, match=r"InfLLMv2Attention.*cmake -S plugins"):
-        tb.require_plugin_library(load_bundle(sparse_bundle).manifest)
+        te.require_plugin_library(load_bundle(sparse_bundle).manifest)
 
 
 # ---- without TensorRT ----------------------------------------------------------------------------------
@@ -287,11 +289,11 @@ def test_build_checks_arguments_before_tensorrt(dense_bundle):
 
 
 def test_tensorrt_modules_import_without_torch_or_tensorrt():
-    """The device side: the backend and the build's host helpers import neither torch nor onnx."""
+    """The device side: the backend, its engine helpers and the build import neither torch nor onnx."""
     code = textwrap.dedent("""
         import sys
         sys.modules["torch"] = None
-        import edgecpm.runtimes.tensorrt, edgecpm.export.trt_build
+        import edgecpm.runtimes.tensorrt, edgecpm.runtimes.tensorrt_engines, edgecpm.export.trt_build
         print(sorted(m for m in ("torch", "onnx", "tensorrt") if sys.modules.get(m) is not None))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
