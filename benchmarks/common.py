@@ -6,10 +6,12 @@ Run benchmarks as scripts (`python benchmarks/<name>.py`); this module is import
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import struct
 import subprocess
@@ -197,7 +199,26 @@ def machine_info() -> dict:
     return info
 
 
-# ---- outputs ----------------------------------------------------------------------------------
+# ---- command line and outputs -----------------------------------------------------------------
+def arg_parser(doc: str, name: str, threads: int = 2, prompt_len: int | None = None, new_tokens: int | None = None,
+               repeats: int | None = None) -> argparse.ArgumentParser:
+    """A benchmark's parser with the options they share: --threads, --output, and --prompt-len /
+    --new-tokens / --repeats where given a default. The caller adds its own and parses."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=threads, help=f"CPU threads of the backend (default: {threads})")
+    if prompt_len is not None:
+        p.add_argument("--prompt-len", type=int, default=prompt_len,
+                       help=f"prompt tokens for prefill (default: {prompt_len})")
+    if new_tokens is not None:
+        p.add_argument("--new-tokens", type=int, default=new_tokens,
+                       help=f"tokens generated per run (default: {new_tokens})")
+    if repeats is not None:
+        p.add_argument("--repeats", type=int, default=repeats,
+                       help=f"timed runs; the median is reported (default: {repeats})")
+    p.add_argument("--output", type=Path, default=None, help=f"JSON path (default: benchmarks/results/{name}.json)")
+    return p
+
+
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     columns = columns or list(rows[0])
     def fmt(v):
@@ -214,3 +235,21 @@ def write_results(name: str, data: dict, path: str | Path | None = None) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def result_header(name: str, argv: list[str] | None, **machine) -> dict:
+    """The fields every benchmark's JSON starts with: its name, the command that reproduces it
+    (argv: main's argument, None for sys.argv), the date and the machine (machine_info() + `machine`)."""
+    args = shlex.join(argv if argv is not None else sys.argv[1:])
+    return {"benchmark": name, "command": f"python benchmarks/{name}.py {args}".rstrip(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": {**machine_info(), **machine}}
+
+
+def finish(result: dict, blocks: list[str], output: str | Path | None = None, note: str = "") -> int:
+    """A benchmark's last step: write `result` to benchmarks/results/<benchmark>.json (or `output`),
+    print `blocks` (markdown tables, captions) to stdout a blank line apart, then `note` and where
+    the JSON went to stderr. Returns main's exit status, 0."""
+    path = write_results(result["benchmark"], result, output)
+    print("\n\n".join(blocks))
+    print("\n" + (note + "\n" if note else "") + f"wrote {path}", file=sys.stderr)
+    return 0

@@ -11,8 +11,6 @@ generation loop). Writes benchmarks/results/decode_ort.json and prints a markdow
 
 from __future__ import annotations
 
-import argparse
-import shlex
 import sys
 import tempfile
 import time
@@ -71,12 +69,7 @@ def python_overhead(session, args, vocab: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--output", type=Path, default=None)
+    p = common.arg_parser(__doc__, "decode_ort", prompt_len=128, new_tokens=32, repeats=3)
     args = p.parse_args(argv)
 
     from edgecpm.export.exporter import export_bundle
@@ -117,10 +110,7 @@ def main(argv=None) -> int:
         "ort_python_overhead_fraction": ort["python_overhead"]["overhead_fraction"],
     }
     result = {
-        "benchmark": "decode_ort",
-        "command": "python benchmarks/decode_ort.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {**common.machine_info(), "threads": args.threads},
+        **common.result_header("decode_ort", argv, threads=args.threads),
         "model": {"shape": "MiniCPM4-0.5B", "config": source, "params": cfg.n_params(), "dtype": "fp32"},
         "settings": vars(args) | {"output": str(args.output)},
         "export_s": export_s,
@@ -131,13 +121,9 @@ def main(argv=None) -> int:
         "peak_rss_bytes": peak_rss,
         "summary": summary,
     }
-    path = common.write_results("decode_ort", result, args.output)
     rows = [{"backend": name, "prefill tok/s": r["prefill_tok_s"], "decode tok/s": r["decode_tok_s"],
              "roofline fraction": roofline_s * r["decode_tok_s"]} for name, r in results.items()]
-    print(common.markdown_table(rows))
-    print("\n" + common.markdown_table([summary]))
-    print(f"\nwrote {path}", file=sys.stderr)
-    return 0
+    return common.finish(result, [common.markdown_table(rows), common.markdown_table([summary])], args.output)
 
 
 if __name__ == "__main__":

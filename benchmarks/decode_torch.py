@@ -14,9 +14,7 @@ Writes benchmarks/results/decode_torch.json and prints a markdown table.
 
 from __future__ import annotations
 
-import argparse
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -29,16 +27,11 @@ import common
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.arg_parser(__doc__, "decode_torch", prompt_len=128, new_tokens=64, repeats=3)
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint folder to use; created with random weights if it has no config.json")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="compute dtype (default: fp32)")
-    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for prefill (default: 128)")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (default: 64)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (default: 3)")
     p.add_argument("--bandwidth-mib", type=int, default=512, help="size of the bandwidth test array (default: 512)")
-    p.add_argument("--output", type=Path, default=None, help="JSON path (default: benchmarks/results/decode_torch.json)")
     return p.parse_args(argv)
 
 
@@ -121,13 +114,9 @@ def main(argv=None) -> int:
     roofline_s = read["bytes"] / bw["bytes_per_s"]
     measured_s = 1.0 / decode
     result = {
-        "benchmark": "decode_torch",
-        "command": " ".join(["python benchmarks/decode_torch.py", shlex.join(argv if argv is not None else sys.argv[1:])]).strip(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {**common.machine_info(), "torch": torch.__version__, "edgecpm": edgecpm.__version__,
-                    "torch_threads": args.threads,
-                    # 1/5/15-minute load averages: other processes on a shared machine skew the runs.
-                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        # 1/5/15-minute load averages: other processes on a shared machine skew the runs.
+        **common.result_header("decode_torch", argv, torch=torch.__version__, edgecpm=edgecpm.__version__,
+                               torch_threads=args.threads, loadavg_before=load_before, loadavg_after=os.getloadavg()),
         "model": {"shape": "MiniCPM4-0.5B" if made else "the checkpoint's config.json", "checkpoint": source,
                   "created_here": made,
                   "params": cfg.n_params(), "checkpoint_bytes": disk_bytes, "dtype": args.dtype,
@@ -149,7 +138,6 @@ def main(argv=None) -> int:
         "roofline_tok_s": 1.0 / roofline_s,
         "roofline_fraction": roofline_s / measured_s,
     }
-    path = common.write_results("decode_torch", result, args.output)
     mib = 2**20
     row = {
         "backend": f"torch {args.dtype}, {args.threads} threads",
@@ -163,11 +151,9 @@ def main(argv=None) -> int:
         "peak RSS (MiB)": m["peak_rss_bytes"] / mib,
     }
     shape = "MiniCPM4-0.5B shape" if made else f"{folder}"
-    print(f"\n{shape} ({cfg.n_params() / 1e6:.1f} M params), prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, median of {args.repeats}\n")
-    print(common.markdown_table([row]))
-    print(f"\nwrote {path}", file=sys.stderr)
-    return 0
+    caption = (f"\n{shape} ({cfg.n_params() / 1e6:.1f} M params), prompt {args.prompt_len}, "
+               f"{args.new_tokens} new tokens, median of {args.repeats}")
+    return common.finish(result, [caption, common.markdown_table([row])], args.output)
 
 
 if __name__ == "__main__":

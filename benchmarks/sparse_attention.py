@@ -16,8 +16,6 @@ Median of --repeats after a warm-up, caches evicted before each timed call. Writ
 
 from __future__ import annotations
 
-import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -127,13 +125,10 @@ def measure(P: int, T: int, cfg, dense_ort, sparse_ort, repeats: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.arg_parser(__doc__, "sparse_attention", repeats=9)
     p.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768, 65536])
     p.add_argument("--prefill-contexts", type=int, nargs="*", default=[8192, 16384])
     p.add_argument("--prefill-chunk", type=int, default=512)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
 
     import torch
@@ -147,21 +142,15 @@ def main(argv=None) -> int:
     prefill = [measure(P, args.prefill_chunk, cfg, dense_ort, sparse_ort, max(2, args.repeats // 2))
                for P in args.prefill_contexts]
     result = {
-        "benchmark": "sparse_attention",
-        "command": "python benchmarks/sparse_attention.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {**common.machine_info(), "threads": args.threads},
+        **common.result_header("sparse_attention", argv, threads=args.threads),
         "shape": {"query_heads": HQ, "kv_heads": HKV, "head_dim": D, "dtype": "fp32"},
         "sparse_config": vars(cfg),
         "decode": decode,
         "prefill_chunk": prefill,
     }
-    path = common.write_results("sparse_attention", result, args.output)
     cols = ["context", "queries", "ort_dense_ms", "ort_sparse_ms", "ort_speedup", "torch_dense_ms", "torch_sparse_ms",
             "torch_speedup", "torch_stage1_ms", "torch_topk_ms", "torch_stage2_ms", "selected_tokens_per_query"]
-    print(common.markdown_table(decode + prefill, cols))
-    print(f"\nwrote {path}", file=sys.stderr)
-    return 0
+    return common.finish(result, [common.markdown_table(decode + prefill, cols)], args.output)
 
 
 if __name__ == "__main__":

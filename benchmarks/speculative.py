@@ -15,11 +15,8 @@ target step (mean accepted length + 1), and ratios to plain decoding. Writes ben
 
 from __future__ import annotations
 
-import argparse
-import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +36,11 @@ def heldout_prompts(tokenizer, path: Path, n: int, n_tokens: int) -> list[list[i
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.arg_parser(__doc__, "speculative", new_tokens=96)
     p.add_argument("--prompts", type=int, default=8, help="held-out documents used as prompts (default: 8)")
     p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--depth", type=int, default=4, help="draft depth (default: 4)")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--corpus", type=Path, default=CORPUS)
-    p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
 
     from edgecpm.export.exporter import export_bundle
@@ -90,19 +84,14 @@ def main(argv=None) -> int:
         row["speedup"] = row["decode tok/s"] / plain
     same = all(t == texts["plain"] for t in texts.values())
     result = {
-        "benchmark": "speculative",
-        "command": "python benchmarks/speculative.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {**common.machine_info(), "threads": args.threads},
+        **common.result_header("speculative", argv, threads=args.threads),
         "settings": vars(args) | {"corpus": str(args.corpus), "output": str(args.output), "frspec_r": r,
                                   "vocab": tok.vocab_size},
         "identical_outputs": same,
         "rows": rows,
     }
-    path = common.write_results("speculative", result, args.output)
-    print(common.markdown_table(rows, ["config", "decode tok/s", "tokens/step", "speedup", "prefill tok/s"]))
-    print(f"\nidentical greedy outputs across configs: {same}\nwrote {path}", file=sys.stderr)
-    return 0
+    table = common.markdown_table(rows, ["config", "decode tok/s", "tokens/step", "speedup", "prefill tok/s"])
+    return common.finish(result, [table], args.output, note=f"identical greedy outputs across configs: {same}")
 
 
 if __name__ == "__main__":

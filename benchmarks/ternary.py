@@ -22,11 +22,9 @@ benchmarks/results/ternary.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import shlex
 import struct
 import subprocess
 import sys
@@ -121,13 +119,8 @@ def prompts(args, vocab: int):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p = common.arg_parser(__doc__, "ternary", prompt_len=128, new_tokens=32, repeats=3)
     p.add_argument("--group-size", type=int, default=None, help="scale granularity (default: one per row)")
-    p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
 
     from edgecpm.export.exporter import export_bundle
@@ -212,12 +205,8 @@ def main(argv=None) -> int:
             summary[f"{name}_decode_speedup"] = results[name]["decode_tok_s"] / fp32["decode_tok_s"]
             summary[f"{name}_prefill_speedup"] = results[name]["prefill_tok_s"] / fp32["prefill_tok_s"]
     result = {
-        "benchmark": "ternary",
-        "command": "python benchmarks/ternary.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {**common.machine_info(), "threads": args.threads, "edgecpm_kernel": onnxruntime_ops.isa(library),
-                    "loadavg_before": load_before,
-                    "loadavg_after": load_after},
+        **common.result_header("ternary", argv, threads=args.threads, edgecpm_kernel=onnxruntime_ops.isa(library),
+                               loadavg_before=load_before, loadavg_after=load_after),
         "model": {"shape": "MiniCPM4-0.5B", "config": source, "params": cfg.n_params(),
                   "linear_scales": f"one per {args.group_size} inputs" if args.group_size else "one per output row"},
         "settings": vars(args) | {"output": str(args.output)},
@@ -225,17 +214,13 @@ def main(argv=None) -> int:
         "decode_weight_read_fp32": dense,
         "summary": summary,
     }
-    path = common.write_results("ternary", result, args.output)
     rows = [{"run": name, "kernel": r["kernel"] or "dense MatMul", "decode tok/s": r["decode_tok_s"], "prefill tok/s": r["prefill_tok_s"],
              "decode vs fp32": r["decode_tok_s"] / fp32["decode_tok_s"],
              "bundle weights (MiB)": r["bundle_weights_bytes"] / 2**20,
              "load s": r["load_s"], "RSS after load (MiB)": r["rss_after_load_bytes"] / 2**20,
              "peak RSS at load (MiB)": r["peak_rss_bytes"] / 2**20,
              "logits rel err vs fp32": r["logits_rel_err_vs_fp32"]} for name, r in results.items()]
-    print(common.markdown_table(rows))
-    print("\n" + common.markdown_table([summary]))
-    print(f"\nwrote {path}", file=sys.stderr)
-    return 0
+    return common.finish(result, [common.markdown_table(rows), common.markdown_table([summary])], args.output)
 
 
 if __name__ == "__main__":
