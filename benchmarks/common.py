@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import struct
@@ -139,12 +138,6 @@ def memory_bandwidth(size_bytes: int = 512 * 2**20, repeats: int = 3) -> dict:
     del src, dst
     return {"bytes_per_s": 2 * n * 8 / best, "array_bytes": n * 8, "best_s": best, "times_s": times,
             "method": f"numpy copyto of a {n * 8 // 2**20} MiB float64 array, best of {repeats}, (read+write)/s"}
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def current_rss_bytes() -> int | None:

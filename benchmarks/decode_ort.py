@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     from edgecpm.export.exporter import export_bundle
 
     import edgecpm
+    from edgecpm.bench import peak_rss_bytes
 
     with tempfile.TemporaryDirectory(prefix="edgecpm-bench-") as tmp:
         ckpt, bundle = Path(tmp) / "ckpt", Path(tmp) / "bundle"
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
                 results[backend]["python_overhead"] = python_overhead(s, args, s.config.vocab_size)
             cfg = s.config
             del s
-        peak_rss = common.peak_rss_bytes()
+        peak_rss = peak_rss_bytes()
 
     bw = common.memory_bandwidth()
     read = common.decode_weight_bytes(cfg, 4)

@@ -39,6 +39,7 @@ def run(args, folder: Path) -> dict:
     import torch
 
     import edgecpm
+    from edgecpm.bench import peak_rss_bytes
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -66,7 +67,7 @@ def run(args, folder: Path) -> dict:
                      "decode_tokens": st["decode_tokens"], "total_s": st["total_s"]})
         print(f"run {i}: prefill {st['prefill_tok_s']:.1f} tok/s, decode {st['decode_tok_s']:.2f} tok/s",
               file=sys.stderr)
-    peak_rss = common.peak_rss_bytes()  # before the bandwidth test allocates its arrays
+    peak_rss = peak_rss_bytes()  # before the bandwidth test allocates its arrays
     weight_bytes_held = s.backend.weight_bytes
     bytes_per_weight = torch.empty((), dtype=s.backend.dtype).element_size()
     del s

@@ -12,6 +12,12 @@ import numpy as np
 from edgecpm.session import Session
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss counts KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
 def _prompts(session: Session, texts: list[str], prompt_len: int, n: int) -> list[list[int]]:
     if texts:
         if session.tokenizer is None:
@@ -70,5 +76,4 @@ def run_bench(path, backend="auto", kv_budget="1GiB", threads=None, dtype=None, 
     plain = results["plain"]["decode_tok_s"]
     for r in results.values():
         r["decode_speedup"] = r["decode_tok_s"] / plain if plain else 0.0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return {"path": str(path), "new_tokens": new_tokens, "configs": results, "peak_rss_bytes": rss}
+    return {"path": str(path), "new_tokens": new_tokens, "configs": results, "peak_rss_bytes": peak_rss_bytes()}

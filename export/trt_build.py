@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -204,8 +203,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident memory of this process (edgecpm.bench.peak_rss_bytes)."""
+    from edgecpm.bench import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 # ---- the build -----------------------------------------------------------------------------------------
