@@ -115,7 +115,7 @@ FRAGMENTS = [
     "iPhone McDonald",
     # URLs
     "https://example.com/path?q=1&r=2#frag",
-    "http://www.openbmb.cn/",
+    "http://www.example.org/",
     "user@example.org",
     "ftp://files.example.net/a/b.tar.gz",
     # other scripts and rare characters (some only reachable through byte fallback)
