@@ -20,8 +20,12 @@ InfLLMv2Attention (plugin version "1")
   attributes (int): kernel_size (=2*kernel_stride), kernel_stride, block_size (=4*kernel_stride),
            init_blocks, window_size, topk, dense_len, semantics (1 or 2)
   Semantics: DESIGN.md §7 per query; ties in block scores go to the lower block index (ONNX TopK).
-  Blocks are indexed by cache row; for a draft tree the new rows are tree slots, so chunks that
-  a tree completes are recomputed after the accepted path is compacted.
+  positions lie in [P, P + T). Draft trees: the new rows sit in slots P + j but at positions
+  positions[j], and every rule goes by position (edgecpm.export.infllmv2's docstring): a new row
+  belongs to block positions[j] // block_size and needs that block chosen and attn_mask; a query
+  whose path is not the slots P..P+t scores the chunks overlapping the new rows with compressed
+  keys of its own path. ck_new stays slot-ordered, so the runtime recomputes the chunks of a
+  tree's accepted path after compacting it.
 
 TernaryMatMul (plugin version "1"), a BitCPM4 ternary linear layer (format: edgecpm.export.ternary)
   inputs   x          [M, K]        float32 or float16
@@ -97,6 +101,51 @@ def infllmv2_node(g: GraphBuilder, q, k, v, past_k, past_v, past_ck, positions, 
                 domain=DOMAIN, **infllmv2_attributes(cfg))
 
 
+def tree_chunk_scores(g: GraphBuilder, s_new, qf, past_k, k, pos, attn_mask, first, n_new, stride, kernel, P, T):
+    """Stage-1 logits of the new chunks [Cn, Hkv, G, T] (s_new, scored with the slot-ordered
+    ck_new) with the columns of the unaligned queries (a draft tree off its first branch, see
+    edgecpm.export.infllmv2) replaced: each such query scores chunks made of its own path, the
+    chunk's past rows plus the new rows it sees whose positions fall in the chunk. A plain step has
+    no unaligned query: the extra work is on empty tensors."""
+    zero, one, big = g.const([0]), g.const([1]), g.const([np.iinfo(np.int64).max])
+    Hkv, D = g.dim(k, 1), g.dim(k, 2)
+    # aligned[t]: positions[t] = P + t and every new row i <= t is visible to t and at P + i.
+    ar = g.op("Range", g.const(0), g.op("Squeeze", T), g.const(1))
+    at_slot = g.op("Equal", pos, g.op("Add", ar, P))
+    causal = g.op("LessOrEqual", g.op("Unsqueeze", ar, zero), g.op("Unsqueeze", ar, one))  # [t, i]: i <= t
+    good = g.op("Or", g.op("Not", causal), g.op("And", attn_mask, g.op("Unsqueeze", at_slot, zero)))
+    bad = g.op("ReduceMax", g.op("Cast", g.op("Not", good), to=TensorProto.INT64), axes=[1], keepdims=0)
+    aligned = g.op("And", at_slot, g.op("Equal", bad, g.const(0)))
+    tq = g.op("Reshape", g.op("NonZero", g.op("Not", aligned)), g.const([-1]))  # [Tn] unaligned queries
+    # The chunks' past rows, summed per stride-row half (past rows only; the new rows are zeros).
+    start = g.op("Mul", first, stride)
+    past_tail = g.f32(g.op("Slice", past_k, start, P, zero))
+    need = g.op("Mul", g.op("Add", n_new, one), stride)
+    short = g.op("Max", g.op("Sub", need, g.dim(past_tail, 0)), zero)
+    past_tail = g.op("Pad", past_tail, g.op("Concat", zero, zero, zero, short, zero, zero, axis=0))
+    past_tail = g.op("Slice", past_tail, zero, need, zero)
+    halves = g.op("ReduceSum", g.op("Reshape", past_tail, g.op("Concat", g.const([-1]), stride, Hkv, D, axis=0)),
+                  one, keepdims=0)
+    past_sum = g.op("Add", g.op("Slice", halves, zero, n_new, zero), g.op("Slice", halves, one, big, zero))  # [Cn,Hkv,D]
+    # The new rows each unaligned query sees, per chunk, by position.
+    lo = g.op("Unsqueeze", g.op("Mul", g.op("Range", g.op("Squeeze", first), g.op("Squeeze", g.op("Add", first, n_new)),
+                                            g.const(1)), g.op("Squeeze", stride)), one)  # [Cn, 1]
+    inside = g.op("And", g.op("GreaterOrEqual", pos, lo), g.op("Less", pos, g.op("Add", lo, kernel)))  # [Cn, T]
+    w = g.op("And", g.op("Unsqueeze", g.op("Gather", attn_mask, tq, axis=0), one), g.op("Unsqueeze", inside, zero))
+    kf = g.op("Reshape", g.f32(k), g.op("Concat", T, g.const([-1]), axis=0))  # [T, Hkv*D]
+    Tn = g.dim(tq, 0)
+    new_sum = g.op("Reshape", g.op("MatMul", g.op("Cast", w, to=TensorProto.FLOAT), kf),
+                   g.op("Concat", Tn, n_new, Hkv, D, axis=0), allowzero=1)  # [Tn, Cn, Hkv, D]
+    ck = g.op("Div", g.op("Add", new_sum, past_sum), g.f32(kernel))
+    G = g.op("Div", g.dim(qf, 1), Hkv)
+    qt = g.op("Reshape", g.op("Gather", qf, tq, axis=0), g.op("Concat", Tn, Hkv, G, D, axis=0), allowzero=1)
+    qt = g.op("Mul", qt, g.op("Reciprocal", g.op("Sqrt", g.f32(D))))
+    logits = g.op("MatMul", qt, g.op("Transpose", ck, perm=[0, 2, 3, 1]))  # [Tn, Hkv, G, Cn]
+    by_query = g.op("Transpose", s_new, perm=[3, 1, 2, 0])  # [T, Hkv, G, Cn]
+    by_query = g.op("ScatterND", by_query, g.op("Unsqueeze", tq, one), logits)
+    return g.op("Transpose", by_query, perm=[3, 1, 2, 0])
+
+
 def infllmv2_function() -> onnx.FunctionProto:
     """The reference body of InfLLMv2Attention with standard ops (opset 17)."""
     g = GraphBuilder(prefix="f_")
@@ -136,7 +185,9 @@ def infllmv2_function() -> onnx.FunctionProto:
     #    compressed keys are never concatenated); softmax over the visible chunks (last axis),
     #    summed over the group's query heads.
     qf = g.f32(q)
-    s = g.op("Concat", grouped_scores(g, past_ck, qf), grouped_scores(g, ck_new, qf), axis=0)  # [nc, Hkv, G, T]
+    s_new = tree_chunk_scores(g, grouped_scores(g, ck_new, qf), qf, past_k, k, pos, attn_mask, first, n_new, stride,
+                              kernel, P, T)
+    s = g.op("Concat", grouped_scores(g, past_ck, qf), s_new, axis=0)  # [nc, Hkv, G, T]
     s = g.op("Transpose", s, perm=[1, 2, 3, 0])
     nc = g.dim(s, 3)
     chunk_end = g.op("Add", g.op("Mul", g.op("Range", g.const(0), g.op("Squeeze", nc), g.const(1)), g.op("Squeeze", stride)),
@@ -203,8 +254,9 @@ def infllmv2_function() -> onnx.FunctionProto:
     past_mask = g.op("And", g.op("Cast", g.op("GatherElements", g.op("Cast", chosen, to=TensorProto.INT32), row_block,
                                                axis=2), to=TensorProto.BOOL),
                      g.op("Unsqueeze", g.op("Less", rows, P), one))  # [Hkv, T, R]
-    new_block = g.op("Div", g.op("Add", g.op("Range", g.const(0), g.op("Squeeze", T), g.const(1)), g.op("Squeeze", P)),
-                     g.op("Squeeze", block))
+    # A new row belongs to the block of its position (for a draft tree its slot P + j is not its
+    # position): visible iff that block is chosen and the step's mask allows it.
+    new_block = g.op("Div", pos, g.op("Squeeze", block))
     new_mask = g.op("And", g.op("Gather", chosen, new_block, axis=2), attn_mask)  # [Hkv, T, T]
 
     # Queries head-major [Hkv, G*T, D], pre-scaled by 1/sqrt(D); scores fp32 [Hkv, G, T, N].

@@ -11,6 +11,19 @@ Work per call, for queries at positions p (the new tokens) over S = P + T cached
 4. stage 2: attention over the selected tokens only. Queries are processed in runs of up to 64
    consecutive positions; each run gathers the union of its queries' blocks, so a decode step at
    64K context reads ~6K keys instead of 64K.
+
+Draft trees (DESIGN.md §7): the T new rows sit in cache slots P..P+T-1 but their positions are
+tree depths, so slot and position differ. Every rule is applied by *position*, as if the query's
+own path (its ancestors by the step's attn_mask) had been decoded one token at a time:
+- stage 2: past row r belongs to block r // 64 (past rows sit at their positions); new row j
+  belongs to block positions[j] // 64 and is visible to query t iff attn_mask[t, j] and that
+  block is selected for t. For a plain step (positions P + j, causal mask) this is the slot rule.
+- stage 1: a query whose path is not the slots P..P+t ("unaligned": a tree node off the first
+  branch) scores the chunks that overlap the new rows with compressed keys of its own path
+  (past rows + its ancestors by position), never with the slot-ordered ck_new, which mixes in
+  siblings. Aligned queries (every query of a plain step) use ck_new as before.
+ck_new itself stays slot-ordered: the runtime appends it for plain steps and recomputes the
+chunks of a tree's accepted path after compacting it.
 """
 
 from __future__ import annotations
@@ -32,7 +45,9 @@ _scratch = threading.local()
 def scratch(name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     """A [rows, cols] buffer reused across calls on this thread (grown when too small)."""
     buf = getattr(_scratch, name, None)
-    if buf is None or buf.dtype != dtype or buf.numel() < rows * cols:
+    # A buffer made under torch.inference_mode (the torch backend) cannot be written outside it.
+    stale = buf is not None and buf.is_inference() and not torch.is_inference_mode_enabled()
+    if buf is None or stale or buf.dtype != dtype or buf.numel() < rows * cols:
         buf = torch.empty(rows * cols, dtype=dtype)
         setattr(_scratch, name, buf)
     return buf[: rows * cols].view(rows, cols)
@@ -51,14 +66,51 @@ def new_chunks(past_k: torch.Tensor, k: torch.Tensor, cfg: SparseConfig) -> torc
     return windows.mean(-1)
 
 
-def block_scores(q: torch.Tensor, ck: torch.Tensor, pos: torch.Tensor, S: int, cfg: SparseConfig) -> torch.Tensor:
-    """Stage 1: [Hkv, T, nb] block scores (before init/window/top-k) for queries q [T, Hq, D]."""
+def aligned_queries(pos: torch.Tensor, attn_mask: torch.Tensor, P: int) -> torch.Tensor:
+    """bool [T]: query t's path is the slots P..P+t (positions[t] = P + t, and every new row i <= t
+    is visible to it and sits at position P + i). Every query of a plain step is aligned; in a
+    draft tree, the first branch."""
+    T = pos.shape[0]
+    at_slot = pos == P + torch.arange(T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    return at_slot & (~causal | (attn_mask & at_slot[None, :])).all(1)
+
+
+def path_chunk_logits(q: torch.Tensor, past_k: torch.Tensor, k: torch.Tensor, pos: torch.Tensor,
+                      attn_mask: torch.Tensor, cfg: SparseConfig):
+    """Stage-1 logits of the chunks overlapping the new rows (indices n_chunks(P) .. n_chunks(P+T))
+    for the unaligned queries, each chunk the mean of the query's own path rows: the past rows of
+    the chunk and the new rows it sees (attn_mask) whose positions fall in the chunk.
+    Returns (queries [Tn], logits [Hkv, G, Tn, Cn]) or None when every query is aligned."""
+    P, T = past_k.shape[0], k.shape[0]
+    queries = (~aligned_queries(pos, attn_mask, P)).nonzero().flatten()
+    first, last = cfg.n_chunks(P), cfg.n_chunks(P + T)
+    if queries.numel() == 0 or last == first:
+        return None
+    st, ks = cfg.kernel_stride, cfg.kernel_size
+    lo = torch.arange(first, last) * st  # first row (= position) of each chunk
+    past_sum = torch.stack([past_k[a : min(a + ks, P)].float().sum(0) for a in lo.tolist()])  # [Cn, Hkv, D]
+    inside = (pos[None, :] >= lo[:, None]) & (pos[None, :] < lo[:, None] + ks)  # [Cn, T]: row j in chunk c
+    w = (attn_mask[queries][:, None, :] & inside[None]).float()  # [Tn, Cn, T]
+    ck = (past_sum + torch.einsum("tcj,jhd->tchd", w, k.float())) / ks  # [Tn, Cn, Hkv, D]
+    Tn, (_, Hq, D), Hkv = queries.numel(), q.shape, k.shape[1]
+    qg = q[queries].float().reshape(Tn, Hkv, Hq // Hkv, D)
+    return queries, torch.einsum("thgd,tchd->hgtc", qg, ck) / math.sqrt(D)
+
+
+def block_scores(q: torch.Tensor, ck: torch.Tensor, pos: torch.Tensor, S: int, cfg: SparseConfig,
+                 path=None) -> torch.Tensor:
+    """Stage 1: [Hkv, T, nb] block scores (before init/window/top-k) for queries q [T, Hq, D].
+    path: path_chunk_logits(...) for a draft tree (replaces the new chunks' logits of its queries)."""
     T, Hq, D = q.shape
     Hkv, nc = ck.shape[1], ck.shape[0]
     G = Hq // Hkv
     nb = math.ceil(S / cfg.block_size)
     qg = q.float().reshape(T, Hkv, G, D).permute(1, 2, 0, 3)  # [Hkv, G, T, D]
     s = torch.einsum("hgtd,chd->hgtc", qg, ck) / math.sqrt(D)  # [Hkv, G, T, nc]
+    if path is not None:
+        queries, logits = path
+        s[:, :, queries, nc - logits.shape[-1] :] = logits
     chunk_end = torch.arange(nc) * cfg.kernel_stride + cfg.kernel_size - 1
     s = s.masked_fill(chunk_end[None, :] > pos[:, None], float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0).sum(1)  # [Hkv, T, nc]; no visible chunk -> zeros
@@ -99,18 +151,21 @@ def select_blocks(blk: torch.Tensor, pos: torch.Tensor, cfg: SparseConfig) -> to
 
 
 class BlockRows:
-    """The rows of the selected blocks (sorted ids) of the sequence past ++ new, for stage 2.
-    Whole past blocks are copied 64 rows at a time straight from the cache; only the block the
-    cache ends in and the blocks of the new tokens are gathered row by row."""
+    """The rows of the selected blocks (sorted ids) for stage 2: the past rows of those blocks (by
+    cache row, = position), then the new rows whose *positions* fall in them (ascending). Whole
+    past blocks are copied 64 rows at a time straight from the cache; the block the cache ends in
+    and the new rows are gathered row by row. For a plain step this is the blocks' rows in order."""
 
-    def __init__(self, blocks: torch.Tensor, P: int, T: int, B: int):
+    def __init__(self, blocks: torch.Tensor, P: int, new_blocks: torch.Tensor, B: int):
         self.full = P // B
         self.whole = blocks[blocks < self.full]
-        rows = (blocks[blocks >= self.full, None] * B + torch.arange(B)).flatten()
-        rows = rows[rows < P + T]
-        self.past_rows, self.new_rows = rows[rows < P], rows[rows >= P] - P  # new_rows: last rows
+        self.past_blocks = blocks[blocks * B < P]  # blocks with past rows (the last one maybe partial)
+        rows = (self.past_blocks[self.past_blocks >= self.full, None] * B + torch.arange(B)).flatten()
+        self.past_rows = rows[rows < P]
+        self.new_rows = torch.isin(new_blocks, blocks).nonzero().flatten()  # new_blocks: block of each new row
         self.B = B
-        self.count = self.whole.numel() * B + rows.numel()
+        self.n_past = self.whole.numel() * B + self.past_rows.numel()
+        self.count = self.n_past + self.new_rows.numel()
 
     def gather(self, past: torch.Tensor, new: torch.Tensor, h: int, name: str) -> torch.Tensor:
         """[U, D] rows of kv head h, in the scratch buffer `name` (valid until its next use)."""
@@ -131,20 +186,21 @@ def sparse_attend(q, k, v, past_k, past_v, pos, attn_mask, blocks, cfg: SparseCo
     B = cfg.block_size
     out = torch.empty(T, Hkv, G, D, dtype=q.dtype)
     scale = 1.0 / math.sqrt(D)
+    new_blocks = pos // B  # a new row's block is that of its position (a tree slot is not one)
     for t0 in range(0, T, RUN):
         t1 = min(t0 + RUN, T)
         for h in range(Hkv):
             sel = blocks[h, t0:t1]  # [Tr, nb]
             used = sel.any(0).nonzero().flatten()
-            rows = BlockRows(used, P, T, B)
+            rows = BlockRows(used, P, new_blocks, B)
             keys, vals = rows.gather(past_k, k, h, "keys").float(), rows.gather(past_v, v, h, "values").float()  # [U, D]
-            # Visibility per query: its block was selected (rows come in block order, so row i
-            # is in block used[i // B]) ...
-            visible = sel[:, used].repeat_interleave(B, dim=1)[:, : rows.count]  # [Tr, U]
-            # ... and, among the new tokens (the last rows), the step's mask allows it (causal
-            # for plain steps, ancestors for a draft tree). Past rows precede every new token.
-            n_new = rows.new_rows.numel()
-            visible[:, rows.count - n_new :] &= attn_mask[t0:t1][:, rows.new_rows]
+            # Visibility per query: a past row's block was selected (past rows come in block
+            # order, so row i is in block past_blocks[i // B]) ...
+            visible = torch.empty(t1 - t0, rows.count, dtype=torch.bool)
+            visible[:, : rows.n_past] = sel[:, rows.past_blocks].repeat_interleave(B, dim=1)[:, : rows.n_past]
+            # ... a new row's needs the block of its position selected and the step's mask (causal
+            # for plain steps, ancestors for a draft tree).
+            visible[:, rows.n_past :] = sel[:, new_blocks[rows.new_rows]] & attn_mask[t0:t1][:, rows.new_rows]
             qh = q[t0:t1, h * G : (h + 1) * G].float().reshape(-1, D)  # [Tr*G, D]
             s = (qh @ keys.T).view(t1 - t0, G, -1) * scale
             s = s.masked_fill(~visible[:, None, :], float("-inf"))
@@ -160,13 +216,15 @@ def infllmv2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k
                        init_blocks: int, window_size: int, topk: int, dense_len: int,
                        semantics: int) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, Hq, D], k/v [T, Hkv, D], past_k/v [P, Hkv, D], past_ck [nc(P), Hkv, D] fp32,
-    position_ids [T], attn_mask [T, T] bool -> (out [T, Hq, D], new compressed keys [Cn, Hkv, D])."""
+    position_ids [T] (in [P, P + T)), attn_mask [T, T] bool -> (out [T, Hq, D], new compressed
+    keys [Cn, Hkv, D], slot-ordered)."""
     cfg = SparseConfig(kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size,
                        init_blocks=init_blocks, window_size=window_size, topk=topk, dense_len=dense_len,
                        semantics=f"v{semantics}")
     ck_new = new_chunks(past_k, k, cfg)
     S = past_k.shape[0] + k.shape[0]
-    blk = block_scores(q, torch.cat([past_ck.float(), ck_new]), position_ids, S, cfg)
+    path = path_chunk_logits(q, past_k, k, position_ids, attn_mask, cfg)  # None for plain steps
+    blk = block_scores(q, torch.cat([past_ck.float(), ck_new]), position_ids, S, cfg, path)
     blocks = select_blocks(blk, position_ids, cfg)
     return sparse_attend(q, k, v, past_k, past_v, position_ids, attn_mask, blocks, cfg), ck_new
 

@@ -139,3 +139,120 @@ def test_onnx_function_matches_reference(S, T, Hq, Hk, semantics, over):
     assert np.abs(out - ref_out).max() / np.abs(ref_out).max() <= 1e-5
     full = infllmv2.new_chunks(k[:0], k, cfg).numpy()
     assert np.allclose(np.concatenate([pck.numpy(), ck]), full, atol=1e-6)
+
+
+# ---- draft trees (DESIGN.md §7: new rows go by position, never hidden by the block rule) ----------
+
+TREE = [-1, 0, 0, 1, 2, 2, 4]  # parent of each node (-1: the root): siblings at every level
+
+
+def tree_inputs(parents, P, Hq, Hk, d=16, seed=0):
+    """A draft-tree verification step over a cache of P rows: q, new k/v, past k/v, positions
+    (P + depth) and the ancestor mask, as the runtime builds them."""
+    T = len(parents)
+    mask = np.zeros((T, T), bool)
+    depth = np.zeros(T, np.int64)
+    for i, p in enumerate(parents):
+        mask[i, i] = True
+        if p >= 0:
+            mask[i] |= mask[p]
+            depth[i] = depth[p] + 1
+    q, k, v = make(P + T, T, Hq, Hk, d=d, seed=seed)
+    return q, k, v, torch.from_numpy(P + depth), torch.from_numpy(mask)
+
+
+def dense_tree_attention(q, k_all, v_all, mask):
+    """Every past row plus the new rows the tree mask allows: float64 [T, Hq, d]."""
+    q, k_all, v_all = (np.asarray(x, np.float64) for x in (q, k_all, v_all))
+    T, Hq, d = q.shape
+    S, Hk = k_all.shape[:2]
+    visible = np.concatenate([np.ones((T, S - T), bool), np.asarray(mask)], axis=1)
+    out = np.zeros_like(q)
+    for t in range(T):
+        for h in range(Hq):
+            s = np.where(visible[t], k_all[:, h // (Hq // Hk)] @ q[t, h] / np.sqrt(d), -np.inf)
+            w = np.exp(s - s.max())
+            out[t, h] = w / w.sum() @ v_all[:, h // (Hq // Hk)]
+    return out
+
+
+def path_reference(q, k_all, v_all, pos, mask, cfg):
+    """Each tree node as plain decoding would compute it: the brute-force reference over the past
+    followed by the node's ancestors in position order (itself last)."""
+    T = q.shape[0]
+    P = k_all.shape[0] - T
+    out = np.zeros(q.shape)
+    for t in range(T):
+        path = sorted(np.flatnonzero(np.asarray(mask[t])), key=lambda i: int(pos[i]))
+        rows = list(range(P)) + [P + i for i in path]
+        o, _ = reference(q[t : t + 1].numpy(), k_all[rows].numpy(), v_all[rows].numpy(), int(pos[t]), cfg)
+        out[t] = o[0]
+    return out
+
+
+def run_tree_op(q, k_all, v_all, pos, mask, cfg):
+    T = q.shape[0]
+    P = k_all.shape[0] - T
+    pck = infllmv2.new_chunks(k_all[:0], k_all[:P], cfg)
+    out, _ = infllmv2.sparse_attention(q, k_all[P:], v_all[P:], k_all[:P], v_all[:P], pck, pos, mask, cfg)
+    return out.numpy()
+
+
+def run_tree_onnx(sess, q, k_all, v_all, pos, mask, cfg):
+    T = q.shape[0]
+    P = k_all.shape[0] - T
+    pck = infllmv2.new_chunks(k_all[:0], k_all[:P], cfg)
+    out, _ = sess.run(None, {"q": q.numpy(), "k": k_all[P:].numpy(), "v": v_all[P:].numpy(), "pk": k_all[:P].numpy(),
+                             "pv": v_all[:P].numpy(), "pck": pck.numpy(), "pos": pos.numpy(), "mask": mask.numpy()})
+    return out
+
+
+# Sparse for every query (dense_len 1), but top-k covers every block: the result must be dense
+# attention under the tree mask, wherever the tree's slots and positions fall against the blocks.
+ALL_BLOCKS = {**SMALL, "dense_len": 1, "topk": 16}
+
+
+@pytest.mark.parametrize("semantics", ["v1", "v2"])
+def test_tree_equals_dense_tree_attention_at_every_block_offset(semantics):
+    cfgd = {**ALL_BLOCKS, "semantics": semantics}
+    cfg = SparseConfig(**cfgd)
+    sess = onnx_op_session(cfg)
+    for offset in range(64):
+        P = 64 * (1 + offset % 3) + offset
+        q, k, v, pos, mask = tree_inputs(TREE, P, 4, 2, seed=offset)
+        want = dense_tree_attention(q, k, v, mask)
+        for name, got in (("torch", run_tree_op(q, k, v, pos, mask, cfg)),
+                          ("onnx", run_tree_onnx(sess, q, k, v, pos, mask, cfg))):
+            err = np.abs(got - want).max() / np.abs(want).max()
+            assert err <= 1e-5, f"{name}: P={P} (offset {offset}): rel err {err:.2e}"
+
+
+def adversarial_tree(P, seed):
+    """A tree step whose stage 1 goes wrong if a chunk holds a sibling: node 4 (path 0-2-4, position
+    P + 2) sees the chunk ending at position P + 2 (P = 13 mod 16), which by slot holds node 1, not
+    on its path. Node 1's key points along node 4's query head 0 (so a slot-ordered chunk would take
+    head 0's stage-1 mass), and so does a far block that only head 0 likes: on its true path, node
+    4 selects that block."""
+    q, k, v, pos, mask = tree_inputs(TREE, P, 8, 2, seed=seed)
+    d = q[4, 0] / q[4, 0].norm() * 4
+    k[192:256, 0] = 1.5 * d
+    k[P + 1, 0] = 32 * 3 * d
+    return q, k, v, pos, mask
+
+
+@pytest.mark.parametrize("semantics", ["v1", "v2"])
+def test_tree_nodes_equal_their_paths_decoded_plainly(semantics):
+    """Lossless trees under real selection (small top-k and window): every node's output equals the
+    brute-force reference run on the past plus its own path, as plain decoding would see it, for
+    trees whose nodes cross chunk ends (stage 1) and block boundaries (stage 2)."""
+    cfgd = {**SMALL, "dense_len": 1, "topk": 3, "semantics": semantics}
+    cfg = SparseConfig(**cfgd)
+    sess = onnx_op_session(cfg)
+    cases = [tree_inputs(TREE, 64 * 9 + o, 8, 2, seed=o) for o in (13, 14, 15, 61, 62, 63)]
+    cases += [adversarial_tree(64 * 10 + 13, seed) for seed in (0, 1)]
+    for q, k, v, pos, mask in cases:
+        want = path_reference(q, k, v, pos, mask, cfgd)
+        for name, got in (("torch", run_tree_op(q, k, v, pos, mask, cfg)),
+                          ("onnx", run_tree_onnx(sess, q, k, v, pos, mask, cfg))):
+            err = np.abs(got - want).max() / np.abs(want).max()
+            assert err <= 1e-5, f"{name}: P={k.shape[0] - len(TREE)}: rel err {err:.2e}"
