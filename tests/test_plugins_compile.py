@@ -59,7 +59,7 @@ def test_kernel_library_exports_the_c_abi(kernels_lib):
     finally:
         sys.path.pop(0)
     lib = gpu_check.load_lib(kernels_lib)  # every declared function resolves, with its signature
-    assert lib.ecpm_version() == 100
+    assert lib.ecpm_version() == gpu_check.ABI_VERSION == 101
     assert lib.ecpm_status_string(3) == b"workspace too small"
 
 
@@ -130,3 +130,43 @@ def test_gpu_check_says_when_there_is_no_gpu(kernels_lib):
     cmd = [sys.executable, str(GPU_CHECK), "--lib", str(kernels_lib)]
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "no CUDA device" in res.stderr and "--dry-run" in res.stderr
+
+
+def test_gpu_check_near_ties_compete_only_among_free_blocks():
+    """The GPU check excuses a differing block set only as a near-tie at the k-th score among the
+    blocks competing for top-k slots: never a forced (init/window) block, never a far-off score."""
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(GPU_CHECK.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    ref = gpu_check.load_reference()
+    cfg = gpu_check.sparse_config(window_size=128, topk=3, dense_len=1)
+    g = torch.Generator().manual_seed(0)
+    P, T, Hq, Hkv, D = 900, 1, 4, 1, 16
+    q, k = torch.randn(T, Hq, D, generator=g), torch.randn(P + T, Hkv, D, generator=g)
+    ck = ref.new_chunks(k[:0], k, cfg)
+    pos = torch.tensor([P])
+    blk = ref.block_scores(q, ck, pos, P + T, cfg)
+    theirs = ref.select_blocks(blk, pos, cfg)
+    chosen = theirs[0, 0].nonzero().flatten().tolist()
+    qb = P // 64
+    free = [b for b in chosen if cfg.init_blocks <= b < qb - 1]  # top-k picks, not init or window
+    assert len(free) == cfg.topk - cfg.init_blocks
+    last = min(free, key=lambda b: float(blk[0, 0, b]))  # the k-th competing score
+    rest = [b for b in range(cfg.init_blocks, qb - 1) if b not in chosen]
+    runner_up = max(rest, key=lambda b: float(blk[0, 0, b]))
+    gap = float(blk[0, 0, last] - blk[0, 0, runner_up])
+
+    def check(ours, eps):
+        return gpu_check.near_tie_rows(torch, ref, q, ck, pos, P + T, cfg, ours, theirs, eps=eps)[:2]
+
+    swapped = theirs.clone()
+    swapped[0, 0, last], swapped[0, 0, runner_up] = False, True
+    assert check(swapped, eps=2 * gap) == (1, 1)  # within eps of the threshold: a near-tie
+    assert check(swapped, eps=gap / 10) == (1, 0)  # farther apart: a real difference
+    no_window = theirs.clone()
+    no_window[0, 0, qb] = False  # the query's own block is forced, whatever the scores
+    assert check(no_window, eps=1e9) == (1, 0)
+    assert check(theirs, eps=0) == (0, 0)

@@ -10,6 +10,9 @@
  *   q        [T, Hq, D]      k, v        [T, Hkv, D]      past_k, past_v [P, Hkv, D]
  *   past_ck  [C, Hkv, D] f32 (C = n_chunks(P))             ck_new [Cn, Hkv, D] f32
  *   positions [T] int32     new_mask [T, T] uint8 (nonzero = key j visible to query i)
+ * positions lie in [P, P + T). Past row r is at position r; new row j sits in cache slot P + j but
+ * at positions[j], which differ for a draft tree (P + depth): every rule goes by position
+ * (DESIGN.md §7), so tree verification equals decoding each node's path one token at a time.
  * Element type of q/k/v/past_k/past_v/out (and of x/scales/y for ternary): ECPM_F32 or ECPM_F16.
  * Accumulation and softmax are always fp32.
  */
@@ -30,7 +33,8 @@ extern "C" {
 typedef enum ecpm_status {
     ECPM_OK = 0,
     ECPM_ERR_ARG = 1,       /* a size, pointer or setting the kernels do not accept */
-    ECPM_ERR_CUDA = 2,      /* a CUDA launch or runtime error (see cudaGetLastError) */
+    ECPM_ERR_CUDA = 2,      /* a CUDA launch or runtime error of this call (errors other code left
+                               pending are neither reported as ours nor cleared) */
     ECPM_ERR_WORKSPACE = 3, /* workspace smaller than the *_workspace_size() answer */
 } ecpm_status;
 
@@ -51,7 +55,7 @@ typedef struct ecpm_attn_dims {
 } ecpm_attn_dims;
 
 ECPM_API const char* ecpm_status_string(int status);
-ECPM_API int ecpm_version(void); /* 100 * major + minor of this ABI (1.0 -> 100) */
+ECPM_API int ecpm_version(void); /* 100 * major + minor of this ABI (1.1 -> 101) */
 
 /* Complete compressed-key chunks among `length` keys: 0 below kernel_size, else
  * (length - kernel_size) / kernel_stride + 1. Host-side helper. */
@@ -69,10 +73,16 @@ ECPM_API int ecpm_infllmv2_compress(ecpm_dtype dtype, const void* past_k, const 
 /* Stage 1: score [Hkv, T, nc] f32, nc = n_chunks(P + T): per query t and kv head h,
  * sum over the group's query heads of softmax_j(q . ck_j / sqrt(D)) over the chunks visible at
  * positions[t] (chunk j visible iff j*stride + kernel_size - 1 <= positions[t]); all zeros for a
- * query that sees no chunk. ck_new may be NULL when Cn == 0. */
+ * query that sees no chunk. ck_new may be NULL when Cn == 0.
+ * Draft trees (new_mask != NULL): a query is aligned iff positions[t] = P + t and every new row
+ * i <= t is visible to it and at position P + i (all queries of a plain step). An unaligned query
+ * scores each chunk j >= n_chunks(P) with the mean of its own path's rows instead of ck_new: the
+ * chunk's past rows plus the new rows new_mask shows it at positions in [j*stride, j*stride +
+ * kernel_size). new_mask == NULL: every query aligned (past_k and k are then not read). */
 ECPM_API size_t ecpm_infllmv2_stage1_workspace_size(ecpm_attn_dims dims, const ecpm_infllmv2_config* cfg);
-ECPM_API int ecpm_infllmv2_stage1(ecpm_dtype dtype, const void* q, const float* past_ck, const float* ck_new,
-                                  const int32_t* positions, ecpm_attn_dims dims, const ecpm_infllmv2_config* cfg,
+ECPM_API int ecpm_infllmv2_stage1(ecpm_dtype dtype, const void* q, const void* past_k, const void* k,
+                                  const float* past_ck, const float* ck_new, const int32_t* positions,
+                                  const uint8_t* new_mask, ecpm_attn_dims dims, const ecpm_infllmv2_config* cfg,
                                   float* score, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 /* Block pooling (a block scores the max of its own chunks and the one before), init blocks,
@@ -83,17 +93,18 @@ ECPM_API int ecpm_infllmv2_select(const float* score, const int32_t* positions, 
                                   const ecpm_infllmv2_config* cfg, uint8_t* blocks, int32_t* list, int32_t* count,
                                   cudaStream_t stream);
 
-/* Stage 2 over the chosen blocks, scale 1/sqrt(D), fp32 softmax. Past rows of a chosen block are
- * visible; new rows also need new_mask[t][row - P]. out [T, Hq, D] in dtype.
+/* Stage 2 over the chosen blocks, scale 1/sqrt(D), fp32 softmax. Past row r is visible iff block
+ * r / block_size is chosen; new row j iff new_mask[t][j] and block positions[j] / block_size (its
+ * position's, not its slot's) is chosen. out [T, Hq, D] in dtype.
  * decode: few queries; splits each query's block list over many CTAs (needs list + count).
  * prefill: many queries; CTAs of consecutive (query, head) rows walk the union of their blocks
- * (needs blocks). Both are exact for any T; forward() picks by T. */
+ * (needs blocks). Both then walk the new rows; both are exact for any T; forward() picks by T. */
 ECPM_API size_t ecpm_infllmv2_decode_workspace_size(ecpm_attn_dims dims, const ecpm_infllmv2_config* cfg);
 ECPM_API int ecpm_infllmv2_attend_decode(ecpm_dtype dtype, const void* q, const void* k, const void* v,
                                          const void* past_k, const void* past_v, const uint8_t* new_mask,
-                                         const int32_t* list, const int32_t* count, ecpm_attn_dims dims,
-                                         const ecpm_infllmv2_config* cfg, void* out, void* workspace,
-                                         size_t workspace_bytes, cudaStream_t stream);
+                                         const int32_t* list, const int32_t* count, const int32_t* positions,
+                                         ecpm_attn_dims dims, const ecpm_infllmv2_config* cfg, void* out,
+                                         void* workspace, size_t workspace_bytes, cudaStream_t stream);
 ECPM_API int ecpm_infllmv2_attend_prefill(ecpm_dtype dtype, const void* q, const void* k, const void* v,
                                           const void* past_k, const void* past_v, const uint8_t* new_mask,
                                           const uint8_t* blocks, const int32_t* positions, ecpm_attn_dims dims,

@@ -61,20 +61,52 @@ __device__ __forceinline__ float exp_diff(float a, float b) { return a == -CUDAR
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline size_t align_up(size_t n, size_t a = 256) { return (n + a - 1) / a * a; }
 
-// Launch status: a failed launch (bad configuration, no device) is reported as ECPM_ERR_CUDA.
-inline int launch_status() { return cudaGetLastError() == cudaSuccess ? ECPM_OK : ECPM_ERR_CUDA; }
+// A CUDA call of ours failed: report it as ECPM_ERR_CUDA and take its error out of the thread's
+// last-error slot (it is reported through our status; a pending error of another library was
+// already overwritten by it).
+inline int cuda_failed() {
+    (void)cudaGetLastError();
+    return ECPM_ERR_CUDA;
+}
+
+// Largest grid.y / grid.z of a launch: callers with more rows launch in pieces.
+constexpr unsigned kMaxGridYZ = 65535;
+
+// kernel<<<grid, block, smem, stream>>>(args...) with the status of *this* launch: cudaLaunchKernelEx
+// returns it, so an error another library left pending is neither reported as ours nor cleared.
+// An empty grid launches nothing; a grid.y/z over the limit is a caller bug (ECPM_ERR_ARG).
+template <typename... Params, typename... Args>
+inline int launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                  Args&&... args) {
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0) return ECPM_OK;
+    if (grid.y > kMaxGridYZ || grid.z > kMaxGridYZ) return ECPM_ERR_ARG;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    return cudaLaunchKernelEx(&cfg, kernel, static_cast<Args&&>(args)...) == cudaSuccess ? ECPM_OK : cuda_failed();
+}
+
+// Status of a triple-chevron launch made just before (code that does not use launch()): any pending
+// error is reported, but only peeked at, so an error another library left is not swallowed.
+// launch() is exact; prefer it.
+inline int launch_status() { return cudaPeekAtLastError() == cudaSuccess ? ECPM_OK : ECPM_ERR_CUDA; }
 
 // Dynamic shared memory above the default 48 KiB needs an opt-in per kernel.
 template <typename K> inline int allow_smem(K kernel, size_t bytes) {
     if (bytes <= 48 * 1024) return ECPM_OK;
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes) == cudaSuccess
                ? ECPM_OK
-               : ECPM_ERR_CUDA;
+               : cuda_failed();
 }
 
 inline int device_attr(cudaDeviceAttr attr, int fallback) {
     int dev = 0, value = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&value, attr, dev) != cudaSuccess) return fallback;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&value, attr, dev) != cudaSuccess) {
+        (void)cudaGetLastError();  // our query failed: do not leave its error behind
+        return fallback;
+    }
     return value;
 }
 // Shared memory a block may opt into (Orin 163 KiB, H100 227 KiB); 48 KiB if unknown.

@@ -5,6 +5,12 @@
 //   select    -> blocks   5-chunk max pooling, init/window rules, top-k (ties: lower index), dense
 //   attend    -> out      attention over the chosen blocks (decode: split-K; prefill: row tiles)
 //
+// Draft trees: the step's new rows sit in slots P..P+T-1 but at positions[j] (tree depths), and
+// every rule goes by position, as in export/infllmv2.py. Stage 2 walks the chosen blocks' past
+// rows, then the new rows, each visible iff new_mask allows it and the block of its *position* is
+// chosen. Stage 1: a query whose path is not the slots P..P+t (unaligned; path_scores_kernel)
+// scores the chunks overlapping the new rows with compressed keys of its own path.
+//
 // All arithmetic is fp32 on CUDA cores; inputs are fp32 or fp16. The kernels are written for any
 // group size G = Hq / Hkv and head dims D % 8 == 0, D <= 256.
 #include <algorithm>
@@ -22,6 +28,7 @@ constexpr int ATT_THREADS = 128;
 constexpr int ATT_ROWS = 16;  // (query, head) rows per decode CTA (prefill: 64 or 32, see prefill_rows)
 constexpr int ATT_KEYS = 32;  // keys per attention tile (one per lane)
 constexpr int MAX_SPLITS = 64;
+constexpr int PATH_THREADS = 128;
 
 __host__ __device__ inline int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ inline int64_t lmax(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -107,7 +114,10 @@ struct Stage1Args {
     const float* past_ck;
     const float* ck_new;
     const int32_t* pos;
-    int64_t T, C, nc;
+    const float* path_s;     // [Hkv, T, G, Cn] logits of unaligned queries (path_scores_kernel), or null
+    const uint8_t* aligned;  // [T], or null: every query aligned
+    int64_t T, C, nc, Cn;
+    int64_t qblock0;  // blockIdx.y offset (launches of more than 65535 query blocks go in pieces)
     int Hq, Hkv, G, D, ks, st, QT;
     float* tile_m;  // [Hkv, T, G, ntiles]
     float* tile_l;
@@ -122,7 +132,7 @@ __global__ void __launch_bounds__(S1_THREADS) stage1_kernel(Stage1Args a) {
     float* smem = reinterpret_cast<float*>(smem4);
     const int D = a.D, G = a.G, ld = D + 4;
     const int h = blockIdx.z, tile = blockIdx.x, ntiles = gridDim.x;
-    const int64_t c0 = (int64_t)tile * S1_CHUNKS, t0 = (int64_t)blockIdx.y * a.QT;
+    const int64_t c0 = (int64_t)tile * S1_CHUNKS, t0 = (a.qblock0 + blockIdx.y) * a.QT;
     const int nq = (int)lmin(a.QT, a.T - t0);
     const int n_rows = nq * G;
     float* ck_s = smem;                     // [S1_CHUNKS][ld]
@@ -170,7 +180,10 @@ __global__ void __launch_bounds__(S1_THREADS) stage1_kernel(Stage1Args a) {
             if (r0 + r < n_rows && cg < a.nc) {
                 const int64_t t = t0 + (r0 + r) / G;
                 if (cg * a.st + a.ks - 1 <= (int64_t)a.pos[t]) {
-                    s = dot_rows(q_s + r * ld, ck_s + c * ld, D) * scale;
+                    if (cg >= a.C && a.aligned != nullptr && !a.aligned[t])  // a chunk of the query's own path
+                        s = a.path_s[(((int64_t)h * a.T + t) * G + (r0 + r) % G) * a.Cn + (cg - a.C)];
+                    else
+                        s = dot_rows(q_s + r * ld, ck_s + c * ld, D) * scale;
                 }
             }
             s_s[i] = s;
@@ -211,6 +224,61 @@ __global__ void __launch_bounds__(S1_THREADS) stage1_kernel(Stage1Args a) {
             const int tq = i / S1_CHUNKS, c = i % S1_CHUNKS;
             const int64_t cg = c0 + c;
             if (cg < a.nc) a.score[((int64_t)h * a.T + t0 + tq) * a.nc + cg] = acc_s[i];
+        }
+    }
+}
+
+// Draft trees, stage 1: one CTA per query t. The query is aligned iff positions[t] = P + t and every
+// new row i <= t is visible to it and at position P + i (every query of a plain step); else, for
+// each kv head and each chunk c >= C (one overlapping the new rows) visible at positions[t], its
+// compressed key is rebuilt from the query's own path -- the chunk's past rows plus the new rows
+// new_mask shows it whose positions fall in the chunk -- and scored against the group's heads.
+struct PathArgs {
+    const void *q, *past_k, *k;
+    const int32_t* pos;
+    const uint8_t* mask;  // [T, T]
+    int64_t T, P, C, nc, Cn;
+    int Hq, Hkv, G, D, ks, st;
+    float* path_s;     // [Hkv, T, G, Cn]
+    uint8_t* aligned;  // [T]
+};
+
+template <typename T>
+__global__ void __launch_bounds__(PATH_THREADS) path_scores_kernel(PathArgs a) {
+    __shared__ float ck_s[256];  // D <= 256
+    const int64_t t = blockIdx.x;
+    const int64_t p = a.pos[t];
+    int bad = p != a.P + t;
+    for (int64_t i = threadIdx.x; i <= t && !bad; i += blockDim.x)
+        bad = !(a.mask[t * a.T + i] && a.pos[i] == a.P + i);
+    const bool aligned = !__syncthreads_or(bad);
+    if (threadIdx.x == 0) a.aligned[t] = aligned;
+    if (aligned) return;
+    const T* past_k = static_cast<const T*>(a.past_k);
+    const T* k = static_cast<const T*>(a.k);
+    const T* q = static_cast<const T*>(a.q);
+    const float scale = rsqrtf((float)a.D);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    for (int h = 0; h < a.Hkv; ++h) {
+        for (int64_t c = a.C; c < a.nc && c * a.st + a.ks - 1 <= p; ++c) {
+            const int64_t lo = c * a.st, hi = lo + a.ks;
+            __syncthreads();  // ck_s is free
+            for (int d = threadIdx.x; d < a.D; d += blockDim.x) {
+                float sum = 0.f;
+                for (int64_t r = lo; r < hi && r < a.P; ++r) sum += to_f32(past_k[(r * a.Hkv + h) * a.D + d]);
+                for (int64_t i = 0; i < a.T; ++i)
+                    if (a.mask[t * a.T + i] && a.pos[i] >= lo && a.pos[i] < hi)
+                        sum += to_f32(k[(i * a.Hkv + h) * a.D + d]);
+                ck_s[d] = sum / (float)a.ks;
+            }
+            __syncthreads();
+            for (int g = warp; g < a.G; g += nwarps) {
+                const T* qr = q + (t * a.Hq + h * a.G + g) * a.D;
+                float dot = 0.f;
+                for (int d = lane; d < a.D; d += 32) dot = fmaf(to_f32(qr[d]), ck_s[d], dot);
+                dot = warp_sum(dot);
+                if (lane == 0) a.path_s[(((int64_t)h * a.T + t) * a.G + g) * a.Cn + (c - a.C)] = dot * scale;
+            }
         }
     }
 }
@@ -325,12 +393,13 @@ struct AttnArgs {
     const uint8_t* new_mask;  // [T, T]
     const int32_t* list;      // [Hkv, T, nb]
     const int32_t* count;     // [Hkv, T]
-    const uint8_t* blocks;    // [Hkv, T, nb]
-    const int32_t* pos;       // [T] (prefill: bounds the blocks to walk)
+    const uint8_t* blocks;    // [Hkv, T, nb] (prefill)
+    const int32_t* pos;       // [T]: a new row's block is positions[j] / B; prefill: bounds the blocks to walk
     void* out;                // [T, Hq, D]
     float* part_acc;          // [Hkv, T, G, splits, D] (decode with splits > 1)
     float* part_ml;           // [Hkv, T, G, splits, 2]
     int64_t T, P, nb;
+    int64_t y0;  // blockIdx.y offset (launches of more than 65535 row groups go in pieces)
     int Hq, Hkv, G, D, B, splits, head_groups;
 };
 
@@ -392,14 +461,30 @@ __device__ AttnSmem carve_attn_smem(char* base, int D) {
     return s;
 }
 
-// Adds the keys [row0, row_end) of block b to the CTA's rows.
+// Did query t choose block b for kv head h? decode: binary search in its ascending block list.
+template <bool kList>
+__device__ bool block_chosen(const AttnArgs& a, int h, int64_t t, int64_t b) {
+    if (b < 0 || b >= a.nb) return false;
+    const int64_t ht = (int64_t)h * a.T + t;
+    if (!kList) return a.blocks[ht * a.nb + b] != 0;
+    const int32_t* list = a.list + ht * a.nb;
+    int64_t lo = 0, hi = a.count[ht];
+    while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if (list[mid] < b) lo = mid + 1; else hi = mid;
+    }
+    return lo < a.count[ht] && list[lo] == b;
+}
+
+// Adds the keys [row0, row_end) to the CTA's rows: past rows of block b (b >= 0), or new rows
+// (b = -1, rows >= P), each visible iff new_mask allows it and the block of its position is chosen.
 template <typename T, bool kList, int ATT_ROWS>
 __device__ void attend_tile(const AttnArgs& a, const AttnSmem& sm, int h, int64_t b, int64_t row0, int64_t row_end) {
     const int D = a.D, ld = D + 4;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();  // the previous tile is fully consumed
     load_kv_tile<T>(a, h, row0, row_end, sm.k, sm.v);
-    if (!kList && threadIdx.x < ATT_ROWS) {
+    if (!kList && b >= 0 && threadIdx.x < ATT_ROWS) {
         const int64_t t = sm.row_t[threadIdx.x];
         sm.row_sel[threadIdx.x] = t >= 0 && a.blocks[((int64_t)h * a.T + t) * a.nb + b];
     }
@@ -408,8 +493,12 @@ __device__ void attend_tile(const AttnArgs& a, const AttnSmem& sm, int h, int64_
     for (int i = threadIdx.x; i < ATT_ROWS * ATT_KEYS; i += blockDim.x) {
         const int r = i / ATT_KEYS, c = i % ATT_KEYS;
         const int64_t t = sm.row_t[r], row = row0 + c;
-        bool visible = t >= 0 && row < row_end && (kList || sm.row_sel[r]);
-        if (visible && row >= a.P) visible = a.new_mask[t * a.T + (row - a.P)] != 0;
+        bool visible = t >= 0 && row < row_end;
+        if (visible && b >= 0) visible = kList || sm.row_sel[r];
+        if (visible && b < 0) {
+            const int64_t j = row - a.P;
+            visible = a.new_mask[t * a.T + j] != 0 && block_chosen<kList>(a, h, t, a.pos[j] / a.B);
+        }
         float s = -CUDART_INF_F;
         if (visible) {
             s = dot_rows(sm.q + r * ld, sm.k + c * ld, D) * scale;
@@ -443,11 +532,37 @@ __device__ void attend_tile(const AttnArgs& a, const AttnSmem& sm, int h, int64_
     }
 }
 
+// The past rows of block b (its new rows, if any, are walked by attend_new_rows, by position).
 template <typename T, bool kList, int ATT_ROWS>
 __device__ void attend_block(const AttnArgs& a, const AttnSmem& sm, int h, int64_t b) {
-    const int64_t S = a.P + a.T, end = lmin((b + 1) * a.B, S);
+    const int64_t end = lmin((b + 1) * a.B, a.P);
     for (int64_t row0 = b * a.B; row0 < end; row0 += ATT_KEYS)
         attend_tile<T, kList, ATT_ROWS>(a, sm, h, b, row0, lmin(row0 + ATT_KEYS, end));
+}
+
+// The new rows any of the queries [t_first, t_last] may see (new_mask), in tiles.
+template <typename T, bool kList, int ATT_ROWS>
+__device__ void attend_new_rows(const AttnArgs& a, const AttnSmem& sm, int h, int64_t t_first, int64_t t_last) {
+    __shared__ int range_s[2];
+    __syncthreads();  // range_s and the tiles' shared memory are free
+    if (threadIdx.x == 0) range_s[0] = 0x7fffffff, range_s[1] = -1;
+    __syncthreads();
+    int lo = 0x7fffffff, hi = -1;
+    const int64_t n = (t_last - t_first + 1) * a.T;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+        if (a.new_mask[t_first * a.T + i]) {
+            const int j = (int)(i % a.T);
+            lo = min(lo, j);
+            hi = max(hi, j);
+        }
+    if (hi >= 0) {
+        atomicMin(&range_s[0], lo);
+        atomicMax(&range_s[1], hi);
+    }
+    __syncthreads();
+    const int64_t j_lo = range_s[0], j_hi = (int64_t)range_s[1] + 1;
+    for (int64_t j0 = j_lo; j0 < j_hi; j0 += ATT_KEYS)
+        attend_tile<T, kList, ATT_ROWS>(a, sm, h, -1, a.P + j0, a.P + lmin(j0 + ATT_KEYS, j_hi));
 }
 
 // ATT_ROWS: the (query, head) rows a CTA owns (<= ATT_THREADS).
@@ -466,11 +581,11 @@ __global__ void attend_kernel(AttnArgs a) {
         int64_t t = -1;
         int g = 0;
         if (kList) {
-            t = blockIdx.y / a.head_groups;
-            g = (blockIdx.y % a.head_groups) * ATT_ROWS + r;
+            t = (a.y0 + blockIdx.y) / a.head_groups;
+            g = (int)((a.y0 + blockIdx.y) % a.head_groups) * ATT_ROWS + r;
             if (g >= G) t = -1;
         } else {
-            const int64_t flat = (int64_t)blockIdx.y * ATT_ROWS + r;
+            const int64_t flat = (a.y0 + blockIdx.y) * ATT_ROWS + r;
             if (flat < a.T * G) t = flat / G, g = (int)(flat % G);
         }
         sm.row_t[r] = t;
@@ -494,21 +609,23 @@ __global__ void attend_kernel(AttnArgs a) {
     // (attend_tile synchronises before its first use of sm.q)
 
     if (kList) {
-        const int64_t t = blockIdx.y / a.head_groups;
+        const int64_t t = (a.y0 + blockIdx.y) / a.head_groups;
         const int64_t n = a.count[(int64_t)h * a.T + t];
         const int64_t per = (n + a.splits - 1) / a.splits;
         const int64_t i0 = blockIdx.x * per, i1 = lmin(n, i0 + per);
         const int32_t* list = a.list + ((int64_t)h * a.T + t) * a.nb;
         for (int64_t i = i0; i < i1; ++i) attend_block<T, true, ATT_ROWS>(a, sm, h, list[i]);
+        if (blockIdx.x == 0) attend_new_rows<T, true, ATT_ROWS>(a, sm, h, t, t);  // one split takes them
     } else {
-        // The union of the rows' blocks, one chunk of ATT_THREADS candidate blocks at a time;
-        // chosen blocks never exceed the query's own block (positions bound the walk).
+        // The union of the rows' blocks holding past rows, one chunk of ATT_THREADS candidate
+        // blocks at a time; chosen blocks never exceed the query's own block (positions bound the
+        // walk). Then the new rows.
         t_first = sm.row_t[0];  // row 0 always holds a query (the grid covers T * G rows)
         t_last = t_first;
         for (int r = 1; r < ATT_ROWS; ++r) t_last = lmax(t_last, sm.row_t[r]);
         int64_t b_max = 0;
         for (int64_t t = t_first; t <= t_last; ++t) b_max = lmax(b_max, a.pos[t] / a.B);
-        b_max = lmin(b_max, a.nb - 1);
+        b_max = lmin(b_max, lmin(a.nb, (a.P + a.B - 1) / a.B) - 1);  // -1 without past rows
         for (int64_t base = 0; base <= b_max; base += blockDim.x) {
             const int64_t b = base + threadIdx.x;
             bool any = false;
@@ -521,6 +638,7 @@ __global__ void attend_kernel(AttnArgs a) {
             for (int i = 0; i < n; ++i) attend_block<T, false, ATT_ROWS>(a, sm, h, sm.blist[i]);
             __syncthreads();  // blist and s are rewritten by the next chunk
         }
+        attend_new_rows<T, false, ATT_ROWS>(a, sm, h, t_first, t_last);
     }
     __syncthreads();
 
@@ -598,6 +716,7 @@ bool dims_ok(const ecpm_attn_dims& d) {
 
 struct Sizes {
     int64_t S, C, nc, Cn, nb;
+    int64_t cn_bound;  // >= Cn for any P: sizes the tree logits whatever the cache length
     int G, local, ntiles, QT;
 };
 
@@ -607,6 +726,7 @@ Sizes sizes(const ecpm_attn_dims& d, const ecpm_infllmv2_config& c) {
     s.C = n_chunks(d.P, c.kernel_size, c.kernel_stride);
     s.nc = n_chunks(s.S, c.kernel_size, c.kernel_stride);
     s.Cn = s.nc - s.C;
+    s.cn_bound = d.T / c.kernel_stride + 1;
     s.nb = ceil_div(s.S, c.block_size);
     s.G = d.Hq / d.Hkv;
     s.local = c.window_size / c.block_size;
@@ -653,7 +773,7 @@ const char* ecpm_status_string(int status) {
     }
 }
 
-int ecpm_version(void) { return 100; }
+int ecpm_version(void) { return 101; }
 
 int64_t ecpm_infllmv2_n_chunks(const ecpm_infllmv2_config* cfg, int64_t length) {
     return n_chunks(length, cfg->kernel_size, cfg->kernel_stride);
@@ -674,26 +794,25 @@ int ecpm_infllmv2_compress(ecpm_dtype dtype, const void* past_k, const void* k, 
     if (s.Cn == 0) return ECPM_OK;
     const dim3 grid((unsigned)s.Cn, d.Hkv), block(std::min(d.D, 256));
     if (dtype == ECPM_F16)
-        compress_kernel<__half><<<grid, block, 0, stream>>>(static_cast<const __half*>(past_k),
-                                                            static_cast<const __half*>(k), d.P, d.Hkv, d.D,
-                                                            cfg->kernel_size, cfg->kernel_stride, s.C, ck_new);
-    else
-        compress_kernel<float><<<grid, block, 0, stream>>>(static_cast<const float*>(past_k),
-                                                           static_cast<const float*>(k), d.P, d.Hkv, d.D,
-                                                           cfg->kernel_size, cfg->kernel_stride, s.C, ck_new);
-    return launch_status();
+        return launch(compress_kernel<__half>, grid, block, 0, stream, static_cast<const __half*>(past_k),
+                      static_cast<const __half*>(k), d.P, d.Hkv, d.D, cfg->kernel_size, cfg->kernel_stride, s.C,
+                      ck_new);
+    return launch(compress_kernel<float>, grid, block, 0, stream, static_cast<const float*>(past_k),
+                  static_cast<const float*>(k), d.P, d.Hkv, d.D, cfg->kernel_size, cfg->kernel_stride, s.C, ck_new);
 }
 
 size_t ecpm_infllmv2_stage1_workspace_size(ecpm_attn_dims d, const ecpm_infllmv2_config* cfg) {
     if (ecpm_infllmv2_check_config(cfg) != ECPM_OK || !dims_ok(d)) return 0;
     const Sizes s = sizes(d, *cfg);
     const size_t rows = (size_t)d.T * d.Hq;
-    return 2 * align_up(rows * s.ntiles * sizeof(float)) + 2 * align_up(rows * sizeof(float));
+    return 2 * align_up(rows * s.ntiles * sizeof(float)) + 2 * align_up(rows * sizeof(float)) +
+           align_up(rows * s.cn_bound * sizeof(float)) + align_up((size_t)d.T);
 }
 
-int ecpm_infllmv2_stage1(ecpm_dtype dtype, const void* q, const float* past_ck, const float* ck_new,
-                         const int32_t* positions, ecpm_attn_dims d, const ecpm_infllmv2_config* cfg, float* score,
-                         void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+int ecpm_infllmv2_stage1(ecpm_dtype dtype, const void* q, const void* past_k, const void* k, const float* past_ck,
+                         const float* ck_new, const int32_t* positions, const uint8_t* new_mask, ecpm_attn_dims d,
+                         const ecpm_infllmv2_config* cfg, float* score, void* workspace, size_t workspace_bytes,
+                         cudaStream_t stream) {
     if (ecpm_infllmv2_check_config(cfg) != ECPM_OK || !dims_ok(d)) return ECPM_ERR_ARG;
     const Sizes s = sizes(d, *cfg);
     if (s.nc == 0 || d.T == 0) return ECPM_OK;
@@ -704,20 +823,44 @@ int ecpm_infllmv2_stage1(ecpm_dtype dtype, const void* q, const float* past_ck, 
     a.tile_l = ws.take<float>(rows * s.ntiles);
     a.row_m = ws.take<float>(rows);
     a.row_l = ws.take<float>(rows);
+    float* path_s = ws.take<float>(rows * s.cn_bound);
+    uint8_t* aligned = ws.take<uint8_t>((size_t)d.T);
     if (!ws.ok) return ECPM_ERR_WORKSPACE;
     a.q = q, a.past_ck = past_ck, a.ck_new = ck_new, a.pos = positions, a.score = score;
-    a.T = d.T, a.C = s.C, a.nc = s.nc, a.Hq = d.Hq, a.Hkv = d.Hkv, a.G = s.G, a.D = d.D;
+    a.T = d.T, a.C = s.C, a.nc = s.nc, a.Cn = s.Cn, a.Hq = d.Hq, a.Hkv = d.Hkv, a.G = s.G, a.D = d.D;
     a.ks = cfg->kernel_size, a.st = cfg->kernel_stride, a.QT = s.QT;
-    const dim3 grid(s.ntiles, (unsigned)ceil_div(d.T, s.QT), d.Hkv);
+    int st = ECPM_OK;
+    if (new_mask != nullptr && s.Cn > 0) {  // a draft tree's unaligned queries score their own paths' chunks
+        PathArgs pa{};
+        pa.q = q, pa.past_k = past_k, pa.k = k, pa.pos = positions, pa.mask = new_mask;
+        pa.T = d.T, pa.P = d.P, pa.C = s.C, pa.nc = s.nc, pa.Cn = s.Cn;
+        pa.Hq = d.Hq, pa.Hkv = d.Hkv, pa.G = s.G, pa.D = d.D, pa.ks = cfg->kernel_size, pa.st = cfg->kernel_stride;
+        pa.path_s = path_s, pa.aligned = aligned;
+        st = launch(dtype == ECPM_F16 ? path_scores_kernel<__half> : path_scores_kernel<float>, dim3((unsigned)d.T),
+                    dim3(PATH_THREADS), 0, stream, pa);
+        a.path_s = path_s, a.aligned = aligned;
+    }
     const size_t smem = stage1_smem(d.D, s.QT);
     auto stats = dtype == ECPM_F16 ? stage1_kernel<__half, false> : stage1_kernel<float, false>;
     auto probs = dtype == ECPM_F16 ? stage1_kernel<__half, true> : stage1_kernel<float, true>;
-    if (allow_smem(stats, smem) != ECPM_OK || allow_smem(probs, smem) != ECPM_OK) return ECPM_ERR_CUDA;
-    stats<<<grid, S1_THREADS, smem, stream>>>(a);
-    stage1_combine<<<(unsigned)ceil_div(rows, 256), 256, 0, stream>>>(a.tile_m, a.tile_l, rows, s.ntiles, a.row_m,
-                                                                       a.row_l);
-    probs<<<grid, S1_THREADS, smem, stream>>>(a);
-    return launch_status();
+    if (st == ECPM_OK) st = allow_smem(stats, smem);
+    if (st == ECPM_OK) st = allow_smem(probs, smem);
+    // Query blocks go in pieces of at most 65535 (grid.y).
+    const int64_t qblocks = ceil_div(d.T, s.QT);
+    for (int64_t y0 = 0; y0 < qblocks && st == ECPM_OK; y0 += kMaxGridYZ) {
+        a.qblock0 = y0;
+        st = launch(stats, dim3(s.ntiles, (unsigned)lmin(qblocks - y0, kMaxGridYZ), d.Hkv), dim3(S1_THREADS), smem,
+                    stream, a);
+    }
+    if (st == ECPM_OK)
+        st = launch(stage1_combine, dim3((unsigned)ceil_div(rows, 256)), dim3(256), 0, stream, a.tile_m, a.tile_l,
+                    (int64_t)rows, s.ntiles, a.row_m, a.row_l);
+    for (int64_t y0 = 0; y0 < qblocks && st == ECPM_OK; y0 += kMaxGridYZ) {
+        a.qblock0 = y0;
+        st = launch(probs, dim3(s.ntiles, (unsigned)lmin(qblocks - y0, kMaxGridYZ), d.Hkv), dim3(S1_THREADS), smem,
+                    stream, a);
+    }
+    return st;
 }
 
 int ecpm_infllmv2_select(const float* score, const int32_t* positions, ecpm_attn_dims d,
@@ -734,8 +877,7 @@ int ecpm_infllmv2_select(const float* score, const int32_t* positions, ecpm_attn
     a.blocks = blocks, a.list = list, a.count = count;
     const size_t smem = (size_t)s.nb * sizeof(unsigned);
     if (allow_smem(select_kernel, smem) != ECPM_OK) return ECPM_ERR_CUDA;
-    select_kernel<<<dim3((unsigned)d.T, d.Hkv), SEL_THREADS, smem, stream>>>(a);
-    return launch_status();
+    return launch(select_kernel, dim3((unsigned)d.T, d.Hkv), dim3(SEL_THREADS), smem, stream, a);
 }
 
 size_t ecpm_infllmv2_decode_workspace_size(ecpm_attn_dims d, const ecpm_infllmv2_config* cfg) {
@@ -746,14 +888,16 @@ size_t ecpm_infllmv2_decode_workspace_size(ecpm_attn_dims d, const ecpm_infllmv2
 
 int ecpm_infllmv2_attend_decode(ecpm_dtype dtype, const void* q, const void* k, const void* v, const void* past_k,
                                 const void* past_v, const uint8_t* new_mask, const int32_t* list,
-                                const int32_t* count, ecpm_attn_dims d, const ecpm_infllmv2_config* cfg, void* out,
-                                void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-    if (ecpm_infllmv2_check_config(cfg) != ECPM_OK || !dims_ok(d) || list == nullptr || count == nullptr)
+                                const int32_t* count, const int32_t* positions, ecpm_attn_dims d,
+                                const ecpm_infllmv2_config* cfg, void* out, void* workspace, size_t workspace_bytes,
+                                cudaStream_t stream) {
+    if (ecpm_infllmv2_check_config(cfg) != ECPM_OK || !dims_ok(d) || list == nullptr || count == nullptr ||
+        positions == nullptr)
         return ECPM_ERR_ARG;
     if (d.T == 0) return ECPM_OK;
     const Sizes s = sizes(d, *cfg);
     AttnArgs a = attn_args(q, k, v, past_k, past_v, new_mask, d, *cfg, s, out);
-    a.list = list, a.count = count;
+    a.list = list, a.count = count, a.pos = positions;
     a.splits = decode_splits(d, s);
     if (a.splits > 1) {
         Workspace ws{static_cast<char*>(workspace), workspace_bytes};
@@ -765,12 +909,18 @@ int ecpm_infllmv2_attend_decode(ecpm_dtype dtype, const void* q, const void* k, 
     const size_t smem = attn_smem_bytes(d.D, ATT_ROWS);
     auto kernel = dtype == ECPM_F16 ? attend_kernel<__half, true, ATT_ROWS> : attend_kernel<float, true, ATT_ROWS>;
     if (allow_smem(kernel, smem) != ECPM_OK) return ECPM_ERR_CUDA;
-    kernel<<<dim3(a.splits, (unsigned)(d.T * a.head_groups), d.Hkv), ATT_THREADS, smem, stream>>>(a);
-    if (a.splits > 1) {
-        auto combine = dtype == ECPM_F16 ? attend_combine<__half> : attend_combine<float>;
-        combine<<<(unsigned)(d.T * d.Hq), std::min(d.D, 256), 0, stream>>>(a);
+    int st = ECPM_OK;
+    const int64_t groups = d.T * a.head_groups;  // grid.y, in pieces of at most 65535
+    for (int64_t y0 = 0; y0 < groups && st == ECPM_OK; y0 += kMaxGridYZ) {
+        a.y0 = y0;
+        st = launch(kernel, dim3(a.splits, (unsigned)lmin(groups - y0, kMaxGridYZ), d.Hkv), dim3(ATT_THREADS), smem,
+                    stream, a);
     }
-    return launch_status();
+    if (st == ECPM_OK && a.splits > 1) {
+        auto combine = dtype == ECPM_F16 ? attend_combine<__half> : attend_combine<float>;
+        st = launch(combine, dim3((unsigned)(d.T * d.Hq)), dim3(std::min(d.D, 256)), 0, stream, a);
+    }
+    return st;
 }
 
 int ecpm_infllmv2_attend_prefill(ecpm_dtype dtype, const void* q, const void* k, const void* v, const void* past_k,
@@ -789,8 +939,14 @@ int ecpm_infllmv2_attend_prefill(ecpm_dtype dtype, const void* q, const void* k,
     auto kernel = rows == 64 ? (dtype == ECPM_F16 ? attend_kernel<__half, false, 64> : attend_kernel<float, false, 64>)
                              : (dtype == ECPM_F16 ? attend_kernel<__half, false, 32> : attend_kernel<float, false, 32>);
     if (allow_smem(kernel, smem) != ECPM_OK) return ECPM_ERR_CUDA;
-    kernel<<<dim3(1, (unsigned)ceil_div(d.T * s.G, rows), d.Hkv), ATT_THREADS, smem, stream>>>(a);
-    return launch_status();
+    int st = ECPM_OK;
+    const int64_t groups = ceil_div(d.T * s.G, rows);  // grid.y, in pieces of at most 65535
+    for (int64_t y0 = 0; y0 < groups && st == ECPM_OK; y0 += kMaxGridYZ) {
+        a.y0 = y0;
+        st = launch(kernel, dim3(1, (unsigned)lmin(groups - y0, kMaxGridYZ), d.Hkv), dim3(ATT_THREADS), smem, stream,
+                    a);
+    }
+    return st;
 }
 
 // ---- the whole op ----------------------------------------------------------------------------------
@@ -831,12 +987,13 @@ int ecpm_infllmv2_forward(ecpm_dtype dtype, const void* q, const void* k, const 
 
     int st = ecpm_infllmv2_compress(dtype, past_k, k, d, cfg, ck_new, stream);
     if (st == ECPM_OK)
-        st = ecpm_infllmv2_stage1(dtype, q, past_ck, ck_new, positions, d, cfg, score, s1, s1_bytes, stream);
+        st = ecpm_infllmv2_stage1(dtype, q, past_k, k, past_ck, ck_new, positions, new_mask, d, cfg, score, s1,
+                                  s1_bytes, stream);
     if (st == ECPM_OK) st = ecpm_infllmv2_select(score, positions, d, cfg, blocks, list, count, stream);
     if (st != ECPM_OK) return st;
     if (decode)
-        return ecpm_infllmv2_attend_decode(dtype, q, k, v, past_k, past_v, new_mask, list, count, d, cfg, out, dec,
-                                           dec_bytes, stream);
+        return ecpm_infllmv2_attend_decode(dtype, q, k, v, past_k, past_v, new_mask, list, count, positions, d, cfg,
+                                           out, dec, dec_bytes, stream);
     return ecpm_infllmv2_attend_prefill(dtype, q, k, v, past_k, past_v, new_mask, blocks, positions, d, cfg, out,
                                         stream);
 }
@@ -847,23 +1004,23 @@ static unsigned grid_for(int64_t n) { return (unsigned)std::max<int64_t>(1, std:
 int ecpm_convert_index(const void* src, int src_bytes, int32_t* dst, int64_t n, cudaStream_t stream) {
     if (n <= 0) return n == 0 ? ECPM_OK : ECPM_ERR_ARG;
     if (src_bytes == 8)
-        convert_index_kernel<<<grid_for(n), 256, 0, stream>>>(static_cast<const int64_t*>(src), dst, n);
-    else if (src_bytes == 4)
-        convert_index_kernel<<<grid_for(n), 256, 0, stream>>>(static_cast<const int32_t*>(src), dst, n);
-    else
-        return ECPM_ERR_ARG;
-    return launch_status();
+        return launch(convert_index_kernel<int64_t>, dim3(grid_for(n)), dim3(256), 0, stream,
+                      static_cast<const int64_t*>(src), dst, n);
+    if (src_bytes == 4)
+        return launch(convert_index_kernel<int32_t>, dim3(grid_for(n)), dim3(256), 0, stream,
+                      static_cast<const int32_t*>(src), dst, n);
+    return ECPM_ERR_ARG;
 }
 
 int ecpm_convert_mask(const void* src, int src_bytes, uint8_t* dst, int64_t n, cudaStream_t stream) {
     if (n <= 0) return n == 0 ? ECPM_OK : ECPM_ERR_ARG;
     if (src_bytes == 1)
-        convert_mask_kernel<<<grid_for(n), 256, 0, stream>>>(static_cast<const uint8_t*>(src), dst, n);
-    else if (src_bytes == 4)
-        convert_mask_kernel<<<grid_for(n), 256, 0, stream>>>(static_cast<const int32_t*>(src), dst, n);
-    else
-        return ECPM_ERR_ARG;
-    return launch_status();
+        return launch(convert_mask_kernel<uint8_t>, dim3(grid_for(n)), dim3(256), 0, stream,
+                      static_cast<const uint8_t*>(src), dst, n);
+    if (src_bytes == 4)
+        return launch(convert_mask_kernel<int32_t>, dim3(grid_for(n)), dim3(256), 0, stream,
+                      static_cast<const int32_t*>(src), dst, n);
+    return ECPM_ERR_ARG;
 }
 
 int ecpm_gather_rows(void* base, int64_t n_slabs, int64_t slab_stride, int64_t row_bytes, int64_t start,
@@ -871,9 +1028,8 @@ int ecpm_gather_rows(void* base, int64_t n_slabs, int64_t slab_stride, int64_t r
     if (base == nullptr || n_slabs < 0 || n_slabs > 0x7fffffff || row_bytes <= 0 || start < 0 || n_rows < 0)
         return ECPM_ERR_ARG;
     if (n_slabs == 0 || n_rows == 0) return ECPM_OK;
-    gather_rows_kernel<<<(unsigned)n_slabs, 256, 0, stream>>>(static_cast<char*>(base), slab_stride, row_bytes,
-                                                              start, rows, n_rows);
-    return launch_status();
+    return launch(gather_rows_kernel, dim3((unsigned)n_slabs), dim3(256), 0, stream, static_cast<char*>(base),
+                  slab_stride, row_bytes, start, rows, n_rows);
 }
 
 }  // extern "C"

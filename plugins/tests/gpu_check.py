@@ -8,8 +8,10 @@ fresh random inputs, then timings; prints one markdown table and writes JSON.
 
 Correctness (‖out − ref‖ / ‖ref‖, tolerance 1e-4 for fp32 results, 1e-2 for fp16 ones; block sets
 must be identical): InfLLM v2 compressed keys, stage-1 scores, block selection (on the reference's
-scores: exact; on the kernels' own scores: identical up to exact near-ties), stage-2 decode and
-prefill attention and the whole op, for v1/v2, fp32/fp16, several group sizes, a draft-tree mask;
+scores: exact; on the kernels' own scores: identical up to near-ties with the k-th score of the
+competing blocks), stage-2 decode and prefill attention and the whole op (on the rows whose block
+sets agree), for v1/v2, fp32/fp16, several group sizes, draft trees (nodes at positions, not
+slots: with every block selected, a tree must equal dense tree-masked attention);
 ternary GEMV/GEMM against a dequantized matmul. References: edgecpm.export.infllmv2 (CPU).
 Timings (median over many runs after warm-up, CUDA events): the card's device-to-device copy
 bandwidth, the ternary GEMV's achieved bandwidth as a fraction of it (goal >= 0.6), ternary vs fp16
@@ -47,6 +49,7 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu_check.json"
 TOL = {"fp32": 1e-4, "fp16": 1e-2}
 GEMV_GOAL = 0.6  # achieved bandwidth / copy bandwidth (issue 8)
 F32, F16 = 0, 1  # ecpm_dtype
+ABI_VERSION = 101  # ecpm_version() of include/edgecpm_kernels.h
 
 
 # ---- the reference, importable from a source tree that is not installed ---------------------------
@@ -103,10 +106,10 @@ SIGNATURES = {  # name: (restype, argtypes) -- checked against the header by che
     "ecpm_infllmv2_check_config": (_I, [_CFG]),
     "ecpm_infllmv2_compress": (_I, [_I, _P, _P, Dims, _CFG, _P, _P]),
     "ecpm_infllmv2_stage1_workspace_size": (_SZ, [Dims, _CFG]),
-    "ecpm_infllmv2_stage1": (_I, [_I, _P, _P, _P, _P, Dims, _CFG, _P, _P, _SZ, _P]),
+    "ecpm_infllmv2_stage1": (_I, [_I, _P, _P, _P, _P, _P, _P, _P, Dims, _CFG, _P, _P, _SZ, _P]),
     "ecpm_infllmv2_select": (_I, [_P, _P, Dims, _CFG, _P, _P, _P, _P]),
     "ecpm_infllmv2_decode_workspace_size": (_SZ, [Dims, _CFG]),
-    "ecpm_infllmv2_attend_decode": (_I, [_I, _P, _P, _P, _P, _P, _P, _P, _P, Dims, _CFG, _P, _P, _SZ, _P]),
+    "ecpm_infllmv2_attend_decode": (_I, [_I, _P, _P, _P, _P, _P, _P, _P, _P, _P, Dims, _CFG, _P, _P, _SZ, _P]),
     "ecpm_infllmv2_attend_prefill": (_I, [_I, _P, _P, _P, _P, _P, _P, _P, _P, Dims, _CFG, _P, _P]),
     "ecpm_infllmv2_workspace_size": (_SZ, [Dims, _CFG]),
     "ecpm_infllmv2_forward": (_I, [_I, _P, _P, _P, _P, _P, _P, _P, _P, Dims, _CFG, _P, _P, _P, _SZ, _P]),
@@ -209,6 +212,14 @@ class AttnCase:
     D: int
     cfg: dict
     tree: bool = False
+    parents: tuple | None = None  # a fixed draft tree (else a random one)
+    dense_tree: bool = False  # every block selected: also check against dense tree-masked attention
+
+
+# Sparse for every query but top-k covering every block: a tree step must equal dense attention
+# under its mask. The fixed tree has siblings at every level, so its slots and positions differ.
+ALL_BLOCKS = {"window_size": 128, "topk": 64, "dense_len": 1}
+TREE = (-1, 0, 0, 1, 2, 2, 4)
 
 
 def attn_cases(dry_run: bool) -> list[AttnCase]:
@@ -217,11 +228,18 @@ def attn_cases(dry_run: bool) -> list[AttnCase]:
         s = {"window_size": 128, "topk": 3, "dense_len": 200}
         return [AttnCase("decode", 1, 517, 8, 2, 16, s),
                 AttnCase("prefill", 40, 150, 4, 1, 16, {**s, "semantics": "v2"}),
-                AttnCase("tree", 5, 300, 4, 2, 8, s, tree=True)]
+                AttnCase("tree", 5, 300, 4, 2, 8, s, tree=True),
+                AttnCase("tree = dense", 7, 64 * 3 + 62, 4, 2, 16, ALL_BLOCKS, tree=True, parents=TREE,
+                         dense_tree=True)]
     return [
         AttnCase("decode G16 v1", 1, 4095, 32, 2, 128, small),
         AttnCase("decode G16 v2", 1, 4095, 32, 2, 128, {**small, "semantics": "v2"}),
         AttnCase("verify T=5 tree", 5, 3000, 32, 2, 128, small, tree=True),
+        AttnCase("verify T=24 tree (prefill path)", 24, 3000, 32, 2, 128, small, tree=True),
+        AttnCase("tree = dense, decode path", 7, 64 * 40 + 62, 32, 2, 128, ALL_BLOCKS, tree=True, parents=TREE,
+                 dense_tree=True),
+        AttnCase("tree = dense, prefill path", 24, 64 * 40 + 50, 32, 2, 128, {**ALL_BLOCKS, "semantics": "v2"},
+                 tree=True, dense_tree=True),
         AttnCase("decode G3 D64", 2, 2047, 12, 4, 64, small),
         AttnCase("prefill G16 mixed dense/sparse", 256, 900, 32, 2, 128, small),
         AttnCase("prefill G1 v2", 100, 1333, 2, 2, 64, {**small, "semantics": "v2"}),
@@ -229,20 +247,25 @@ def attn_cases(dry_run: bool) -> list[AttnCase]:
     ]
 
 
-def stage1_reference(torch, q, ck, pos, cfg):
-    """[Hkv, T, nc] chunk scores: the first half of edgecpm.export.infllmv2.block_scores."""
+def stage1_reference(torch, q, ck, pos, cfg, path=None):
+    """[Hkv, T, nc] chunk scores: the first half of edgecpm.export.infllmv2.block_scores (path: a
+    draft tree's own-path chunk logits, infllmv2.path_chunk_logits)."""
     T, Hq, D = q.shape
     Hkv, nc = ck.shape[1], ck.shape[0]
     qg = q.float().reshape(T, Hkv, Hq // Hkv, D).permute(1, 2, 0, 3)
     s = torch.einsum("hgtd,chd->hgtc", qg, ck) / math.sqrt(D)
+    if path is not None:
+        queries, logits = path
+        s[:, :, queries, nc - logits.shape[-1] :] = logits
     chunk_end = torch.arange(nc) * cfg.kernel_stride + cfg.kernel_size - 1
     s = s.masked_fill(chunk_end[None, :] > pos[:, None], float("-inf"))
     return torch.softmax(s, dim=-1).nan_to_num(0.0).sum(1)
 
 
-def tree_mask(torch, T: int, g) -> tuple:
-    """A random draft tree: each node's parent is an earlier node (or the root); mask = ancestors."""
-    parent = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, T)]
+def tree_mask(torch, T: int, g, parents=None) -> tuple:
+    """A draft tree (random unless `parents` is given: each node's parent is an earlier node, the
+    root's -1); mask = ancestors, positions = P + depth."""
+    parent = list(parents) if parents else [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, T)]
     mask = torch.zeros(T, T, dtype=torch.bool)
     depth = [0] * T
     for i in range(T):
@@ -254,20 +277,48 @@ def tree_mask(torch, T: int, g) -> tuple:
     return mask, torch.tensor(depth)
 
 
-def near_tie_rows(torch, ref, q, ck, pos, S, cfg, ours, theirs, eps=1e-5) -> tuple[int, int]:
-    """(rows whose block sets differ, of which explained by near-ties): a row's sets may differ only
-    where the differing blocks' reference scores lie within eps of the k-th selected score."""
-    blk = ref.block_scores(q, ck, pos, S, cfg)
+def near_tie_rows(torch, ref, q, ck, pos, S, cfg, ours, theirs, path=None, eps=1e-5):
+    """(rows whose block sets differ, of which explained by near-ties, agree [Hkv, T] bool). Only the
+    blocks competing for the top-k slots can legitimately differ -- not the init blocks, the window
+    or blocks past the query's own (all forced), nor any block of a dense query -- and only where
+    their reference scores lie within eps of the selection threshold: the k-th largest score among
+    the competing blocks, k = the slots the forced blocks leave them."""
+    blk = ref.block_scores(q, ck, pos, S, cfg, path)  # [Hkv, T, nb], before init/window/top-k
+    nb = blk.shape[-1]
+    b = torch.arange(nb)
+    local = cfg.window_size // cfg.block_size
+    v2 = cfg.semantics == "v2"
     diff = (ours != theirs).any(-1)  # [Hkv, T]
     rows = diff.nonzero().tolist()
     explained = 0
     for h, t in rows:
+        p = int(pos[t])
+        if p + 1 < cfg.dense_len:
+            continue  # dense: every causal block, nothing competes
+        qb = p // cfg.block_size
+        lo = qb - local if v2 else qb - local + 1  # the window is [lo, qb]
+        competing = (b >= cfg.init_blocks) & (b < min(lo, qb))
+        forced = ((b < cfg.init_blocks) | (v2 & (b >= lo) & (b <= qb))).sum()
+        slots = min(cfg.topk + (local if v2 else 0), nb) - int(forced)
+        scores = blk[h, t][competing].sort(descending=True).values
+        if not 1 <= slots <= scores.numel():
+            continue  # every competing block fits (or none): the sets cannot differ legitimately
+        thr = float(scores[slots - 1])
         d = (ours[h, t] != theirs[h, t]).nonzero().flatten()
-        chosen = blk[h, t][theirs[h, t]]
-        finite = chosen[torch.isfinite(chosen)]
-        thr = finite.min() if finite.numel() else torch.tensor(0.0)
-        explained += bool(((blk[h, t][d] - thr).abs() <= eps * max(1.0, abs(float(thr)))).all())
-    return len(rows), explained
+        explained += bool(competing[d].all() and ((blk[h, t][d] - thr).abs() <= eps * max(1.0, abs(thr))).all())
+    return len(rows), explained, ~diff
+
+
+def dense_tree_attention(torch, q, k_all, v_all, mask):
+    """Every past row plus the new rows the step's mask allows, float64 [T, Hq, D]."""
+    T, Hq, D = q.shape
+    S, Hkv = k_all.shape[:2]
+    G = Hq // Hkv
+    visible = torch.cat([torch.ones(T, S - T, dtype=torch.bool), mask], 1)  # [T, S]
+    kx, vx = k_all.double().repeat_interleave(G, 1), v_all.double().repeat_interleave(G, 1)  # [S, Hq, D]
+    s = torch.einsum("thd,shd->hts", q.double(), kx) / math.sqrt(D)
+    s = s.masked_fill(~visible[None], float("-inf"))
+    return torch.einsum("hts,shd->thd", torch.softmax(s, -1), vx)
 
 
 class Device:
@@ -304,7 +355,7 @@ def run_attn_case(torch, ref, dev: Device, rep: Report, case: AttnCase, dtype: s
     v_all = torch.randn(S, Hkv, D, generator=g).to(tdt)
     past_k, past_v, k, v = k_all[:P], v_all[:P], k_all[P:], v_all[P:]
     if case.tree:
-        mask, depth = tree_mask(torch, T, g)
+        mask, depth = tree_mask(torch, T, g, case.parents)
         pos = P + depth
     else:
         mask, pos = torch.ones(T, T, dtype=torch.bool).tril(), torch.arange(P, S)
@@ -313,8 +364,9 @@ def run_attn_case(torch, ref, dev: Device, rep: Report, case: AttnCase, dtype: s
     # Reference (CPU).
     ck_new_ref = ref.new_chunks(past_k, k, cfg)
     ck = torch.cat([ck_past, ck_new_ref])
-    score_ref = stage1_reference(torch, q, ck, pos, cfg)
-    blocks_ref = ref.select_blocks(ref.block_scores(q, ck, pos, S, cfg), pos, cfg)
+    path = ref.path_chunk_logits(q, past_k, k, pos, mask, cfg)  # a tree's own-path chunks (None: plain)
+    score_ref = stage1_reference(torch, q, ck, pos, cfg, path)
+    blocks_ref = ref.select_blocks(ref.block_scores(q, ck, pos, S, cfg, path), pos, cfg)
     out_ref = ref.sparse_attend(q, k, v, past_k, past_v, pos, mask, blocks_ref, cfg)
     nb = blocks_ref.shape[-1]
     label = f"{case.name} (T={T} P={P} Hq={Hq} Hkv={Hkv} D={D} {cfg.semantics})"
@@ -333,14 +385,24 @@ def run_attn_case(torch, ref, dev: Device, rep: Report, case: AttnCase, dtype: s
     same = bool((blocks_a == blocks_ref).all())
     rep.check("infllmv2 select (ref scores)", label, "-", int((blocks_a != blocks_ref).any(-1).sum()), 0,
               what="rows differing", ok=same)
-    n_diff, n_tie = near_tie_rows(torch, ref, q, ck, pos, S, cfg, blocks_b, blocks_ref)
+    n_diff, n_tie, agree = near_tie_rows(torch, ref, q, ck, pos, S, cfg, blocks_b, blocks_ref, path)
     rep.check("infllmv2 select (own scores)", label, "-", n_diff, 0, what="rows differing", ok=n_diff == n_tie,
               note=f"{n_tie} near-ties" if n_diff else "")
     rep.check("infllmv2 attend decode", label, dtype, rel_err(torch, out_dec, out_ref), tol)
     rep.check("infllmv2 attend prefill", label, dtype, rel_err(torch, out_pre, out_ref), tol)
-    if n_diff == 0:
-        rep.check("infllmv2 forward", label, dtype, rel_err(torch, out_fwd, out_ref), tol)
+    # The whole op on the (query, kv head) rows whose block sets agree with the reference's.
+    rows = agree.T.repeat_interleave(Hq // Hkv, dim=1)  # [T, Hq]
+    if rows.any():
+        rep.check("infllmv2 forward", label, dtype, rel_err(torch, out_fwd[rows], out_ref[rows]), tol,
+                  note=f"{int((~agree).sum())} rows with near-tie block sets left out" if n_diff else "")
     rep.check("infllmv2 forward ck_new", label, dtype, rel_err(torch, ck_fwd, ck_new_ref), TOL["fp32"])
+    if case.dense_tree:  # every block selected: nodes by position, so = dense tree-masked attention
+        dense = dense_tree_attention(torch, q, k_all, v_all, mask)
+        assert bool(blocks_ref.sum(-1).eq(pos // cfg.block_size + 1).all()), "the case must select every block"
+        for kernel, out in (("reference", out_ref), ("attend decode", out_dec), ("attend prefill", out_pre),
+                            ("forward", out_fwd)):
+            rep.check(f"infllmv2 tree = dense tree attention ({kernel})", label, dtype, rel_err(torch, out, dense),
+                      tol)
 
 
 def device_attn(torch, dev: Device, cfg, q, k, v, past_k, past_v, ck_past, ck_new_ref, score_ref, blocks_ref, pos,
@@ -361,8 +423,8 @@ def device_attn(torch, dev: Device, cfg, q, k, v, past_k, past_v, ck_past, ck_ne
     dev.call("ecpm_infllmv2_compress", dt, p(cu["pk"]), p(cu["k"]), dims, ctypes.byref(c), p(ck_new), s)
     score = dev.empty((Hkv, T, nc), torch.float32)
     ws1 = dev.empty((max(lib.ecpm_infllmv2_stage1_workspace_size(dims, ctypes.byref(c)), 1),), torch.uint8)
-    dev.call("ecpm_infllmv2_stage1", dt, p(cu["q"]), p(cu["ckp"]), p(ck_new), p(pos32), dims, ctypes.byref(c),
-             p(score), p(ws1), ws1.numel(), s)
+    dev.call("ecpm_infllmv2_stage1", dt, p(cu["q"]), p(cu["pk"]), p(cu["k"]), p(cu["ckp"]), p(ck_new), p(pos32),
+             p(mask8), dims, ctypes.byref(c), p(score), p(ws1), ws1.numel(), s)
 
     def select(scores):
         blocks = dev.empty((Hkv, T, nb), torch.uint8)
@@ -379,7 +441,7 @@ def device_attn(torch, dev: Device, cfg, q, k, v, past_k, past_v, ck_past, ck_ne
     out_dec, out_pre = torch.empty_like(cu["q"]), torch.empty_like(cu["q"])
     wsd = dev.empty((max(lib.ecpm_infllmv2_decode_workspace_size(dims, ctypes.byref(c)), 1),), torch.uint8)
     dev.call("ecpm_infllmv2_attend_decode", dt, p(cu["q"]), p(cu["k"]), p(cu["v"]), p(cu["pk"]), p(cu["pv"]), p(mask8),
-             p(order), p(cnt), dims, ctypes.byref(c), p(out_dec), p(wsd), wsd.numel(), s)
+             p(order), p(cnt), p(pos32), dims, ctypes.byref(c), p(out_dec), p(wsd), wsd.numel(), s)
     dev.call("ecpm_infllmv2_attend_prefill", dt, p(cu["q"]), p(cu["k"]), p(cu["v"]), p(cu["pk"]), p(cu["pv"]),
              p(mask8), p(ref_blocks), p(pos32), dims, ctypes.byref(c), p(out_pre), s)
     # The whole op.
@@ -542,8 +604,8 @@ def time_attention_context(torch, dev: Device, rep: Report, S: int):
     cnt = torch.full((Hkv, T), nb, device="cuda", dtype=torch.int32)
     wsd = torch.empty(lib_size(dev, "ecpm_infllmv2_decode_workspace_size", dims, c), device="cuda", dtype=torch.uint8)
     dense_us = time_us(torch, lambda: dev.call("ecpm_infllmv2_attend_decode", F16, p(q), p(k), p(v), p(pk), p(pv),
-                                               p(mask), p(all_blocks), p(cnt), dims, ctypes.byref(c), p(out), p(wsd),
-                                               wsd.numel(), s))
+                                               p(mask), p(all_blocks), p(cnt), p(pos), dims, ctypes.byref(c), p(out),
+                                               p(wsd), wsd.numel(), s))
     kd, vd = k_all.permute(1, 0, 2)[None].contiguous(), v_all.permute(1, 0, 2)[None].contiguous()
     qd = q.permute(1, 0, 2)[None].contiguous()
     try:
@@ -576,12 +638,13 @@ def time_stages(torch, dev, rep, q, k, v, pk, pv, ck_past, pos, mask, dims, c, c
     out = torch.empty_like(q)
     stages = {
         "compress": lambda: dev.call("ecpm_infllmv2_compress", F16, p(pk), p(k), dims, ctypes.byref(c), p(ck_new), s),
-        "stage1": lambda: dev.call("ecpm_infllmv2_stage1", F16, p(q), p(ck_past), p(ck_new), p(pos), dims,
-                                   ctypes.byref(c), p(score), p(ws1), ws1.numel(), s),
+        "stage1": lambda: dev.call("ecpm_infllmv2_stage1", F16, p(q), p(pk), p(k), p(ck_past), p(ck_new), p(pos),
+                                   p(mask), dims, ctypes.byref(c), p(score), p(ws1), ws1.numel(), s),
         "select": lambda: dev.call("ecpm_infllmv2_select", p(score), p(pos), dims, ctypes.byref(c), p(blocks), p(lst),
                                    p(cnt), s),
         "attend decode": lambda: dev.call("ecpm_infllmv2_attend_decode", F16, p(q), p(k), p(v), p(pk), p(pv), p(mask),
-                                          p(lst), p(cnt), dims, ctypes.byref(c), p(out), p(wsd), wsd.numel(), s),
+                                          p(lst), p(cnt), p(pos), dims, ctypes.byref(c), p(out), p(wsd), wsd.numel(),
+                                          s),
     }
     for name, fn in stages.items():
         fn()  # in order, so that each stage's inputs are real
@@ -610,7 +673,8 @@ def host_checks(lib, rep: Report):
     """What the library answers without a GPU: version, config checks, chunk counts, workspace sizes."""
     rep.check("C ABI", "ctypes signatures = header", "-", len(check_header()), 0, what="differences",
               ok=not check_header())
-    rep.check("C ABI", "ecpm_version", "-", lib.ecpm_version(), 100, what="version", ok=lib.ecpm_version() == 100)
+    rep.check("C ABI", "ecpm_version", "-", lib.ecpm_version(), ABI_VERSION, what="version",
+              ok=lib.ecpm_version() == ABI_VERSION)
     cfg = sparse_config()
     c = Config.of(cfg)
     ok = all(lib.ecpm_infllmv2_n_chunks(ctypes.byref(c), n) == cfg.n_chunks(n) for n in range(300))

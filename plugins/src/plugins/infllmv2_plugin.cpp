@@ -6,6 +6,8 @@
 // outputs 0 out [T, Hq, D] (q's type)   1 ck_new [Cn, Hkv, D] f32, Cn = n_chunks(P + T) - n_chunks(P)
 // `edgecpm build` casts positions and attn_mask to int32 (TensorRT documents bool/uint8 as
 // unsupported for plugin I/O); int64 and bool are accepted too where a TensorRT offers them.
+// Draft-tree verification passes positions = P + depth and the ancestor mask: the kernels apply
+// every rule by position, not by cache slot (include/edgecpm_kernels.h), so trees stay lossless.
 #include <cstring>
 
 #include "plugin_common.h"
