@@ -18,7 +18,7 @@ from edgecpm.errors import (
 from edgecpm.generate import Generation
 from edgecpm.sampling import SamplingParams
 from edgecpm.session import Chat, Session
-from edgecpm.speculative import SpecConfig
+from edgecpm.drafters import SpecConfig
 from edgecpm.tokenizer import Tokenizer
 
 __version__ = "0.1.0"

@@ -40,7 +40,7 @@ def measure_many(sessions: dict[str, Session], prompts: list[list[int]], new_tok
     runs = {name: [] for name in sessions}
     for ids in prompts:
         for name, s in sessions.items():
-            s._reset()  # every prompt is prefilled in full
+            s.reset()  # every prompt is prefilled in full
             runs[name].append(s.generate(ids, max_new_tokens=new_tokens, ignore_eos=True))
     return {name: _summary([g.stats for g in gens]) | {"token_ids": [g.token_ids for g in gens]}
             for name, gens in runs.items()}

@@ -18,6 +18,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from edgecpm import dtypes
 from edgecpm.errors import BackendUnavailable, EdgeCPMError
 
 PROG = "edgecpm"
@@ -34,7 +35,7 @@ def add_session_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-policy", default="error", choices=("error", "window"),
                    help="when the context outgrows the KV budget: error (stop / refuse, default) or window "
                         "(keep the first 4 tokens + the most recent ones, StreamingLLM-style: lossy, runs on)")
-    g.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
+    g.add_argument("--dtype", default=None, choices=dtypes.NAMES,
                    help="compute dtype (default: the backend's choice; fp32 for torch)")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for the backend (default: the runtime's default)")
@@ -54,7 +55,7 @@ def add_draft_options(p: argparse.ArgumentParser) -> None:
 
 
 def spec_config(args: argparse.Namespace, draft: str | None = None):
-    from edgecpm.speculative import SpecConfig
+    from edgecpm.drafters import SpecConfig
 
     draft = draft or args.draft
     if draft is None:
@@ -268,7 +269,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_freq(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from edgecpm.speculative import build_freq_table, count_tokens
+    from edgecpm.frspec import build_freq_table, count_tokens
     from edgecpm.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(args.tokenizer)

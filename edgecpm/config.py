@@ -177,6 +177,13 @@ class ModelConfig:
         return cls.from_dict(d, source=str(path))
 
     @classmethod
+    def for_eagle(cls, d: dict, source: str = "config") -> ModelConfig:
+        """An EAGLE head's config.json as a ModelConfig (num_hidden_layers = the head's layers;
+        its LM head, own or the target's, is a separate matrix)."""
+        return cls.from_dict({**d, "architectures": ["MiniCPMForCausalLM"], "model_type": "minicpm",
+                              "tie_word_embeddings": False}, source)
+
+    @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> ModelConfig:
         def need(key):
             if key not in d:

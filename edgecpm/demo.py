@@ -46,7 +46,7 @@ def bundle_for(checkpoint: Path, say) -> Path:
 
 def run_demo(models: Path = BUILTIN, max_new_tokens: int = 96, out=sys.stdout) -> dict:
     from edgecpm.session import Session
-    from edgecpm.speculative import SpecConfig
+    from edgecpm.drafters import SpecConfig
 
     def say(msg):
         print(f"[demo] {msg}", file=sys.stderr, flush=True)

@@ -1,9 +1,12 @@
 """Generation as plain functions over a backend and its KV cache (gpt-fast style).
 
-    logits = prefill(backend, cache, prompt_ids)
+    logits = prefill(backend, cache, prompt_ids)          # reuses the prefix the cache holds
     for token in decode_tokens(backend, cache, logits, sampler, ...): ...
+    for token in speculative_tokens(backend, cache, logits, sampler, ..., drafter): ...
+    g = yield from generate_text(...)                     # the whole loop, as text pieces
 
-The cache is the static arena of `edgecpm.kv_cache`; each step writes its rows by position.
+The cache is the static arena of `edgecpm.kv_cache`; each step writes its rows (and their token
+ids) by position. `edgecpm.Session` opens a backend, a cache and a drafter and calls these.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgecpm.errors import BudgetError
 from edgecpm.kv_cache import KVCache
-from edgecpm.sampling import Sampler
+from edgecpm.sampling import Sampler, SamplingParams
 
 PREFILL_CHUNK = 512  # tokens per prefill step: bounds activation memory for long prompts
 # Attention scores of a step are ~(query heads x new tokens x context) fp32 values, a few copies
@@ -77,20 +81,28 @@ def acceptance_by_position(accepted: list[int], drafted: list[int]) -> list[floa
     return [float((acc > i).sum() / max((dr > i).sum(), 1)) for i in range(depth)]
 
 
-def run_step(backend, cache: KVCache, ids: np.ndarray, attn_mask: np.ndarray, logit_index: np.ndarray,
-             positions: np.ndarray | None = None) -> np.ndarray:
-    """One forward over `ids` placed right after the cached context; commits their K/V.
-    Positions default to consecutive ones (a draft tree passes each node's depth instead)."""
+def run_step(backend, cache: KVCache, ids: np.ndarray, attn_mask: np.ndarray | None, logit_index: np.ndarray,
+             positions: np.ndarray | None = None, hidden_in: np.ndarray | None = None) -> np.ndarray:
+    """One forward over `ids` placed right after the cached context; commits their K/V and ids.
+    The mask defaults to causal and positions to consecutive ones (a draft tree passes its
+    ancestor mask and each node's depth instead); `hidden_in` feeds an EAGLE head's features."""
+    if attn_mask is None:
+        attn_mask = causal_mask(len(ids))
     if positions is None:
         positions = np.arange(cache.position, cache.position + len(ids), dtype=np.int64)
-    logits = backend.forward(ids, positions, attn_mask, cache, logit_index)
-    cache.commit(len(ids))
+    logits = backend.forward(ids, positions, attn_mask, cache, logit_index, hidden_in=hidden_in)
+    cache.commit(ids)
     return logits
 
 
-def prefill(backend, cache: KVCache, ids, all_logits: bool = False, timer: Timer | None = None) -> np.ndarray:
-    """Run `ids` through the model in chunks. Returns the last row's logits [V] (or [T, V])."""
+def prefill(backend, cache: KVCache, ids, all_logits: bool = False, timer: Timer | None = None,
+            reuse_limit: int | None = None) -> np.ndarray:
+    """Bring the cache to hold `ids`: keep the longest prefix it already holds (at most
+    `reuse_limit` rows) and run the rest in chunks. Returns the last row's logits [V], or with
+    `all_logits` the logits of every row run [T, V] (call it on an empty cache for all of `ids`)."""
     ids = np.asarray(ids, dtype=np.int64)
+    check_prompt(cache, len(ids))
+    ids = ids[cache.reuse_prefix(ids, reuse_limit):]
     if not cache.window:
         cache.check_room(len(ids))
     t0 = time.perf_counter()
@@ -104,12 +116,22 @@ def prefill(backend, cache: KVCache, ids, all_logits: bool = False, timer: Timer
         chunk = ids[start : start + size]
         last = start + len(chunk) == len(ids)
         want = np.arange(len(chunk)) if all_logits else np.array([len(chunk) - 1] if last else [], np.int64)
-        rows.append(run_step(backend, cache, chunk, causal_mask(len(chunk)), want.astype(np.int64)))
+        rows.append(run_step(backend, cache, chunk, None, want.astype(np.int64)))
         start += len(chunk)
     if timer:
         timer.prefill_tokens += len(ids)
         timer.prefill_s += time.perf_counter() - t0
     return np.concatenate(rows) if all_logits else rows[-1][-1]
+
+
+def check_prompt(cache: KVCache, n_tokens: int) -> None:
+    """Refuse, before any work, a prompt the model or the arena cannot hold."""
+    if n_tokens > cache.max_positions:
+        raise BudgetError(f"prompt has {n_tokens} tokens but the model's max_position_embeddings is "
+                          f"{cache.max_positions}; shorten the prompt")
+    if n_tokens > cache.capacity and not cache.window:  # the window policy streams a long prompt through
+        raise BudgetError(f"prompt has {n_tokens} tokens but the KV budget holds {cache.capacity} tokens "
+                          f"({cache.bytes_per_token} bytes per token); raise kv_budget or shorten the prompt")
 
 
 _ONE = np.zeros(1, dtype=np.int64)
@@ -146,7 +168,7 @@ def decode_tokens(backend, cache: KVCache, logits: np.ndarray, sampler: Sampler,
 
 
 def speculative_tokens(backend, cache: KVCache, logits: np.ndarray, sampler: Sampler, max_new_tokens: int,
-                       eos_ids: set[int], timer: Timer, drafter, context: list[int]):
+                       eos_ids: set[int], timer: Timer, drafter):
     """Like decode_tokens, verifying a draft tree per target pass (DESIGN.md §10).
 
     Each step feeds [root, *draft] with the tree's ancestor mask, then walks the tree: at each node
@@ -154,13 +176,11 @@ def speculative_tokens(backend, cache: KVCache, logits: np.ndarray, sampler: Sam
     carries that token the walk descends, otherwise that token ends the step. Every emitted token
     is therefore exactly what plain decoding would emit (sample-then-match: sampling stays
     lossless). The cache keeps the rows of the root and the accepted nodes, compacted.
-    `context` (the prompt ids) is extended in place with the emitted tokens.
     """
     n = 0
     token = sampler(logits)
     while True:
         sampler.observe(token)
-        context.append(token)
         yield token
         n += 1
         if token in eos_ids:
@@ -168,7 +188,7 @@ def speculative_tokens(backend, cache: KVCache, logits: np.ndarray, sampler: Sam
         if n == max_new_tokens or cache.free < 1:
             return "length"
         t0 = time.perf_counter()
-        tree = drafter.propose(context)
+        tree = drafter.propose(np.append(cache.ids, token))  # the context: the cache's ids + the root
         tree = tree.truncated(min(len(tree), cache.free - 1))
         start = cache.length
         out = run_step(backend, cache, np.concatenate([[token], tree.tokens]).astype(np.int64),
@@ -183,7 +203,6 @@ def speculative_tokens(backend, cache: KVCache, logits: np.ndarray, sampler: Sam
             if child is None or token in eos_ids or n + len(accepted) + 1 >= max_new_tokens:
                 break
             sampler.observe(token)
-            context.append(token)
             accepted.append(token)
             row = child
             keep.append(start + row)
@@ -196,3 +215,60 @@ def speculative_tokens(backend, cache: KVCache, logits: np.ndarray, sampler: Sam
         for x in accepted:
             yield x
             n += 1
+
+
+def generate_text(backend, cache: KVCache, tokenizer, prompt_ids, max_new_tokens: int, params: SamplingParams,
+                  stop: list[str], eos_ids: set[int], drafter=None, reuse_limit=None):
+    """The whole loop: prefill (reusing the cached prefix), then plain or speculative decoding;
+    yields UTF-8-safe text pieces and returns the Generation.
+
+    Stop strings: text that could still become the start of a stop string is held back, so a
+    streamed stop string is never shown; the text ends right before it.
+    """
+    timer = Timer()
+    t0 = time.perf_counter()
+    logits = prefill(backend, cache, prompt_ids, timer=timer,
+                     reuse_limit=reuse_limit(prompt_ids) if reuse_limit else None)
+    sampler = Sampler(params, backend.config.vocab_size, prompt_ids)
+    if drafter is None:
+        tokens = decode_tokens(backend, cache, logits, sampler, max_new_tokens, eos_ids, timer)
+    else:
+        tokens = speculative_tokens(backend, cache, logits, sampler, max_new_tokens, eos_ids, timer, drafter)
+    detok = tokenizer.stream_decoder() if tokenizer else None
+    out_ids: list[int] = []
+    text, shown = "", 0
+    hold = max((len(x) for x in stop), default=1) - 1
+    finish = None
+    while True:
+        try:
+            token = next(tokens)
+        except StopIteration as end:
+            finish = end.value
+            break
+        out_ids.append(token)
+        if token in eos_ids:
+            continue
+        text += detok.add(token) if detok else ""
+        cut = _find_stop(text, shown, stop)
+        if cut is not None:
+            text, finish = text[:cut], "stop"
+            break
+        safe = len(text) - hold if stop else len(text)
+        if safe > shown:
+            yield text[shown:safe]
+            shown = safe
+    tokens.close()
+    if detok and finish != "stop":
+        text += detok.flush()
+    if shown < len(text):
+        yield text[shown:]
+    stats = timer.as_stats(cache)
+    stats["total_s"] = time.perf_counter() - t0
+    gen_ids = [t for t in out_ids if t not in eos_ids] if finish == "eos" else out_ids
+    return Generation(text, gen_ids, finish, stats)
+
+
+def _find_stop(text: str, shown: int, stop: list[str]) -> int | None:
+    start = max(0, shown - max((len(x) for x in stop), default=0))
+    hits = [i for i in (text.find(x, start) for x in stop) if i >= 0]
+    return min(hits) if hits else None

@@ -4,6 +4,10 @@ Layout: per layer K and V of shape [capacity, Hkv, D], token-major, so the first
 a layer are one contiguous view that a backend binds as `past_key.{i}` without copying, and the
 rows a step adds are one contiguous slot it writes into. Every backend uses this class.
 
+The cache also owns the token ids of the sequence it holds (`ids`, by position): a step commits
+its ids with its rows, and a new request keeps the longest prefix it shares (`reuse_prefix`).
+This is the one copy of the sequence that sessions and drafters read.
+
 Policy when the context outgrows the arena:
 - "error" (default): a prompt that does not fit is refused before any work (BudgetError naming the
   numbers); generation that reaches the end stops with finish_reason "length". Nothing is
@@ -67,6 +71,9 @@ class KVCache:
         self.sparse = cfg.sparse
         n_ck = cfg.sparse.n_chunks(capacity) if cfg.sparse else 0
         self.ckeys = np.zeros((cfg.num_hidden_layers, n_ck, cfg.num_key_value_heads, cfg.head_dim), np.float32)
+        # The ids of positions [0, position): the sequence the cache has seen, evicted tokens
+        # included (the window policy needs them to recognise a continuation).
+        self._ids = np.zeros(self.max_positions if policy == "window" else capacity, np.int64)
         self.length = 0
         self.evicted = 0  # tokens dropped by the window policy: row r (past the sinks) is position r + evicted
         self.peak_length = 0
@@ -107,6 +114,11 @@ class KVCache:
         return self.evicted + self.length
 
     @property
+    def ids(self) -> np.ndarray:
+        """The token ids of the context, positions [0, position) (a view: copy it to keep it)."""
+        return self._ids[: self.position]
+
+    @property
     def window(self) -> bool:
         return self.policy == "window"
 
@@ -121,7 +133,7 @@ class KVCache:
         if not self.window or n_tokens > self.capacity - self.sink_tokens:
             return False
         drop = min(max(n_tokens - self.free, (self.capacity - self.sink_tokens) // 4), self.length - self.sink_tokens)
-        self.keep(self.sink_tokens, np.arange(self.sink_tokens + drop, self.length))
+        self._compact(self.sink_tokens, np.arange(self.sink_tokens + drop, self.length))
         self.evicted += drop
         return True
 
@@ -149,12 +161,28 @@ class KVCache:
         """Where a step writes the compressed keys of the chunks its tokens complete."""
         return self.ckeys[layer][self.sparse.n_chunks(self.length) : self.sparse.n_chunks(self.length + n_tokens)]
 
-    def commit(self, n_tokens: int) -> None:
-        """Make the rows a step wrote part of the context."""
+    def commit(self, ids: np.ndarray) -> None:
+        """Make the rows a step wrote (one per id of `ids`) part of the context."""
+        n_tokens = len(ids)
+        self._ids[self.position : self.position + n_tokens] = ids
         self.length += n_tokens
         self.peak_length = max(self.peak_length, self.length)
         for hook in self.commit_hooks:
             hook(self.length - n_tokens, n_tokens)
+
+    def reuse_prefix(self, ids: np.ndarray, limit: int | None = None) -> int:
+        """Roll back to the longest prefix of the context that `ids` starts with, leaving at least
+        the last id to run (its logits are wanted) and at most `limit` rows; returns the number
+        of ids kept. After the window policy dropped rows only a continuation is reused."""
+        ids = np.asarray(ids, dtype=np.int64)
+        held = self.ids
+        n = min(len(held), len(ids) - 1, len(held) if limit is None else limit)
+        differ = np.flatnonzero(held[:n] != ids[:n])
+        keep = int(differ[0]) if len(differ) else n
+        if self.evicted and keep < self.position:
+            keep = 0
+        self.truncate(keep - self.evicted if keep else 0)
+        return keep
 
     def truncate(self, length: int) -> None:
         """Roll back to `length` tokens (rows past it are simply overwritten later)."""
@@ -168,9 +196,16 @@ class KVCache:
         """Keep rows `rows` (absolute, ascending, all >= start) of the tail [start, length) and
         drop the others: used after speculative verification to compact the accepted path."""
         rows = np.asarray(rows, dtype=np.int64)
-        n = len(rows)
-        if n and (rows[0] < start or rows[-1] >= self.length or np.any(np.diff(rows) <= 0)):
+        if len(rows) and (rows[0] < start or rows[-1] >= self.length or np.any(np.diff(rows) <= 0)):
             raise ValueError(f"rows {rows.tolist()} are not an ascending subset of [{start}, {self.length})")
+        if self.evicted:
+            raise ValueError("keep() after the window policy dropped rows: rows and positions differ")
+        self._ids[start : start + len(rows)] = self._ids[rows]
+        self._compact(start, rows)
+
+    def _compact(self, start: int, rows: np.ndarray) -> None:
+        """Move rows `rows` of the arena to [start, start + len(rows)) and cut the rest."""
+        n = len(rows)
         # One fancy-indexed gather per arena (copies only the kept tail rows).
         self.arena[:, :, start : start + n] = self.arena[:, :, rows]
         self.length = start + n

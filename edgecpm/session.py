@@ -13,63 +13,23 @@ every result identical to a fresh context.
 
 from __future__ import annotations
 
-import time
+import threading
+import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from edgecpm.bundle import is_bundle, load_bundle
-from edgecpm.errors import BackendUnavailable, BudgetError, ConfigError
-from edgecpm.generate import Generation, Timer, decode_tokens, prefill, speculative_tokens
+from edgecpm.backends import open_backend, open_draft_backend, open_tokenizer
+from edgecpm.drafters import EagleDrafter, ModelDrafter, NgramDrafter, SpecConfig, is_eagle
+from edgecpm.errors import BudgetError, ConfigError
+from edgecpm.frspec import frspec_map
+from edgecpm.generate import Generation, generate_text, prefill
 from edgecpm.kv_cache import KVCache, parse_bytes
-from edgecpm.sampling import Sampler, SamplingParams
-from edgecpm.speculative import SpecConfig, is_eagle, make_drafter, make_eagle_drafter, open_draft_backend
+from edgecpm.sampling import SamplingParams
 from edgecpm.tokenizer import Tokenizer
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 SINK_TOKENS = 4  # kv_policy="window" keeps the first tokens (attention sinks, StreamingLLM)
-
-
-def open_backend(path: Path, backend: str, dtype: str | None, threads: int | None, verify: bool = False):
-    """auto: a checkpoint runs on torch; a bundle on TensorRT when it has an engine built for this
-    GPU and TensorRT version, else on onnxruntime."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
-    bundle = is_bundle(path)
-    if not bundle and not (path / "config.json").exists():
-        raise ConfigError(f"{path}: neither an exported bundle (manifest.json) nor a checkpoint (config.json)")
-    if backend == "auto" and not bundle:
-        backend = "torch"
-    if backend == "torch":
-        if bundle:
-            raise ConfigError(f"{path}: the torch backend runs Hugging Face checkpoints; this is a bundle "
-                              f"(use backend='onnxruntime' or 'auto')")
-        try:
-            from edgecpm.runtimes.torch import TorchBackend
-        except ImportError as e:
-            raise BackendUnavailable(f"backend 'torch' needs torch ({e}); pip install 'edgecpm[export]'") from None
-        return TorchBackend(str(path), dtype=dtype, threads=threads)
-    if not bundle:
-        raise ConfigError(f"{path}: backend {backend!r} runs exported bundles; export one first with "
-                          f"`edgecpm export {path} -o BUNDLE`")
-    b = load_bundle(path, verify=verify)
-    if backend == "auto":  # an engine built for this GPU and TensorRT wins; onnxruntime otherwise
-        backend = "onnxruntime"
-        if b.manifest.get("engines"):
-            from edgecpm.runtimes.tensorrt import usable_engine
-
-            backend = "tensorrt" if usable_engine(b)[0] else "onnxruntime"
-    if backend == "tensorrt":
-        from edgecpm.runtimes.tensorrt import TensorRTBackend
-
-        return TensorRTBackend(b, threads=threads, verify=verify)
-    if dtype is not None and dtype != b.dtype:
-        raise ConfigError(f"{path}: bundle was exported as {b.dtype}; dtype={dtype!r} needs a re-export")
-    if backend == "onnxruntime":
-        from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(b, threads=threads)
-    raise BackendUnavailable(f"backend {backend!r} is not available yet for {path}")
 
 
 class Session:
@@ -78,10 +38,8 @@ class Session:
         path = Path(path)
         if not path.is_dir():
             raise ConfigError(f"{path}: not a folder; pass a checkpoint or bundle folder")
-        # A folder without tokenizer files (e.g. a bare test checkpoint) runs on token ids only.
-        has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
-        self._setup(open_backend(path, backend, dtype, threads), Tokenizer.from_pretrained(path) if has_tokenizer
-                    else None, kv_budget, draft, threads, path, kv_policy)
+        runner = open_backend(path, backend, dtype, threads)
+        self._setup(runner, open_tokenizer(path, runner), kv_budget, draft, threads, path, kv_policy)
 
     @classmethod
     def from_backend(cls, backend, kv_budget: int | str = "1GiB", tokenizer: Tokenizer | None = None, draft=None,
@@ -100,16 +58,21 @@ class Session:
         self.kv_budget = parse_bytes(kv_budget)
         self.eos_ids = set(self.config.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
         self.last: Generation | None = None  # the most recent finished generation (after stream())
-        self._cached_ids: list[int] = []  # the token ids whose K/V the arena holds, in order
+        # Requests are serialized: a Session may be shared by threads (see _exclusive).
+        self._lock = threading.Lock()
+        self._holder: tuple[int, object] | None = None  # (thread id, its open stream) while one runs
         spec = None if draft is None else draft if isinstance(draft, SpecConfig) else SpecConfig(draft=draft)
         if kv_policy == "window" and (spec or self.config.sparse):
             raise ConfigError(f"{path}: kv_policy='window' does not combine with "
                               f"{'speculative decoding' if spec else 'InfLLM v2 sparse attention'} yet; use 'error'")
-        draft_backend = open_draft_backend(spec, backend, threads) if spec else None
+        names_model = spec is not None and isinstance(spec.draft, (str, Path)) and spec.draft != "ngram"
+        self.draft_backend = open_draft_backend(spec.draft, backend, threads) if names_model else None
         # One budget for both arenas: the draft's share is its bytes per token (+ room for a tree).
         per_token = self.config.kv_bytes_per_token(backend.kv_dtype.itemsize)
-        draft_per_token = draft_backend.config.kv_bytes_per_token(draft_backend.kv_dtype.itemsize) if draft_backend else 0
-        margin = spec.tree_size + 1 if draft_backend else 0
+        draft_per_token = 0
+        if self.draft_backend:
+            draft_per_token = self.draft_backend.config.kv_bytes_per_token(self.draft_backend.kv_dtype.itemsize)
+        margin = spec.tree_size + 1 if self.draft_backend else 0
         capacity = min((self.kv_budget - margin * draft_per_token) // (per_token + draft_per_token),
                        self.config.max_position_embeddings)
         if capacity < 1:
@@ -119,36 +82,40 @@ class Session:
         if self.cache.window and capacity < 4 * SINK_TOKENS:
             raise BudgetError(f"kv_budget of {self.kv_budget} bytes holds {capacity} tokens: too few for "
                               f"kv_policy='window' (at least {4 * SINK_TOKENS}); raise kv_budget")
-        if hasattr(backend, "on_keep"):
-            self.cache.keep_hooks.append(backend.on_keep)
-        self.drafter = None
-        if spec and draft_backend and is_eagle(Path(spec.draft)):
-            self.drafter = make_eagle_drafter(spec, draft_backend, capacity + margin, backend, self.cache)
-        elif spec:
-            draft_session = None
-            if draft_backend:
-                draft_session = Session.from_backend(draft_backend, (capacity + margin) * draft_per_token,
-                                                     path=Path(spec.draft))
-            self.drafter = make_drafter(spec, draft_session)
+        self.cache.keep_hooks.append(backend.on_keep)
+        self.draft_cache = None
+        if self.draft_backend:
+            cfg = self.draft_backend.config
+            self.draft_cache = KVCache(cfg, min(capacity + margin, cfg.max_position_embeddings),
+                                       self.draft_backend.kv_dtype)
+        self.drafter = self._make_drafter(spec, names_model)
+
+    def _make_drafter(self, spec: SpecConfig | None, names_model: bool):
+        if spec is None:
+            return None
+        if not names_model:
+            return NgramDrafter(spec) if spec.draft == "ngram" else spec.draft  # the caller's own drafter
+        id_map = frspec_map(self.draft_backend)
+        if is_eagle(Path(spec.draft)):
+            return EagleDrafter(self.draft_backend, self.draft_cache, self.backend, self.cache, spec, id_map)
+        return ModelDrafter(self.draft_backend, self.draft_cache, spec, id_map)
 
     # ---- public API ------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop: list[str] | str | None = None, ignore_eos: bool = False) -> Generation:
-        pieces = self._generate(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k,
-                                repetition_penalty, seed), stop, ignore_eos)
-        for _ in pieces:
-            pass
-        return pieces.result
+        run = self._request(self._encode(prompt), max_new_tokens, SamplingParams(
+            temperature, top_p, top_k, repetition_penalty, seed), stop, ignore_eos)
+        return drain(self._serve(run))
 
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
                stop: list[str] | str | None = None, ignore_eos: bool = False):
         """Yield text pieces as they are generated (never half a UTF-8 character). The finished
         Generation is available afterwards as `s.last`."""
-        pieces = self._generate(prompt, max_new_tokens, SamplingParams(temperature, top_p, top_k,
-                                repetition_penalty, seed), stop, ignore_eos)
-        yield from pieces
+        run = self._request(self._encode(prompt), max_new_tokens, SamplingParams(
+            temperature, top_p, top_k, repetition_penalty, seed), stop, ignore_eos)
+        return self._serve(run)
 
     def chat(self, system: str | None = None) -> Chat:
         if self.tokenizer is None:
@@ -158,19 +125,22 @@ class Session:
     def logits(self, token_ids) -> np.ndarray:
         """Full-sequence logits [T, V] float32 from a fresh context."""
         ids = self._encode(list(token_ids))
-        self._reset()
-        out = prefill(self.backend, self.cache, ids, all_logits=True)
-        self._cached_ids = ids
-        return out
+        with self._exclusive(None):
+            self.cache.truncate(0)
+            return prefill(self.backend, self.cache, ids, all_logits=True)
+
+    def reset(self) -> None:
+        """Forget the cached context: the next request prefills its whole prompt."""
+        with self._exclusive(None):
+            self.cache.truncate(0)
 
     def memory(self) -> dict:
-        c = self.cache
+        c, dc = self.cache, self.draft_cache
         # A model drafter or EAGLE head: its weights count, and its arena shares the budget.
-        draft_backend, draft_cache = getattr(self.drafter, "backend", None), getattr(self.drafter, "cache", None)
         return {
-            "weights_bytes": self.backend.weight_bytes + (draft_backend.weight_bytes if draft_backend else 0),
+            "weights_bytes": self.backend.weight_bytes + (self.draft_backend.weight_bytes if self.draft_backend else 0),
             "kv_budget_bytes": self.kv_budget,
-            "draft_kv_allocated_bytes": draft_cache.bytes_allocated if draft_cache else 0,
+            "draft_kv_allocated_bytes": dc.bytes_allocated if dc else 0,
             "kv_bytes_per_token": c.bytes_per_token,
             "kv_capacity_tokens": c.capacity,
             "kv_allocated_bytes": c.bytes_allocated,
@@ -180,10 +150,6 @@ class Session:
         }
 
     # ---- internals -----------------------------------------------------------------------
-    def _reset(self):
-        self.cache.truncate(0)
-        self._cached_ids = []
-
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -195,108 +161,60 @@ class Session:
             raise ValueError(f"prompt token ids must be a non-empty list in [0, {self.config.vocab_size}); got {bad[:5]}")
         return ids
 
-    def _prefill_reusing_cache(self, ids: list[int], timer: Timer) -> np.ndarray:
-        """Keep the longest cached prefix of `ids` (at least one token is always run, for logits)."""
-        c = self.cache
-        max_pos = self.config.max_position_embeddings
-        if len(ids) > max_pos:
-            raise BudgetError(f"prompt has {len(ids)} tokens but the model's max_position_embeddings is "
-                              f"{max_pos}; shorten the prompt")
-        if len(ids) > c.capacity and not c.window:  # the window policy streams a long prompt through
-            raise BudgetError(
-                f"prompt has {len(ids)} tokens but kv_budget={self.kv_budget} bytes holds {c.capacity} tokens "
-                f"({c.bytes_per_token} bytes per token); raise kv_budget or shorten the prompt"
-            )
-        # Length of the common prefix, compared in numpy (a drafter calls this every step).
-        limit = min(len(self._cached_ids), len(ids) - 1)
-        differ = np.flatnonzero(np.asarray(self._cached_ids[:limit]) != np.asarray(ids[:limit]))
-        keep = int(differ[0]) if len(differ) else limit
-        if hasattr(self.drafter, "first_needed_row"):  # an EAGLE head reads the target's features of these rows
-            keep = min(keep, self.drafter.first_needed_row(ids))
-        if not c.evicted:  # rows and ids correspond one to one
-            c.truncate(keep)
-        elif keep < len(self._cached_ids):  # the window dropped rows: only a continuation reuses them
-            keep = 0
-            c.truncate(0)
-        self._cached_ids = self._cached_ids[:keep]
-        logits = prefill(self.backend, self.cache, ids[keep:], timer=timer)
-        self._cached_ids = list(ids)
-        return logits
-
-    def _generate(self, prompt, max_new_tokens, params, stop, ignore_eos):
-        return _TextStream(self, self._encode(prompt), max_new_tokens, params, stop, ignore_eos)
-
-
-class _TextStream:
-    """Iterates text pieces of one generation; `.result` holds the Generation at the end.
-
-    Stop strings: text that could still become the start of a stop string is held back, so a
-    streamed stop string is never shown; the text ends right before it.
-    """
-
-    def __init__(self, session: Session, ids, max_new_tokens, params, stop, ignore_eos):
+    def _request(self, ids: list[int], max_new_tokens, params: SamplingParams, stop, ignore_eos):
+        """Check a request's arguments now; return the generator function that runs it."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
-        self.s, self.ids, self.max_new, self.params = session, ids, max_new_tokens, params
-        self.stop = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(x, str) or not x for x in self.stop):
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(x, str) or not x for x in stops):
             raise ValueError(f"stop={stop!r}: must be non-empty strings")
-        self.eos = set() if ignore_eos else session.eos_ids
-        self.result: Generation | None = None
+        eos = set() if ignore_eos else self.eos_ids
+        # An EAGLE head reads the target's features of the rows it has not seen: keep those rows
+        # in the cache's reusable prefix only while it still has them.
+        reuse_limit = self.drafter.first_needed_row if isinstance(self.drafter, EagleDrafter) else None
+        return lambda: generate_text(self.backend, self.cache, self.tokenizer, ids, max_new_tokens, params, stops,
+                                     eos, self.drafter, reuse_limit)
 
-    def __iter__(self):
-        s = self.s
-        timer = Timer()
-        t0 = time.perf_counter()
-        logits = s._prefill_reusing_cache(self.ids, timer)
-        sampler = Sampler(self.params, s.config.vocab_size, self.ids)
-        if s.drafter is None:
-            tokens = decode_tokens(s.backend, s.cache, logits, sampler, self.max_new, self.eos, timer)
-        else:
-            tokens = speculative_tokens(s.backend, s.cache, logits, sampler, self.max_new, self.eos, timer,
-                                        s.drafter, list(self.ids))
-        detok = s.tokenizer.stream_decoder() if s.tokenizer else None
-        out_ids: list[int] = []
-        text, shown = "", 0
-        hold = max((len(x) for x in self.stop), default=1) - 1
-        finish = None
-        while True:
-            try:
-                token = next(tokens)
-            except StopIteration as end:
-                finish = end.value
-                break
-            out_ids.append(token)
-            # The cache holds a prefix of prompt + output: record the tokens it gained.
-            if s.cache.position > len(s._cached_ids):
-                done = len(s._cached_ids) - len(self.ids)
-                s._cached_ids.extend(out_ids[done : s.cache.position - len(self.ids)])
-            if token in self.eos:
-                continue
-            text += detok.add(token) if detok else ""
-            cut = self._find_stop(text, shown)
-            if cut is not None:
-                text, finish = text[:cut], "stop"
-                break
-            safe = len(text) - hold if self.stop else len(text)
-            if safe > shown:
-                yield text[shown:safe]
-                shown = safe
-        tokens.close()
-        if detok and finish != "stop":
-            text += detok.flush()
-        if shown < len(text):
-            yield text[shown:]
-        timer_stats = timer.as_stats(s.cache)
-        timer_stats["total_s"] = time.perf_counter() - t0
-        gen_ids = [t for t in out_ids if t not in self.eos] if finish == "eos" else out_ids
-        self.result = Generation(text, gen_ids, finish, timer_stats)
-        s.last = self.result
+    def _serve(self, run):
+        """The pieces of one request, holding the session while it runs; sets `last` at the end."""
+        def pieces():
+            with self._exclusive(me):
+                g = yield from run()
+            self.last = g
+            return g
 
-    def _find_stop(self, text: str, shown: int) -> int | None:
-        start = max(0, shown - max((len(x) for x in self.stop), default=0))
-        hits = [i for i in (text.find(x, start) for x in self.stop) if i >= 0]
-        return min(hits) if hits else None
+        stream = pieces()
+        # A weak reference: a stream the caller drops (`break`) is closed at once, which releases
+        # the session (a strong one would make a cycle that waits for the garbage collector).
+        me = weakref.ref(stream)
+        return stream
+
+    @contextmanager
+    def _exclusive(self, stream):
+        """Requests take turns: another thread waits until this one's request ends. A new request
+        on the thread of an unfinished stream ends that stream (it yields nothing more); the cache
+        stays consistent either way, since it always holds the ids of the rows it holds."""
+        holder = self._holder
+        if holder is not None and holder[0] == threading.get_ident() and holder[1] is not None:
+            unfinished = holder[1]()
+            if unfinished is not None:
+                unfinished.close()
+        self._lock.acquire()
+        self._holder = (threading.get_ident(), stream)
+        try:
+            yield
+        finally:
+            self._holder = None
+            self._lock.release()
+
+
+def drain(pieces) -> Generation:
+    """Run a stream of pieces to its end; its return value, the Generation."""
+    while True:
+        try:
+            next(pieces)
+        except StopIteration as end:
+            return end.value
 
 
 class Chat:
@@ -318,16 +236,13 @@ class Chat:
                                                           add_generation_prompt=True, add_bos=False)
 
     def send(self, content: str, **kwargs) -> Generation:
-        pieces = self.stream(content, **kwargs)
-        for _ in pieces:
-            pass
-        return self.session.last
+        return drain(self.stream(content, **kwargs))
 
     def stream(self, content: str, **kwargs):
+        """Yield the reply's text pieces; the generator returns the Generation."""
         s = self.session
         prompt = self.ids + self._turn_ids(content)
-        yield from s.stream(prompt, **kwargs)
-        g = s.last
+        g = yield from s.stream(prompt, **kwargs)
         self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": g.text}]
         # The reply's ids as generated (re-encoded when a stop string cut the text, so the model
         # never sees what the user did not), closed the way the template closes a message. The
@@ -335,3 +250,4 @@ class Chat:
         reply = s.tokenizer.encode(g.text, add_bos=False) if g.finish_reason == "stop" else g.token_ids
         end = s.tokenizer.encode("<|im_end|>\n", add_bos=False)
         self.ids = prompt + reply + end
+        return g

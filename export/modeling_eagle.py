@@ -33,7 +33,6 @@ from torch import nn
 
 from edgecpm.config import ModelConfig
 from edgecpm.errors import CheckpointError
-from edgecpm.speculative import eagle_config
 
 
 class EagleModel(nn.Module):
@@ -105,7 +104,7 @@ class EagleCheckpoint(Checkpoint):
         self.folder = Path(folder)
         if not (self.folder / "config.json").is_file():
             raise CheckpointError(f"{self.folder}: no config.json; expected an EAGLE head checkpoint folder")
-        self.config = eagle_config(json.loads((self.folder / "config.json").read_text()), str(self.folder))
+        self.config = ModelConfig.for_eagle(json.loads((self.folder / "config.json").read_text()), str(self.folder))
         self._handles = {}
         self.files = self._tensor_files()
         self.target = target

@@ -77,6 +77,9 @@ class OnnxRuntimeBackend:
         self.has_hidden = any(d["name"] == "hidden" for d in graph["outputs"])
         self.last_hidden: np.ndarray | None = None  # [T, H] float32: the last step's `hidden` rows
 
+    def on_keep(self, start: int, rows) -> None:
+        """The arena is bound by pointer at every step: nothing of it is kept here."""
+
     def _decoder_model(self, graph: dict, ternary: str, opts) -> tuple[str | bytes, str | None]:
         """The decoder graph to load — its path, or for a bundle with TernaryMatMul nodes the graph
         rewritten in memory (its other weights still read from the bundle's external data file) —

@@ -120,6 +120,7 @@ class TensorRTBackend:
         trt = te.import_tensorrt("backend 'tensorrt'")
         self.cuda = _Cuda(te.import_cudart("backend 'tensorrt'"))
         self.bundle, self.config = bundle, bundle.config
+        self.ternary_kernel = "tensorrt" if "TernaryMatMul" in bundle.manifest.get("custom_ops", []) else None
         manifest = bundle.manifest
         gpu, cc = te.gpu_identity()
         record, refused = te.find_engine(manifest, gpu, cc, str(trt.__version__))
@@ -252,9 +253,11 @@ class TensorRTBackend:
         return int(self.ck_arena) + (layer * self._ck_rows + chunk) * self._ck_row
 
     # ---- the Backend protocol --------------------------------------------------------------------
-    def forward(self, input_ids, position_ids, attn_mask, cache: KVCache, logit_index):
+    def forward(self, input_ids, position_ids, attn_mask, cache: KVCache, logit_index, hidden_in=None):
         """One decoder step. A plain causal step longer than the engine's largest profile, or asking
         for more logit rows than a step returns, runs in pieces (each sees the previous as past)."""
+        if hidden_in is not None:
+            raise ConfigError("the tensorrt backend runs decoders only, not an EAGLE head; run the head on onnxruntime")
         T, N = len(input_ids), len(logit_index)
         if T <= self.max_t and N <= self.logit_rows:
             return self._step(input_ids, position_ids, attn_mask, cache.length, cache, logit_index)

@@ -13,7 +13,8 @@ from conftest import rel_err
 import edgecpm
 from edgecpm.config import ModelConfig
 from edgecpm.errors import ConfigError
-from edgecpm.speculative import EagleDrafter, SpecConfig, build_freq_table
+from edgecpm.drafters import EagleDrafter, SpecConfig
+from edgecpm.frspec import build_freq_table
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
@@ -117,7 +118,7 @@ def test_head_onnx_matches_torch(target, heads):
     mask[5, 3] = False  # a tree-like mask
     b = OnnxRuntimeBackend(load_bundle(heads["bundle"]))
     cache = KVCache(b.config, 32, b.kv_dtype)
-    cache.commit(3)  # three rows of zeros as the past
+    cache.commit(np.zeros(3, np.int64))  # three rows of zeros as the past
     ref_past = [torch.zeros(1, 3, b.config.num_key_value_heads, b.config.head_dim)] * b.config.num_hidden_layers
     with torch.no_grad():
         ref = head(torch.tensor(ids)[None], torch.arange(3, 3 + T)[None], torch.from_numpy(mask), ref_past, ref_past,
@@ -193,7 +194,8 @@ def test_kv_arenas_equal_one_by_one(target, target_bundle, heads, backend):
     # The head has read the context up to the last proposal: rows i = (token i+1, feature i).
     head = s.drafter
     m = head.cache.length
-    context = np.array(head.ids)
+    context = s.cache.ids.copy()
+    np.testing.assert_array_equal(head.cache.ids, context[1 : m + 1])
     plain.logits(context[:m].tolist())
     features = plain.backend.last_hidden
     from edgecpm.kv_cache import KVCache

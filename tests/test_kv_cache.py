@@ -23,7 +23,7 @@ def _fill(cache: KVCache, n: int, start_value: float) -> None:
         rows = np.arange(cache.length, cache.length + n, dtype=np.float32)[:, None, None] + start_value
         k[...] = rows
         v[...] = -rows
-    cache.commit(n)
+    cache.commit(np.arange(cache.length, cache.length + n))  # ids: the row numbers
 
 
 def test_from_budget_arithmetic(cfg):

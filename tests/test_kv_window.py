@@ -28,7 +28,7 @@ def test_make_room_keeps_sinks_and_recent_rows():
                                  "max_position_embeddings": 1000, "model_type": "minicpm"}, "test")
     c = KVCache(cfg, 20, np.float32, "window", sink_tokens=4)
     c.arena[:, :, :20] = np.arange(20, dtype=np.float32)[None, None, :, None, None]  # row r holds r
-    c.commit(20)
+    c.commit(np.arange(20))
     assert c.make_room(1) and c.evicted == 4 and c.length == 16  # a quarter of the 16 non-sink rows
     kept = c.arena[0, 0, :16, 0, 0].tolist()
     assert kept == [0, 1, 2, 3, *range(8, 20)] and c.position == 20
@@ -75,7 +75,7 @@ def test_window_generates_past_the_arena_and_matches_a_reference(tiny):
         cache.truncate(0)
         for j, r in enumerate(rows):
             cache.arena[:, :, j] = r
-        cache.commit(len(rows))
+        cache.commit(np.zeros(len(rows), np.int64))  # ids unused: positions are passed
         pos = np.arange(n_evicted + len(rows), n_evicted + len(rows) + len(step_ids))
         logits = ref.backend.forward(np.asarray(step_ids), pos, causal_mask(len(step_ids)), cache,
                                      np.array([len(step_ids) - 1]))

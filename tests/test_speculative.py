@@ -11,7 +11,8 @@ import pytest
 import edgecpm
 from edgecpm.config import ModelConfig
 from edgecpm.errors import ConfigError
-from edgecpm.speculative import DraftTree, NgramDrafter, SpecConfig, build_freq_table, load_freq_table
+from edgecpm.drafters import DraftTree, NgramDrafter, SpecConfig
+from edgecpm.frspec import build_freq_table, load_freq_table
 
 torch = pytest.importorskip("torch")
 PROMPT = [1, 17, 250, 33, 4, 99, 7, 17, 250]
@@ -197,6 +198,10 @@ class TrigramBackend:
     name = "toy"
     kv_dtype = np.dtype(np.float32)
     weight_bytes = 0
+    bundle = None
+    ternary_kernel = None
+    has_hidden = False
+    last_hidden = None
 
     def __init__(self, table):
         self.table = table  # [V, V, V] logits for (previous, current) -> next
@@ -205,7 +210,10 @@ class TrigramBackend:
             "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1, "eos_token_id": [V - 1],
         })
 
-    def forward(self, ids, positions, attn_mask, cache, logit_index):
+    def on_keep(self, start, rows):
+        pass
+
+    def forward(self, ids, positions, attn_mask, cache, logit_index, hidden_in=None):
         past = cache.keys[0][: cache.length, 0, 0]
         k, _ = cache.slot(0, len(ids))
         k[:, 0, 0] = ids

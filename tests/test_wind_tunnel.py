@@ -43,7 +43,7 @@ def test_wind_tunnel_eagle_head(tmp_path):
     exports with --eagle-of and drafts for the target bundle: greedy output equals plain decoding,
     on both the exported head (onnxruntime) and the checkpoint (torch, sharing the target's tensors)."""
     from edgecpm.safetensors_files import tensor_names
-    from edgecpm.speculative import SpecConfig
+    from edgecpm.drafters import SpecConfig
 
     head = MODELS / "eagle"
     if not (head / "model.safetensors").exists():

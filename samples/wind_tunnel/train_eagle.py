@@ -31,7 +31,7 @@ from make_corpus import DEFAULT_OUT, DOC_SEPARATOR
 from safetensors.torch import save_file
 from train import SEED, batch_order, init_weights, load_shipped, param_groups, token_stream, windows, wsd_lr
 
-from edgecpm.speculative import eagle_config
+from edgecpm.config import ModelConfig
 from edgecpm.tokenizer import Tokenizer
 
 HERE = Path(__file__).resolve().parent
@@ -105,7 +105,7 @@ def acceptance(folder: Path, heldout_text: str, n_prompts: int = 8, depth: int =
     from edgecpm.export.exporter import export_bundle
 
     import edgecpm
-    from edgecpm.speculative import SpecConfig
+    from edgecpm.drafters import SpecConfig
 
     docs = [d for d in heldout_text.split(DOC_SEPARATOR) if len(d) > 2000]
     picks = sorted(np.random.default_rng(0).choice(len(docs), size=n_prompts, replace=False))
@@ -168,7 +168,7 @@ def main() -> None:
     print(f"features of {len(train)} train + {len(heldout)} held-out windows in {feature_s:.0f} s", flush=True)
 
     cfg_dict = head_config(json.loads((HERE / "target/config.json").read_text()))
-    cfg = eagle_config(cfg_dict, "eagle")
+    cfg = ModelConfig.for_eagle(cfg_dict, "eagle")
     torch.manual_seed(SEED)
     head = EagleHead(cfg, own_embed=False, own_head=False)
     head.share(target.model.embed_tokens.weight, target.lm_head_weight)

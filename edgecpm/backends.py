@@ -1,0 +1,103 @@
+"""Opening what a Session runs on: the backend for a folder, its tokenizer, a draft model's or
+EAGLE head's backend. Backend modules (edgecpm.runtimes.*) are imported here, lazily, so that
+`import edgecpm` stays light and an ONNX bundle never pulls in torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgecpm.bundle import is_bundle, load_bundle
+from edgecpm.drafters import is_eagle
+from edgecpm.errors import BackendUnavailable, ConfigError
+from edgecpm.tokenizer import Tokenizer
+
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+AUTO_RULE = ("a checkpoint runs on torch; a bundle runs on TensorRT when it holds an engine built for this GPU "
+             "and TensorRT version, otherwise on onnxruntime")
+
+
+def open_backend(path: Path, backend: str = "auto", dtype: str | None = None, threads: int | None = None,
+                 verify: bool = False):
+    """The backend for a checkpoint or bundle folder (`auto`: see AUTO_RULE)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+    path = Path(path)
+    bundle = is_bundle(path)
+    if not bundle and not (path / "config.json").exists():
+        raise ConfigError(f"{path}: neither an exported bundle (manifest.json) nor a checkpoint (config.json)")
+    if backend == "auto" and not bundle:
+        backend = "torch"
+    if backend == "torch":
+        if bundle:
+            raise ConfigError(f"{path}: the torch backend runs Hugging Face checkpoints; this is a bundle "
+                              f"(use backend='onnxruntime' or 'auto')")
+        return _torch_runtime().TorchBackend(str(path), dtype=dtype, threads=threads)
+    if not bundle:
+        raise ConfigError(f"{path}: backend {backend!r} runs exported bundles; export one first with "
+                          f"`edgecpm export {path} -o BUNDLE`")
+    b = load_bundle(path, verify=verify)
+    if backend == "auto":  # an engine built for this GPU and TensorRT wins; onnxruntime otherwise
+        backend = "onnxruntime"
+        if b.manifest.get("engines"):
+            from edgecpm.runtimes.tensorrt import usable_engine
+
+            backend = "tensorrt" if usable_engine(b)[0] else "onnxruntime"
+    if backend == "tensorrt":
+        from edgecpm.runtimes.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(b, threads=threads, verify=verify)
+    if dtype is not None and dtype != b.dtype:
+        raise ConfigError(f"{path}: bundle was exported as {b.dtype}; dtype={dtype!r} needs a re-export")
+    from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(b, threads=threads)
+
+
+def _torch_runtime():
+    try:
+        import edgecpm.runtimes.torch as runtime
+    except ImportError as e:
+        raise BackendUnavailable(f"backend 'torch' needs torch ({e}); pip install 'edgecpm[export]'") from None
+    return runtime
+
+
+def open_tokenizer(path: Path, backend) -> Tokenizer | None:
+    """The folder's tokenizer; None for a folder without tokenizer files (e.g. a bare test
+    checkpoint, which then runs on token ids only). A checkpoint with only a SentencePiece
+    `tokenizer.model` is converted by the torch path (bundles always carry tokenizer.json)."""
+    path = Path(path)
+    if (path / "tokenizer.json").exists():
+        return Tokenizer.from_pretrained(path)
+    if (path / "tokenizer.model").exists() and backend.name == "torch":
+        return _torch_runtime().load_tokenizer(path)
+    if (path / "tokenizer.model").exists():
+        return Tokenizer.from_pretrained(path)  # says what to do
+    return None
+
+
+def open_draft_backend(draft, target, threads: int | None):
+    """The backend of a draft model or EAGLE head folder (bundle or checkpoint); `target` is the
+    target's backend, whose vocabulary the draft must share."""
+    path = Path(draft)
+    if not path.is_dir():
+        raise ConfigError(f"draft={draft!r}: expected 'ngram' or a draft bundle/checkpoint folder")
+    backend = open_eagle_backend(path, target, threads) if is_eagle(path) else open_backend(path, threads=threads)
+    if backend.config.vocab_size != target.config.vocab_size:
+        raise ConfigError(f"{path}: draft vocabulary {backend.config.vocab_size} differs from the target's "
+                          f"{target.config.vocab_size}; a draft must share the target's tokenizer")
+    return backend
+
+
+def open_eagle_backend(path: Path, target, threads: int | None):
+    """An EAGLE head: a bundle runs on onnxruntime; a checkpoint on torch, sharing a torch
+    target's embedding and LM head when it has none of its own."""
+    if not target.has_hidden:
+        where = target.bundle.path if target.bundle else "the target"
+        raise ConfigError(f"{where}: this target bundle has no `hidden` output (exported by an older edgecpm), which "
+                          f"an EAGLE head drafts from; re-export it: `edgecpm export CHECKPOINT -o BUNDLE`")
+    if is_bundle(path):
+        from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(load_bundle(path), threads=threads)
+    return _torch_runtime().EagleTorchBackend(str(path), target, threads=threads)
