@@ -34,11 +34,14 @@ SINK_TOKENS = 4  # kv_policy="window" keeps the first tokens (attention sinks, S
 
 class Session:
     def __init__(self, path, backend: str = "auto", kv_budget: int | str = "1GiB", draft=None,
-                 dtype: str | None = None, threads: int | None = None, kv_policy: str = "error"):
+                 dtype: str | None = None, threads: int | None = None, kv_policy: str = "error",
+                 verify: bool = False):
+        """verify: re-hash every file of a bundle against its manifest before loading (bit rot,
+        a bad copy); otherwise sizes are checked always and hashes on the first load after a copy."""
         path = Path(path)
         if not path.is_dir():
             raise ConfigError(f"{path}: not a folder; pass a checkpoint or bundle folder")
-        runner = open_backend(path, backend, dtype, threads)
+        runner = open_backend(path, backend, dtype, threads, verify=verify)
         self._setup(runner, open_tokenizer(path, runner), kv_budget, draft, threads, path, kv_policy)
 
     @classmethod
