@@ -212,9 +212,10 @@ def run_tree_onnx(sess, q, k_all, v_all, pos, mask, cfg):
 ALL_BLOCKS = {**SMALL, "dense_len": 1, "topk": 16}
 
 
-@pytest.mark.parametrize("semantics", ["v1", "v2"])
-def test_tree_equals_dense_tree_attention_at_every_block_offset(semantics):
-    cfgd = {**ALL_BLOCKS, "semantics": semantics}
+@pytest.mark.parametrize("semantics, over", [("v1", {}), ("v2", {}), ("v1", {"dense_len": 10**6})])
+def test_tree_equals_dense_tree_attention_at_every_block_offset(semantics, over):
+    """(The last case: queries below dense_len, which attend to every block up to their own.)"""
+    cfgd = {**ALL_BLOCKS, **over, "semantics": semantics}
     cfg = SparseConfig(**cfgd)
     sess = onnx_op_session(cfg)
     for offset in range(64):
