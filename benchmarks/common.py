@@ -72,30 +72,32 @@ def minicpm4_config(name: str = "MiniCPM4-0.5B") -> tuple[dict, str]:
 
 
 # ---- random checkpoints ----------------------------------------------------------------------
-_ST_DTYPE = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
-
-
 def write_random_checkpoint(folder: str | Path, config: dict, seed: int = 0, std: float = 0.02,
-                            dtype=np.float32) -> Path:
+                            dtype="fp32", transform=None) -> Path:
     """Write config.json + model.safetensors with every tensor the model expects (names and shapes
-    from `edgecpm.export.checkpoint.expected_shapes`): matrices ~ N(0, std), norm weights = 1.
+    from `edgecpm.export.checkpoint.expected_shapes`): matrices ~ N(0, std), norm weights = 1,
+    drawn in float32, then `transform(name, array)` if given, then stored as `dtype` (fp32, fp16,
+    bf16 or a numpy dtype).
 
     The safetensors file is streamed one tensor at a time, so peak memory is one tensor, not the
     model. Needs torch (for expected_shapes); returns the folder.
     """
     from edgecpm.export.checkpoint import expected_shapes
 
+    from edgecpm import dtypes
     from edgecpm.config import ModelConfig
+    from edgecpm.safetensors_files import ST_FLOAT_DTYPES
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     shapes = expected_shapes(ModelConfig.from_dict(config, source=str(folder / "config.json")))
-    dtype = np.dtype(dtype)
+    st_dtype = next(st for st, n in ST_FLOAT_DTYPES.items() if n == dtypes.canonical(dtype))
+    dtype = dtypes.numpy_dtype(dtype)
     header, offset = {}, 0
     for name, shape in shapes.items():
         nbytes = int(np.prod(shape)) * dtype.itemsize
-        header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -107,10 +109,12 @@ def write_random_checkpoint(folder: str | Path, config: dict, seed: int = 0, std
         f.write(blob)
         for name, shape in shapes.items():
             if name.endswith("norm.weight"):
-                t = np.ones(shape, dtype)
+                t = np.ones(shape, np.float32)
             else:
-                t = (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(dtype, copy=False)
-            f.write(t.tobytes())
+                t = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+            if transform is not None:
+                t = transform(name, t)
+            f.write(t.astype(dtype, copy=False).tobytes())
         # Flush to disk now, so write-back of a GB-sized file does not run during the timed runs.
         f.flush()
         os.fsync(f.fileno())

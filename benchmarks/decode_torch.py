@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecpm import dtypes
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
@@ -30,7 +32,7 @@ def parse_args(argv=None):
     p = common.arg_parser(__doc__, "decode_torch", prompt_len=128, new_tokens=64, repeats=3)
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint folder to use; created with random weights if it has no config.json")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="compute dtype (default: fp32)")
+    p.add_argument("--dtype", default="fp32", choices=dtypes.NAMES, help="compute dtype (default: fp32)")
     p.add_argument("--bandwidth-mib", type=int, default=512, help="size of the bandwidth test array (default: 512)")
     return p.parse_args(argv)
 

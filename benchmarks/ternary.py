@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 import subprocess
 import sys
 import tempfile
@@ -42,39 +41,14 @@ def write_ternary_checkpoint(folder: Path, config: dict, group_size: int | None,
                              std: float = 0.02) -> Path:
     """bf16 safetensors, streamed one tensor at a time: linears fake-quantized (ternary.quantize
     of N(0, std)), other matrices N(0, std), norms 1."""
-    import torch
-    from edgecpm.export.checkpoint import expected_shapes
     from edgecpm.export.ternary import linear_names, quantize
 
-    from edgecpm.config import ModelConfig
+    ternary = set(linear_names(config["num_hidden_layers"]))
 
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    cfg = ModelConfig.from_dict(config, source=str(folder / "config.json"))
-    shapes = expected_shapes(cfg)
-    ternary = set(linear_names(cfg.num_hidden_layers))
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        nbytes = int(np.prod(shape)) * 2
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    rng = np.random.default_rng(seed)
-    with open(folder / "model.safetensors", "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name, shape in shapes.items():
-            if name.endswith("norm.weight"):
-                t = np.ones(shape, np.float32)
-            else:
-                t = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
-            if name in ternary:
-                t = quantize(t, group_size or shape[1])  # c * s rounds to c * bf16(s): still ternary
-            f.write(torch.from_numpy(t).to(torch.bfloat16).view(torch.int16).numpy().tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    return folder
+    def fake_quantize(name, t):  # c * s rounds to c * bf16(s): still ternary
+        return quantize(t, group_size or t.shape[1]) if name in ternary else t
+
+    return common.write_random_checkpoint(folder, config, seed, std, dtype="bf16", transform=fake_quantize)
 
 
 def open_session(bundle: Path, threads: int, kernel: str):

@@ -16,19 +16,18 @@ from edgecpm.export.modeling_minicpm import LongRoPE, MiniCPMForCausalLM, use_te
 from edgecpm.export.ternary import explain, linear_names, pack, plan, ternary_codes
 from safetensors import SafetensorError, safe_open
 
+from edgecpm import dtypes
 from edgecpm.config import ModelConfig
 from edgecpm.errors import CheckpointError
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    """An edgecpm dtype name (or alias: edgecpm.dtypes.canonical) as a torch dtype."""
     if isinstance(name, torch.dtype):
         return name
-    if name not in DTYPES:
-        raise ValueError(f"dtype={name!r}: expected one of fp32, fp16, bf16")
-    return DTYPES[name]
+    return _TORCH_DTYPES[dtypes.canonical(name)]
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
