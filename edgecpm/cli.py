@@ -55,7 +55,7 @@ def add_draft_options(p: argparse.ArgumentParser) -> None:
 
 
 def spec_config(args: argparse.Namespace, draft: str | None = None):
-    from edgecpm.speculative import SpecConfig
+    from edgecpm.drafters import SpecConfig
 
     draft = draft or args.draft
     if draft is None:
@@ -269,7 +269,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_freq(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from edgecpm.speculative import build_freq_table, count_tokens
+    from edgecpm.frspec import build_freq_table, count_tokens
     from edgecpm.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(args.tokenizer)

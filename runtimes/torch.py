@@ -28,20 +28,28 @@ def _as_torch(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 class TorchBackend:
     name = "torch"
+    bundle = None  # runs checkpoints
+    ternary_kernel = None  # ternary linears run torch.ops.edgecpm.ternary_matmul inside the model
+    has_hidden = True
 
     def __init__(self, checkpoint: str, dtype: str | None = None, threads: int | None = None,
                  device: str | None = None):
         if threads:
             torch.set_num_threads(threads)
-        self.device = torch.device(device or "cpu")
-        self.dtype = torch_dtype(dtype or "fp32")
-        self.model = load_model(checkpoint, self.dtype).to(self.device)
-        self.config: ModelConfig = self.model.config
-        self.kv_dtype = _kv_numpy_dtype(self.dtype)
+        dtype = torch_dtype(dtype or "fp32")
+        self._attach(load_model(checkpoint, dtype), torch.device(device or "cpu"), dtype)
+
+    def _attach(self, model, device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
+        self.model = model.to(device)
+        self.config: ModelConfig = model.config
+        self.kv_dtype = _kv_numpy_dtype(dtype)
         # Parameters and buffers: packed ternary weights are buffers (their 2-bit size counts).
-        self.weight_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
-        self.has_hidden = True
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         self.last_hidden: np.ndarray | None = None  # [T, H] float32: the last step's `hidden` rows
+
+    def on_keep(self, start: int, rows) -> None:
+        """The arena is numpy memory shared with torch: nothing of it is kept here."""
 
     @torch.inference_mode()
     def forward(self, input_ids, position_ids, attn_mask, cache: KVCache, logit_index, hidden_in=None):
@@ -76,22 +84,14 @@ class EagleTorchBackend(TorchBackend):
     """An EAGLE head checkpoint (export/modeling_eagle.py) on torch. A head without its own
     embedding / LM head shares the torch target's (its device and dtype too)."""
 
-    name = "torch"
-
     def __init__(self, checkpoint: str, target, threads: int | None = None):
         from edgecpm.export.modeling_eagle import load_eagle
 
         if threads:
             torch.set_num_threads(threads)
-        target_model = getattr(target, "model", None) if isinstance(target, TorchBackend) else None
-        self.device = target.device if target_model is not None else torch.device("cpu")
-        self.dtype = target.dtype if target_model is not None else torch.float32
-        self.model = load_eagle(checkpoint, self.dtype, target_model).to(self.device)
-        self.config: ModelConfig = self.model.config
-        self.kv_dtype = _kv_numpy_dtype(self.dtype)
-        self.weight_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
-        self.has_hidden = True
-        self.last_hidden = None
+        shared = isinstance(target, TorchBackend)
+        device, dtype = (target.device, target.dtype) if shared else (torch.device("cpu"), torch.float32)
+        self._attach(load_eagle(checkpoint, dtype, target.model if shared else None), device, dtype)
 
 
 from edgecpm.tokenizer import Tokenizer  # for load_tokenizer, the function below
