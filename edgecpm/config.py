@@ -18,6 +18,76 @@ from edgecpm.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("minicpm",)
 SUPPORTED_ARCHITECTURES = ("MiniCPMForCausalLM",)
+_REQUIRED = object()
+
+
+def _show(value) -> str:
+    """A config value as JSON (true, null, "big"), shortened for an error message."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class _Keys:
+    """Typed reads of one JSON object's keys: an int is a JSON integer (not true, not 256.5), a float
+    any finite number. Every error names the file and the key. null_ok: null means the default."""
+
+    def __init__(self, d, source: str, prefix: str = ""):
+        self.d, self.source, self.prefix = d, source, prefix
+
+    def fail(self, key: str, what: str, value) -> ConfigError:
+        return ConfigError(f'{self.source}: "{self.prefix}{key}" must be {what}, got {_show(value)}')
+
+    def get(self, key: str, default, null_ok: bool = False):
+        if key not in self.d or (null_ok and self.d[key] is None):
+            if default is _REQUIRED:
+                raise ConfigError(f'{self.source}: missing required key "{self.prefix}{key}"; add it (see the '
+                                  f"model's original config.json)")
+            return default
+        return self.d[key]
+
+    def int(self, key: str, default=_REQUIRED, low: int = 1, null_ok: bool = False) -> int:
+        v = self.get(key, default, null_ok)
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise self.fail(key, {1: "a positive integer", 0: "a non-negative integer"}.get(low, f"an integer >= {low}"), v)
+        return v
+
+    def float(self, key: str, default=_REQUIRED, positive: bool = True, null_ok: bool = False) -> float:
+        v = self.get(key, default, null_ok)
+        if not _is_number(v) or (positive and v <= 0):
+            raise self.fail(key, "a positive number" if positive else "a finite number", v)
+        return float(v)
+
+    def bool(self, key: str, default=_REQUIRED) -> bool:
+        v = self.get(key, default)
+        if not isinstance(v, bool):
+            raise self.fail(key, "true or false", v)
+        return v
+
+    def str(self, key: str, default=_REQUIRED) -> str:
+        v = self.get(key, default)
+        if not isinstance(v, str):
+            raise self.fail(key, "a string", v)
+        return v
+
+    def floats(self, key: str, default=_REQUIRED) -> tuple[float, ...]:
+        v = self.get(key, default)
+        if not isinstance(v, (list, tuple)) or not all(_is_number(x) and x > 0 for x in v):
+            raise self.fail(key, "a list of positive numbers", v)
+        return tuple(float(x) for x in v)
+
+    def dict(self, key: str) -> dict:
+        """The nested object at `key`; absent or null -> {}."""
+        v = self.get(key, None) or {}
+        if not isinstance(v, dict):
+            raise self.fail(key, "an object (or null)", v)
+        return v
 
 @dataclass(frozen=True)
 class SparseConfig:
@@ -35,8 +105,14 @@ class SparseConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> SparseConfig:
-        known = {f.name for f in fields(cls)}
-        sc = cls(**{k: v for k, v in d.items() if k in known})
+        if not isinstance(d, dict):
+            raise ConfigError(f'{source}: "sparse_config" must be an object, got {_show(d)}')
+        k, df = _Keys(d, source, "sparse_config."), cls()
+        sc = cls(kernel_size=k.int("kernel_size", df.kernel_size), kernel_stride=k.int("kernel_stride", df.kernel_stride),
+                 init_blocks=k.int("init_blocks", df.init_blocks, low=0), block_size=k.int("block_size", df.block_size),
+                 window_size=k.int("window_size", df.window_size, low=0), topk=k.int("topk", df.topk),
+                 use_nope=k.bool("use_nope", df.use_nope), dense_len=k.int("dense_len", df.dense_len, low=0),
+                 semantics=k.str("semantics", df.semantics))
         # The 5-chunk block pooling of the reference assumes these ratios (DESIGN.md §7).
         if sc.kernel_size != 2 * sc.kernel_stride or sc.block_size != 4 * sc.kernel_stride:
             raise ConfigError(f"{source}: sparse_config needs kernel_size = 2*kernel_stride and block_size = "
@@ -98,7 +174,7 @@ class ModelConfig:
         """An EAGLE head's residual scale: its few layers may be scaled as if the model were deeper
         (`mup_denominator`, default num_hidden_layers). MiniCPM4-8B's own config carries a
         mup_denominator that its decoder ignores, so this is for EAGLE heads only."""
-        return self.scale_depth / math.sqrt(self.raw.get("mup_denominator", self.num_hidden_layers))
+        return self.scale_depth / math.sqrt(self.raw.get("mup_denominator") or self.num_hidden_layers)
 
     @property
     def logit_divisor(self) -> float:
@@ -171,7 +247,9 @@ class ModelConfig:
         if not path.exists():
             raise ConfigError(f"{path}: no config.json here; is this a MiniCPM4 checkpoint folder?")
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e}); save config.json as UTF-8 JSON") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(d, source=str(path))
@@ -185,13 +263,17 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> ModelConfig:
-        def need(key):
-            if key not in d:
-                raise ConfigError(f"{source}: missing required key '{key}'")
-            return d[key]
-
+        """Every key the model uses is checked for its type, range and consistency with the others;
+        a ConfigError names `source` and the key."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: must hold a JSON object of config keys, got {_show(d)}")
+        k = _Keys(d, source)
         model_type = d.get("model_type")
         archs = d.get("architectures") or []
+        if model_type is not None and not isinstance(model_type, str):
+            raise k.fail("model_type", 'a string ("minicpm")', model_type)
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise k.fail("architectures", 'a list of strings (["MiniCPMForCausalLM"])', archs)
         # MiniCPM4-0.5B ships without model_type; its architecture names it instead.
         if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
@@ -205,62 +287,76 @@ class ModelConfig:
             )
         if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
             raise ConfigError(f"{source}: unsupported architectures {archs}; expected {SUPPORTED_ARCHITECTURES}")
-        if d.get("hidden_act", "silu") != "silu":
+        if k.str("hidden_act", "silu") != "silu":
             raise ConfigError(f"{source}: hidden_act '{d['hidden_act']}' is not supported (MiniCPM4 uses silu)")
 
-        hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
-        kv_heads = int(d.get("num_key_value_heads", heads))
-        if heads <= 0 or hidden % heads:
+        vocab, hidden, heads = k.int("vocab_size"), k.int("hidden_size"), k.int("num_attention_heads")
+        kv_heads = k.int("num_key_value_heads", heads, null_ok=True)
+        layers, inter = k.int("num_hidden_layers"), k.int("intermediate_size")
+        if hidden % heads:
             raise ConfigError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
-        if kv_heads <= 0 or heads % kv_heads:
+        if heads % kv_heads:
             raise ConfigError(
                 f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
             )
         head_dim = hidden // heads
-        if "head_dim" in d and d["head_dim"] not in (None, head_dim):
-            raise ConfigError(f"{source}: head_dim {d['head_dim']} != hidden_size/num_attention_heads = {head_dim}")
+        if k.int("head_dim", head_dim, null_ok=True) != head_dim:
+            raise ConfigError(f"{source}: head_dim {d['head_dim']} != hidden_size/num_attention_heads = {head_dim}; "
+                              f"edgecpm needs hidden_size = num_attention_heads * head_dim")
+        if head_dim % 2:
+            raise ConfigError(f"{source}: head_dim {head_dim} (hidden_size/num_attention_heads) is odd; RoPE "
+                              f"rotates pairs of dimensions")
 
-        max_pos = int(d.get("max_position_embeddings", 32768))
-        rs = d.get("rope_scaling") or {}
+        max_pos = k.int("max_position_embeddings", 32768)
+        rs = k.dict("rope_scaling")
+        r = _Keys(rs, source, "rope_scaling.")
         rope_type = rs.get("rope_type", rs.get("type"))
         if rs and rope_type != "longrope":
             raise ConfigError(f"{source}: rope_scaling type '{rope_type}' is not supported (MiniCPM4 uses longrope)")
-        ones = [1.0] * (head_dim // 2)
-        long_f = tuple(float(x) for x in rs.get("long_factor", ones))
-        short_f = tuple(float(x) for x in rs.get("short_factor", ones))
+        ones = (1.0,) * (head_dim // 2)
+        long_f, short_f = r.floats("long_factor", ones), r.floats("short_factor", ones)
         for name, lst in (("long_factor", long_f), ("short_factor", short_f)):
             if len(lst) != head_dim // 2:
                 raise ConfigError(
                     f"{source}: rope_scaling.{name} has {len(lst)} entries; head_dim {head_dim} needs "
                     f"{head_dim // 2}"
                 )
+        orig_pos = r.int("original_max_position_embeddings", max_pos)
+        if orig_pos == 1 and max_pos > 1:  # the LongRoPE attention scale divides by log(original)
+            raise r.fail("original_max_position_embeddings", "at least 2 when max_position_embeddings exceeds it",
+                          orig_pos)
 
-        eos = d.get("eos_token_id", 2)
-        eos = tuple(int(x) for x in (eos if isinstance(eos, list) else [eos]))
-        vocab = int(need("vocab_size"))
+        eos = k.get("eos_token_id", 2)
+        eos = eos if isinstance(eos, list) and eos else [eos]
+        if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
+            raise k.fail("eos_token_id", "a token id or a non-empty list of token ids", d["eos_token_id"])
         if any(not 0 <= e < vocab for e in eos):
-            raise ConfigError(f"{source}: eos_token_id {list(eos)} lies outside the vocabulary (vocab_size {vocab})")
+            raise ConfigError(f"{source}: eos_token_id {eos} lies outside the vocabulary (vocab_size {vocab})")
+        bos = k.int("bos_token_id", 1, low=0)
+        if bos >= vocab:
+            raise ConfigError(f"{source}: bos_token_id {bos} lies outside the vocabulary (vocab_size {vocab})")
+        k.float("mup_denominator", layers, null_ok=True)  # read by eagle_residual_scale
         sparse = d.get("sparse_config")
         return cls(
             vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
-            num_hidden_layers=int(need("num_hidden_layers")),
+            intermediate_size=inter,
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=k.float("rms_norm_eps", 1e-6),
             max_position_embeddings=max_pos,
-            original_max_position_embeddings=int(rs.get("original_max_position_embeddings", max_pos)),
-            rope_theta=float(d.get("rope_theta", 10000.0)),
+            original_max_position_embeddings=orig_pos,
+            rope_theta=k.float("rope_theta", 10000.0),
             long_factor=long_f,
             short_factor=short_f,
-            scale_emb=float(d.get("scale_emb", 1.0)),
-            scale_depth=float(d.get("scale_depth", 1.0)),
-            dim_model_base=float(d.get("dim_model_base", hidden)),
+            scale_emb=k.float("scale_emb", 1.0),
+            scale_depth=k.float("scale_depth", 1.0),
+            dim_model_base=k.float("dim_model_base", hidden),
             # Absent means tied (MiniCPM4-0.5B ships no key and no lm_head.weight).
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
-            bos_token_id=int(d.get("bos_token_id", 1)),
-            eos_token_ids=eos,
+            tie_word_embeddings=k.bool("tie_word_embeddings", True),
+            bos_token_id=bos,
+            eos_token_ids=tuple(eos),
             sparse=SparseConfig.from_dict(sparse, source) if sparse is not None else None,
             raw=dict(d),
         )

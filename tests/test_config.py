@@ -249,3 +249,108 @@ def test_single_eos_id():
     d = _base()
     d["eos_token_id"] = 2
     assert ModelConfig.from_dict(d).eos_token_ids == (2,)
+
+
+# ---- value types, ranges and consistency: every error names the file and the key ----------------
+
+@pytest.mark.parametrize("key, value, message", [
+    ("hidden_size", "big", '"hidden_size" must be a positive integer, got "big"'),
+    ("hidden_size", None, '"hidden_size" must be a positive integer, got null'),
+    ("hidden_size", [1], '"hidden_size" must be a positive integer, got [1]'),
+    ("hidden_size", 256.5, '"hidden_size" must be a positive integer, got 256.5'),
+    ("hidden_size", 64.0, '"hidden_size" must be a positive integer, got 64.0'),
+    ("num_hidden_layers", True, '"num_hidden_layers" must be a positive integer, got true'),
+    ("num_hidden_layers", -1, '"num_hidden_layers" must be a positive integer, got -1'),
+    ("num_hidden_layers", 0, '"num_hidden_layers" must be a positive integer, got 0'),
+    ("vocab_size", "512", '"vocab_size" must be a positive integer, got "512"'),
+    ("intermediate_size", {}, '"intermediate_size" must be a positive integer, got {}'),
+    ("num_attention_heads", 0, '"num_attention_heads" must be a positive integer, got 0'),
+    ("num_key_value_heads", -2, '"num_key_value_heads" must be a positive integer, got -2'),
+    ("max_position_embeddings", "32k", '"max_position_embeddings" must be a positive integer, got "32k"'),
+    ("rope_scaling", 5, '"rope_scaling" must be an object (or null), got 5'),
+    ("rope_scaling", [1.0], '"rope_scaling" must be an object (or null), got [1.0]'),
+    ("rms_norm_eps", 0, '"rms_norm_eps" must be a positive number, got 0'),
+    ("rms_norm_eps", -1e-6, '"rms_norm_eps" must be a positive number, got -1e-06'),
+    ("rms_norm_eps", "1e-6", '"rms_norm_eps" must be a positive number, got "1e-6"'),
+    ("rms_norm_eps", float("nan"), '"rms_norm_eps" must be a positive number, got NaN'),
+    ("rope_theta", True, '"rope_theta" must be a positive number, got true'),
+    ("scale_emb", None, '"scale_emb" must be a positive number, got null'),
+    ("scale_depth", float("inf"), '"scale_depth" must be a positive number, got Infinity'),
+    ("dim_model_base", 0, '"dim_model_base" must be a positive number, got 0'),
+    ("mup_denominator", "32", '"mup_denominator" must be a positive number, got "32"'),
+    ("tie_word_embeddings", "false", '"tie_word_embeddings" must be true or false, got "false"'),
+    ("tie_word_embeddings", 0, '"tie_word_embeddings" must be true or false, got 0'),
+    ("bos_token_id", -1, '"bos_token_id" must be a non-negative integer, got -1'),
+    ("bos_token_id", 512, "bos_token_id 512 lies outside the vocabulary (vocab_size 512)"),
+    ("eos_token_id", None, '"eos_token_id" must be a token id or a non-empty list of token ids, got null'),
+    ("eos_token_id", [2, "x"], '"eos_token_id" must be a token id or a non-empty list of token ids, got [2, "x"]'),
+    ("eos_token_id", [], '"eos_token_id" must be a token id or a non-empty list of token ids, got []'),
+    ("eos_token_id", [2, 512], "eos_token_id [2, 512] lies outside the vocabulary (vocab_size 512)"),
+    ("eos_token_id", -1, "eos_token_id [-1] lies outside the vocabulary"),
+    ("hidden_act", 7, '"hidden_act" must be a string, got 7'),
+    ("model_type", ["minicpm"], '"model_type" must be a string ("minicpm"), got ["minicpm"]'),
+    ("architectures", "MiniCPMForCausalLM", '"architectures" must be a list of strings'),
+    ("head_dim", 32, "head_dim 32 != hidden_size/num_attention_heads = 16"),
+    ("head_dim", "16", '"head_dim" must be a positive integer, got "16"'),
+    ("sparse_config", [1], '"sparse_config" must be an object, got [1]'),
+    ("sparse_config", {"topk": "many"}, '"sparse_config.topk" must be a positive integer, got "many"'),
+    ("sparse_config", {"dense_len": -1}, '"sparse_config.dense_len" must be a non-negative integer, got -1'),
+    ("sparse_config", {"use_nope": "no"}, '"sparse_config.use_nope" must be true or false, got "no"'),
+    ("sparse_config", {"kernel_stride": 0}, '"sparse_config.kernel_stride" must be a positive integer, got 0'),
+    ("sparse_config", {"semantics": 1}, '"sparse_config.semantics" must be a string, got 1'),
+])
+def test_bad_value_names_file_and_key(key, value, message):
+    d = _base()
+    d[key] = value
+    assert message in _raises(d)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("long_factor", [1.0] * 7 + ["a"], '"rope_scaling.long_factor" must be a list of positive numbers'),
+    ("short_factor", 2.0, '"rope_scaling.short_factor" must be a list of positive numbers, got 2.0'),
+    ("short_factor", [1.0] * 7 + [0.0], '"rope_scaling.short_factor" must be a list of positive numbers'),
+    ("long_factor", [1.0] * 7 + [True], '"rope_scaling.long_factor" must be a list of positive numbers'),
+    ("original_max_position_embeddings", 0.5,
+     '"rope_scaling.original_max_position_embeddings" must be a positive integer, got 0.5'),
+    ("original_max_position_embeddings", 1,
+     '"rope_scaling.original_max_position_embeddings" must be at least 2 when max_position_embeddings exceeds it'),
+])
+def test_bad_rope_scaling_value(key, value, message):
+    d = _base()
+    d["rope_scaling"] = {**d["rope_scaling"], key: value}
+    assert message in _raises(d)
+
+
+def test_config_not_an_object():
+    with pytest.raises(ConfigError, match=r"cfg\.json: must hold a JSON object of config keys, got \[1\]"):
+        ModelConfig.from_dict([1], source="cfg.json")
+
+
+def test_file_errors_name_the_path(tmp_path):
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps({**_base(), "hidden_size": "big"}))
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_file(tmp_path)
+    assert str(e.value) == f'{p}: "hidden_size" must be a positive integer, got "big"'
+    p.write_bytes(b'{"hidden_size": "\xff"}')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        ModelConfig.from_file(tmp_path)
+
+
+def test_odd_head_dim():
+    d = _base()
+    d.pop("rope_scaling")
+    d.update(hidden_size=60, num_attention_heads=4)  # head_dim 15
+    _raises(d, "head_dim 15", "odd")
+
+
+def test_lenient_where_the_reference_is():
+    """Floats accept integers; null means 'the default' where Hugging Face reads it so."""
+    d = _base()
+    d.update(rms_norm_eps=1, rope_theta=10000, scale_depth=2, num_key_value_heads=None, head_dim=None,
+             rope_scaling=None, sparse_config=None, mup_denominator=None)
+    cfg = ModelConfig.from_dict(d)
+    assert cfg.num_key_value_heads == cfg.num_attention_heads and cfg.rms_norm_eps == 1.0
+    assert cfg.eagle_residual_scale == cfg.residual_scale
+    d["head_dim"] = 16
+    assert ModelConfig.from_dict(d).head_dim == 16
