@@ -88,6 +88,21 @@ def test_compressed_keys_follow_appends_and_rollbacks(sparse_ckpt):
         check()
 
 
+@pytest.mark.parametrize("draft", [None, "self"])
+@pytest.mark.parametrize("budget", [1 << 20, 3_000_000])
+def test_sparse_session_stays_within_its_budget(sparse_ckpt, draft, budget):
+    """The arena, its compressed keys and a (sparse) draft model's arena all come out of kv_budget."""
+    s = edgecpm.Session(sparse_ckpt, backend="torch", kv_budget=budget,
+                        draft=None if draft is None else edgecpm.SpecConfig(draft=str(sparse_ckpt)))
+    m = s.memory()
+    allocated = s.cache.arena.nbytes + s.cache.ckeys.nbytes
+    assert s.cache.ckeys.nbytes > 0 and allocated == m["kv_allocated_bytes"]
+    if draft:
+        assert m["draft_kv_allocated_bytes"] == s.draft_cache.arena.nbytes + s.draft_cache.ckeys.nbytes > 0
+    assert m["kv_allocated_bytes"] + m["draft_kv_allocated_bytes"] <= budget
+    assert m["kv_allocated_bytes"] + m["draft_kv_allocated_bytes"] > 0.9 * budget  # and uses most of it
+
+
 def test_sparse_refused_for_05b_style(make_checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="16 query heads per kv head"):
         export_bundle(make_checkpoint(num_attention_heads=8, num_key_value_heads=1), tmp_path / "b",

@@ -76,6 +76,25 @@ def test_greedy_identical(ckpt, greedy, kind):
         assert g.stats["accepted_per_step"] == 1.0
 
 
+@pytest.mark.parametrize("penalty", [1.1, 1.3])
+@pytest.mark.parametrize("kind", ["oracle-tree", "ngram", "self-tree"])
+def test_greedy_identical_with_repetition_penalty(ckpt, kind, penalty):
+    """The penalty depends on every emitted token, accepted draft tokens included. On this prompt
+    the plain greedy output cycles, so the penalty changes what is emitted."""
+    prompt, kw = [1, 17, 250, 33, 4, 99, 7], {"repetition_penalty": penalty}
+    want = edgecpm.Session(ckpt).generate(prompt, max_new_tokens=30, ignore_eos=True, **kw).token_ids
+    assert want != edgecpm.Session(ckpt).generate(prompt, max_new_tokens=30, ignore_eos=True).token_ids
+    draft = {
+        "oracle-tree": lambda: SpecConfig(draft=Scripted(prompt + want, 512, tree=True)),
+        "ngram": lambda: "ngram",
+        "self-tree": lambda: SpecConfig(draft=str(ckpt), depth=3, branch=2, tree_size=6),
+    }[kind]()
+    g = edgecpm.Session(ckpt, draft=draft).generate(prompt, max_new_tokens=30, ignore_eos=True, **kw)
+    assert g.token_ids == want
+    if kind == "oracle-tree":
+        assert g.stats["accepted_per_step"] > 3  # the drafts were accepted, so the rule was exercised
+
+
 def test_eos_inside_the_draft_stops_there(ckpt, greedy):
     eos = greedy[6]  # a token the target emits mid-way through an accepted draft
     plain = edgecpm.Session(ckpt)
