@@ -77,3 +77,16 @@ def run_bench(path, backend="auto", kv_budget="1GiB", threads=None, dtype=None, 
     for r in results.values():
         r["decode_speedup"] = r["decode_tok_s"] / plain if plain else 0.0
     return {"path": str(path), "new_tokens": new_tokens, "configs": results, "peak_rss_bytes": peak_rss_bytes()}
+
+
+def print_results(result: dict, file=None) -> None:
+    """`run_bench`'s result as a table, one row per configuration, then the peak RSS."""
+    from edgecpm.inspect import human_bytes
+
+    file = file or sys.stdout
+    print(f"{'config':<28} {'prefill tok/s':>14} {'decode tok/s':>13} {'tok/step':>9} {'speedup':>8} {'KV used':>10}",
+          file=file)
+    for name, r in result["configs"].items():
+        print(f"{name[-28:]:<28} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.2f} {r['tokens_per_step']:>9.2f} "
+              f"{r['decode_speedup']:>7.2f}x {human_bytes(r['kv_bytes_in_use']):>10}", file=file)
+    print(f"peak RSS {human_bytes(result['peak_rss_bytes'])}", file=file)

@@ -19,7 +19,10 @@ import traceback
 from pathlib import Path
 
 from edgecpm import dtypes
+from edgecpm.backends import AUTO_RULE, BACKENDS
 from edgecpm.errors import BackendUnavailable, EdgeCPMError
+from edgecpm.kv_cache import POLICIES
+from edgecpm.session import SINK_TOKENS
 
 PROG = "edgecpm"
 
@@ -28,13 +31,13 @@ PROG = "edgecpm"
 def add_session_options(p: argparse.ArgumentParser) -> None:
     """Options that open a Session (DESIGN.md §3: Session(path, backend, kv_budget, dtype, threads))."""
     g = p.add_argument_group("session")
-    g.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime", "tensorrt"),
-                   help="runtime to use (default: auto = tensorrt > onnxruntime > torch by what is installed)")
+    g.add_argument("--backend", default="auto", choices=BACKENDS, help=f"runtime to use (default: auto: {AUTO_RULE})")
     g.add_argument("--kv-budget", default="1GiB", metavar="SIZE",
                    help="KV cache byte budget, e.g. 512MiB, 2GB or a plain byte count (default: 1GiB)")
-    g.add_argument("--kv-policy", default="error", choices=("error", "window"),
+    g.add_argument("--kv-policy", default="error", choices=POLICIES,
                    help="when the context outgrows the KV budget: error (stop / refuse, default) or window "
-                        "(keep the first 4 tokens + the most recent ones, StreamingLLM-style: lossy, runs on)")
+                        f"(keep the first {SINK_TOKENS} tokens + the most recent ones, StreamingLLM-style: lossy, "
+                        "runs on)")
     g.add_argument("--dtype", default=None, choices=dtypes.NAMES,
                    help="compute dtype (default: the backend's choice; fp32 for torch)")
     g.add_argument("--threads", type=int, default=None, metavar="N",
@@ -96,17 +99,13 @@ def unescape(text: str) -> str:
     return "".join(out)
 
 
+SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "ignore_eos")
+
+
 def sampling_kwargs(args: argparse.Namespace) -> dict:
-    return {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "repetition_penalty": args.repetition_penalty,
-        "seed": args.seed,
-        "stop": [unescape(x) for x in args.stop] if args.stop else None,
-        "ignore_eos": args.ignore_eos,
-    }
+    """The sampling options as keyword arguments of Session.generate / stream / Chat.send."""
+    kwargs = {name: getattr(args, name) for name in SAMPLING}
+    return kwargs | {"stop": [unescape(x) for x in args.stop] if args.stop else None}
 
 
 def check_sampling(args: argparse.Namespace) -> None:
@@ -127,11 +126,6 @@ def open_session(args: argparse.Namespace):
                    threads=args.threads, draft=spec_config(args), kv_policy=args.kv_policy)
 
 
-def _write(piece: str) -> None:
-    sys.stdout.write(piece)
-    sys.stdout.flush()
-
-
 def print_stats(generation, file=None) -> None:
     file = file or sys.stderr
     print(f"finish_reason: {generation.finish_reason}", file=file)
@@ -144,10 +138,11 @@ def _stream_reply(pieces) -> str:
     """Write pieces to stdout as they come; end the reply with a newline. Returns the text."""
     text = ""
     for piece in pieces:
-        _write(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
         text += piece
     if not text.endswith("\n"):
-        _write("\n")
+        print(flush=True)
     return text
 
 
@@ -248,8 +243,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from edgecpm.bench import run_bench
-    from edgecpm.inspect import human_bytes
+    from edgecpm.bench import print_results, run_bench
 
     drafts = [spec_config(args, d) for d in (args.draft_compare or ([args.draft] if args.draft else []))]
     result = run_bench(args.path, backend=args.backend, kv_budget=args.kv_budget, threads=args.threads,
@@ -257,12 +251,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        new_tokens=args.new_tokens, repeats=args.repeats, drafts=drafts, kv_policy=args.kv_policy)
     if args.json:
         print(json.dumps(result, indent=1))
-        return 0
-    print(f"{'config':<28} {'prefill tok/s':>14} {'decode tok/s':>13} {'tok/step':>9} {'speedup':>8} {'KV used':>10}")
-    for name, r in result["configs"].items():
-        print(f"{name[-28:]:<28} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.2f} {r['tokens_per_step']:>9.2f} "
-              f"{r['decode_speedup']:>7.2f}x {human_bytes(r['kv_bytes_in_use']):>10}")
-    print(f"peak RSS {human_bytes(result['peak_rss_bytes'])}")
+    else:
+        print_results(result)
     return 0
 
 
