@@ -47,7 +47,8 @@ def main(argv=None) -> int:
 
     import edgecpm
     from edgecpm.bench import measure_many
-    from edgecpm.speculative import SpecConfig, build_freq_table, count_tokens
+    from edgecpm.drafters import SpecConfig
+    from edgecpm.frspec import build_freq_table, count_tokens
 
     if not (args.corpus / "heldout.txt").exists():
         sys.exit(f"{args.corpus}/heldout.txt not found: run python samples/wind_tunnel/make_corpus.py first")
