@@ -11,6 +11,7 @@ Files read from a checkpoint or bundle folder:
 from __future__ import annotations
 
 import json
+import operator
 from pathlib import Path
 
 import jinja2
@@ -108,15 +109,29 @@ class Tokenizer:
         """Ids of the special tokens (BOS, EOS, ChatML markers, ...)."""
         return sorted(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """The text of token ids (a list, or any iterable of ints such as a numpy array).
+
+        skip_special_tokens: leave out BOS, EOS and the ChatML markers (the default, as the text of a
+        generation does), so `decode(encode(text)) == text` though encode adds BOS. Pass False to
+        see them (`<s>`, `<|im_end|>`, ...). Ids outside [0, vocab_size) are a ValueError."""
+        try:
+            ids = [operator.index(i) for i in ids]
+        except TypeError:
+            raise ValueError(f"decode: expects a list of integer token ids, got {str(ids)[:80]}") from None
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"decode: token ids {bad[:8]} lie outside the tokenizer's vocabulary "
+                             f"[0, {self.vocab_size})")
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.decode([self.bos_token_id]) if self.bos_token_id is not None else "")
+                                     bos_token=self.decode([self.bos_token_id], skip_special_tokens=False)
+                                     if self.bos_token_id is not None else "")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             add_bos: bool = True) -> list[int]:
@@ -146,17 +161,19 @@ class StreamDecoder:
         self.read = 0  # ids before this have had their text emitted
 
     def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        window = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        # The model's ids, decoded by the library directly: a vocabulary padded past the tokenizer's
+        # (Session allows it) yields ids the tokenizer has no text for, which decode to nothing.
+        self.ids.append(int(token_id))
+        window = self.tok._tok.decode(self.ids[self.prefix :], skip_special_tokens=True)
         if window.endswith("\ufffd"):
             return ""
-        emitted = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        emitted = self.tok._tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
         self.prefix, self.read = self.read, len(self.ids)
         return window[len(emitted) :]
 
     def flush(self) -> str:
         """Text still held back at the end (an incomplete character decodes to U+FFFD)."""
-        window = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=True)
-        emitted = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        window = self.tok._tok.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        emitted = self.tok._tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
         self.prefix = self.read = len(self.ids)
         return window[len(emitted) :]

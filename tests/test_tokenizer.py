@@ -258,3 +258,50 @@ def test_stream_decoder_flush_shows_an_incomplete_character(tok):
     shown = "".join(dec.add(t) for t in ids[:-1])  # its last byte never arrives
     assert shown == "ok "
     assert dec.flush() == tok.decode(ids[:-1])[len("ok "):] and "\ufffd" in tok.decode(ids[:-1])
+
+
+# ---- decode: the default leaves special tokens out; bad ids are a ValueError -------------------
+
+def test_decode_round_trips_with_the_bos_encode_adds(tok):
+    """decode(encode(text)) == text with the default add_bos=True: decode skips special tokens."""
+    assert tok.decode(tok.encode("Hello")) == "Hello"
+    bad = [t for t in TEXTS if tok.decode(tok.encode(t)) != t]
+    assert not bad, f"{len(bad)} texts do not round-trip, e.g. {bad[:3]!r}"
+    ids = tok.encode("hi") + [IM_END]
+    assert tok.decode(ids, skip_special_tokens=False) == "<s>hi<|im_end|>"
+    assert tok.decode(ids) == "hi"
+
+
+def test_decode_matches_the_text_of_a_generation(tok):
+    """The stream decoder (the text of generate/stream/chat) and decode agree, specials and all."""
+    ids = tok.encode("你好 ok") + [IM_END, EOS]
+    dec = tok.stream_decoder()
+    assert "".join(dec.add(i) for i in ids) + dec.flush() == tok.decode(ids) == "你好 ok"
+
+
+@pytest.mark.parametrize("ids, bad", [([-1], "[-1]"), ([5, 73448], "[73448]"), ([1, 2**40, -3], "[1099511627776, -3]")])
+def test_decode_out_of_range_ids(tok, ids, bad):
+    with pytest.raises(ValueError) as e:
+        tok.decode(ids)
+    assert str(e.value) == f"decode: token ids {bad} lie outside the tokenizer's vocabulary [0, 73448)"
+
+
+@pytest.mark.parametrize("ids", [[1.5], ["a"], 5])
+def test_decode_non_integer_ids(tok, ids):
+    with pytest.raises(ValueError, match="decode: expects a list of integer token ids"):
+        tok.decode(ids)
+
+
+def test_decode_numpy_ids(tok):
+    import numpy as np
+
+    ids = tok.encode("numpy ids")
+    assert tok.decode(np.asarray(ids, dtype=np.int64)) == "numpy ids"
+
+
+def test_chat_template_bos_token_variable(tok):
+    """A template that writes {{ bos_token }} gets the BOS text, not the empty string."""
+    t = Tokenizer(tok._tok, {**tok.config, "chat_template": "{{ bos_token }}" + tok.chat_template}, tok.eos_token_ids)
+    assert t.render_chat([{"role": "user", "content": "hi"}]).startswith("<s><|im_start|>user")
+    assert t.apply_chat_template([{"role": "user", "content": "hi"}]) == tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}])
