@@ -1,7 +1,10 @@
 """`edgecpm export`: checkpoint -> bundle (DESIGN.md §5).
 
 The bundle is written into a temporary sibling folder and renamed into place only when complete
-and checked, so an interrupted export never leaves a folder that loads as a bundle.
+and checked, so an interrupted export never leaves a folder that loads as a bundle. `--force`
+replaces only an earlier edgecpm bundle, never the checkpoint or a folder holding it, and the old
+bundle is removed only after the new one is in place. Partial folders left by a killed export
+are cleaned by the next export into the same place.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from edgecpm.export.tokenizer_convert import load_tokenizer
 from onnx import TensorProto, helper
 
 from edgecpm import __version__
-from edgecpm.bundle import FORMAT, FORMAT_VERSION, file_record, write_manifest
+from edgecpm.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_record, read_manifest, write_manifest
 from edgecpm.errors import BundleError
 from edgecpm.frspec import load_freq_table
 from edgecpm.ternary_format import ACTIVATION_DIGITS
@@ -90,13 +93,13 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     ckpt.check()
     if sparse:
         ckpt.config = ckpt.config.with_sparse(sparse if isinstance(sparse, dict) else None)
-    if out.exists() and not force:
-        raise BundleError(f"{out}: already exists; pass --force to replace it")
+    check_destination(out, force, [checkpoint] + ([Path(eagle_of)] if eagle_of is not None else []))
     ternary = plan(linear_names(ckpt.config.num_hidden_layers), lambda name: ckpt.tensor(name, torch.float32).numpy(),
                    quantize, quantize_group_size)
     if ternary_activations != "exact" and not ternary:
         raise ValueError(f"{checkpoint}: ternary_activations={ternary_activations!r} applies to ternary linear "
                          f"weights, and this export has none")
+    remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -105,13 +108,62 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
         head_ids = load_freq_table(frspec, ckpt.config.vocab_size, ckpt.config.eos_token_ids)
     try:
         _write_bundle(ckpt, tmp, dtype, progress, head_ids, ternary, ternary_activations)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        if out.exists():  # an earlier bundle (check_destination): kept until the new one is in place
+            out.rename(old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            if old.exists():
+                old.rename(out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def check_destination(out: Path, force: bool, sources: list[Path]) -> None:
+    """Refuse an output folder whose replacement could lose something the user owns."""
+    target = out.resolve()
+    for src in sources:
+        src = src.resolve()
+        if target == src or target in src.parents:
+            raise BundleError(f"{out}: this is {'the checkpoint' if target == src else 'a folder holding the checkpoint'} "
+                              f"{src}; export into a new folder, e.g. -o {src.name}-bundle")
+    if not out.exists():
+        return
+    if not force:
+        raise BundleError(f"{out}: already exists; pass --force to replace it (only an edgecpm bundle is replaced)")
+    if not (out / MANIFEST).is_file():
+        raise BundleError(f"{out}: exists and is not an edgecpm bundle (no {MANIFEST}); --force replaces only a "
+                          f"bundle: choose another -o, or move that folder away yourself")
+    read_manifest(out)  # a manifest.json that is not edgecpm's: refused with the reason
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Clean up after exports into `out` whose process is gone (one killed with SIGKILL cannot):
+    remove their `.NAME.partial-PID` folders, and put back a `.NAME.replaced-PID` bundle that was
+    moved aside when no new bundle took its place."""
+    for p in sorted(out.parent.glob(f".{out.name}.*-*")):
+        kind, _, pid = p.name[len(out.name) + 2 :].rpartition("-")
+        if kind not in ("partial", "replaced") or not pid.isdigit() or _alive(int(pid)) or not p.is_dir():
+            continue
+        if kind == "replaced" and not out.exists():
+            p.rename(out)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, head_ids: np.ndarray | None,
