@@ -28,6 +28,18 @@ PROMPT = 200  # the prompt already needs selection; 192 new tokens cross the blo
 NEW_TOKENS = 192
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The model is tiny: one thread is as fast, and it does not stall when the cores are shared
+    (two threads wait on each other at every small op then, 30x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def targets(tmp_path_factory):
     """{backend: model path}: a tiny sparse 8B-shaped checkpoint and its bundle. Its query and key
