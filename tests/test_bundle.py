@@ -61,10 +61,10 @@ def test_golden_fp16_bundle(golden_bundles, name, record_property):
     err = rel_err(s.logits(g["input_ids"]), g["prompt_logits"])
     record_property("fp16_logit_rel_err", err)
     print(f"{name} fp16 bundle: logits rel err {err:.2e}")
-    assert err < 2e-2
+    assert err < 3e-3  # README: ~2e-3 (measured 1.7e-3 / 1.0e-3)
     fresh = edgecpm.Session(golden_bundles[name, "fp16"])
     out = fresh.generate(g["input_ids"].tolist(), max_new_tokens=24, ignore_eos=True)
-    assert out.token_ids[:8] == g["greedy_ids"].tolist()[:8]
+    assert out.token_ids == g["greedy_ids"].tolist()
 
 
 def test_manifest_and_graph_io(make_checkpoint, tmp_path):

@@ -143,7 +143,8 @@ def test_bf16_checkpoint_computed_in_fp32(golden, bf16_copy):
 
 
 def test_bf16_checkpoint_computed_in_bf16(golden, bf16_copy, record_property):
-    """Informational: bf16 compute. Only requires finite logits; the error is reported."""
+    """bf16 compute (bf16 weights and KV, fp32 softmax/norms): logits within 5e-2 relative of the
+    fp32 reference (measured 2.8e-2 / 1.2e-2 on the two golden models) and the same greedy ids."""
     s = _session(bf16_copy, dtype="bf16")
     assert s.memory()["kv_bytes_per_token"] == s.config.kv_bytes_per_token(2)
     ours = s.logits(golden["input_ids"])
@@ -162,4 +163,5 @@ def test_bf16_checkpoint_computed_in_bf16(golden, bf16_copy, record_property):
     record_property("bf16_greedy_agree", f"{agree}/{len(ref)}")
     print(f"\n[{golden['name']}] bf16 compute: logits rel err {err:.3g}, "
           f"greedy ids agree for the first {agree}/{len(ref)} tokens")
-    assert len(g.token_ids) == len(ref)
+    assert err <= 5e-2
+    assert g.token_ids == ref
