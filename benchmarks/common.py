@@ -82,10 +82,9 @@ def write_random_checkpoint(folder: str | Path, config: dict, seed: int = 0, std
     The safetensors file is streamed one tensor at a time, so peak memory is one tensor, not the
     model. Needs torch (for expected_shapes); returns the folder.
     """
-    from edgecpm.export.checkpoint import expected_shapes
-
     from edgecpm import dtypes
     from edgecpm.config import ModelConfig
+    from edgecpm.export.checkpoint import expected_shapes
     from edgecpm.safetensors_files import ST_FLOAT_DTYPES
 
     folder = Path(folder)

@@ -72,10 +72,9 @@ def main(argv=None) -> int:
     p = common.arg_parser(__doc__, "decode_ort", prompt_len=128, new_tokens=32, repeats=3)
     args = p.parse_args(argv)
 
-    from edgecpm.export.exporter import export_bundle
-
     import edgecpm
     from edgecpm.bench import peak_rss_bytes
+    from edgecpm.export.exporter import export_bundle
 
     with tempfile.TemporaryDirectory(prefix="edgecpm-bench-") as tmp:
         ckpt, bundle = Path(tmp) / "ckpt", Path(tmp) / "bundle"

@@ -11,7 +11,8 @@ window 2048, top-k 64, dense_len 8192). Random q/k/v. For each context P:
 - prefill: one 512-token chunk (the runtime's prefill chunk) at positions P..P+511;
 - the torch op's time split into stage 1 (compressed keys + chunk scores + block pooling), top-k
   selection, and stage 2 (attention over the selected blocks).
-Median of --repeats after a warm-up, caches evicted before each timed call. Writes benchmarks/results/sparse_attention.json.
+Median of --repeats after a warm-up, caches evicted before each timed call. Writes
+benchmarks/results/sparse_attention.json.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ def median_time(fn, repeats: int) -> float:
 def ort_sessions(cfg, threads):
     """Two one-node graphs over the same inputs: dense `attend` and the InfLLMv2Attention node."""
     import onnxruntime as ort
+    from onnx import TensorProto, helper
+
     from edgecpm.export.custom_ops import DOMAIN, infllmv2_function, infllmv2_node, register_schemas
     from edgecpm.export.onnx_builder import GraphBuilder, attend
-    from onnx import TensorProto, helper
 
     register_schemas()
     f = TensorProto.FLOAT
@@ -81,6 +83,7 @@ def ort_sessions(cfg, threads):
 
 def measure(P: int, T: int, cfg, dense_ort, sparse_ort, repeats: int) -> dict:
     import torch
+
     from edgecpm.export import infllmv2
     from edgecpm.export.modeling_minicpm import dense_attention
 

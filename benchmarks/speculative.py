@@ -43,11 +43,10 @@ def main(argv=None) -> int:
     p.add_argument("--corpus", type=Path, default=CORPUS)
     args = p.parse_args(argv)
 
-    from edgecpm.export.exporter import export_bundle
-
     import edgecpm
     from edgecpm.bench import measure_many
     from edgecpm.drafters import SpecConfig
+    from edgecpm.export.exporter import export_bundle
     from edgecpm.frspec import build_freq_table, count_tokens
 
     if not (args.corpus / "heldout.txt").exists():
@@ -70,7 +69,8 @@ def main(argv=None) -> int:
             f"FR-Spec draft (r={r})": SpecConfig(draft=str(frspec), depth=args.depth, tree_size=args.depth),
             "n-gram": SpecConfig(draft="ngram", depth=args.depth, tree_size=args.depth),
             "EAGLE head": SpecConfig(draft=str(eagle), depth=args.depth, tree_size=args.depth),
-            f"EAGLE head + FR-Spec (r={r})": SpecConfig(draft=str(eagle_frspec), depth=args.depth, tree_size=args.depth),
+            f"EAGLE head + FR-Spec (r={r})": SpecConfig(draft=str(eagle_frspec), depth=args.depth,
+                                                         tree_size=args.depth),
         }
         prompts = heldout_prompts(tok, args.corpus / "heldout.txt", args.prompts, args.prompt_tokens)
         sessions = {name: edgecpm.Session(target, kv_budget="64MiB", draft=spec, threads=args.threads)

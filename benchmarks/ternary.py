@@ -53,10 +53,9 @@ def write_ternary_checkpoint(folder: Path, config: dict, group_size: int | None,
 
 def open_session(bundle: Path, threads: int, kernel: str):
     """A Session whose ternary linears run on `kernel` (OnnxRuntimeBackend's `ternary`)."""
-    from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
-
     import edgecpm
     from edgecpm.bundle import load_bundle
+    from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
 
     backend = OnnxRuntimeBackend(load_bundle(bundle), threads=threads, ternary=kernel)
     return edgecpm.Session.from_backend(backend, kv_budget="256MiB", path=bundle)
@@ -99,7 +98,6 @@ def main(argv=None) -> int:
 
     from edgecpm.export.exporter import export_bundle
     from edgecpm.runtimes import onnxruntime_ops
-
     from edgecpm.ternary_format import matmulnbits_block
 
     library = onnxruntime_ops.library()  # the exact kernel must be measured, not silently replaced
@@ -138,8 +136,8 @@ def main(argv=None) -> int:
                 st = s.generate(ids, max_new_tokens=new, ignore_eos=True).stats
                 if i > 0:
                     results[name]["runs"].append({k: st[k] for k in ("prefill_tok_s", "decode_tok_s", "decode_tokens")})
-                    print(f"{name} run {i}: prefill {st['prefill_tok_s']:.1f} tok/s, decode {st['decode_tok_s']:.2f} tok/s",
-                          file=sys.stderr)
+                    print(f"{name} run {i}: prefill {st['prefill_tok_s']:.1f} tok/s, "
+                          f"decode {st['decode_tok_s']:.2f} tok/s", file=sys.stderr)
         ref = sessions["fp32"].logits(ids)
         for name, s in sessions.items():
             r = results[name]
@@ -188,7 +186,8 @@ def main(argv=None) -> int:
         "decode_weight_read_fp32": dense,
         "summary": summary,
     }
-    rows = [{"run": name, "kernel": r["kernel"] or "dense MatMul", "decode tok/s": r["decode_tok_s"], "prefill tok/s": r["prefill_tok_s"],
+    rows = [{"run": name, "kernel": r["kernel"] or "dense MatMul", "decode tok/s": r["decode_tok_s"],
+             "prefill tok/s": r["prefill_tok_s"],
              "decode vs fp32": r["decode_tok_s"] / fp32["decode_tok_s"],
              "bundle weights (MiB)": r["bundle_weights_bytes"] / 2**20,
              "load s": r["load_s"], "RSS after load (MiB)": r["rss_after_load_bytes"] / 2**20,

@@ -85,10 +85,10 @@ def tiny_config(tie: bool = True, with_tokenizer: bool = False, **overrides) -> 
 def write_weights(folder: Path, cfg_dict: dict, dtype: str = "fp32", seed: int = 0) -> dict:
     """Random weights ~N(0, 0.05) (norms = 1) with the names/shapes the model expects."""
     import torch
-    from edgecpm.export.checkpoint import expected_shapes, torch_dtype
     from safetensors.torch import save_file
 
     from edgecpm.config import ModelConfig
+    from edgecpm.export.checkpoint import expected_shapes, torch_dtype
 
     cfg = ModelConfig.from_dict(cfg_dict)
     rng = np.random.default_rng(seed)
@@ -146,9 +146,10 @@ def rel_err(ours, ref) -> float:
 def ternary_graph(x_dtype, linears, k):
     """A model whose TernaryMatMul nodes all read input x [M, k]; linears: (n, g, packed, scales)."""
     import onnx
+    from onnx import helper, numpy_helper
+
     from edgecpm.export import custom_ops
     from edgecpm.export.onnx_builder import GraphBuilder
-    from onnx import helper, numpy_helper
 
     b = GraphBuilder(lambda name, a: numpy_helper.from_array(a, name))
     et = helper.np_dtype_to_tensor_dtype(np.dtype(x_dtype))
