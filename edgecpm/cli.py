@@ -218,6 +218,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- verify (no torch) -------------------------------------------------------------------------
+def cmd_verify(args: argparse.Namespace) -> int:
+    from edgecpm.bundle import verify_bundle
+    from edgecpm.errors import BundleError
+
+    report = verify_bundle(args.path, progress=sys.stderr.isatty())
+    if not report.ok:
+        raise BundleError(report.summary())
+    print(report.summary())
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     try:
         from edgecpm.export.exporter import export_bundle
@@ -447,6 +459,19 @@ errors print "edgecpm: error: ..." and exit with status 2; add --debug for a tra
     p.add_argument("--kv-budget", default="1GiB", metavar="SIZE",
                    help="budget for the 'tokens that fit' figure (default: 1GiB)")
     p.set_defaults(func=cmd_inspect)
+
+    p = _sub(subs, "verify", "re-hash every file of a bundle against its manifest (bit rot, bad copies)",
+             "Check a bundle's manifest (every file the bundle uses listed with size and sha256, graph I/O\n"
+             "matching the config) and re-hash every file and engine, whatever the .verified stamp says: a\n"
+             "loaded bundle is otherwise hashed only on its first load after a copy, so a byte that rotted in\n"
+             "place, or a damaged file copied with its mtime (cp -a, rsync -t), goes unnoticed. Prints OK with\n"
+             "the files and bytes checked, or each missing, resized or corrupted file and exits with status 2.",
+             """examples:
+  edgecpm verify bundle-0.5B/
+  rsync -a bundle-8B/ jetson:/opt/models/bundle-8B/ && ssh jetson edgecpm verify /opt/models/bundle-8B""",
+             [common])
+    p.add_argument("path", metavar="BUNDLE", help="bundle folder")
+    p.set_defaults(func=cmd_verify)
 
     p = _sub(subs, "demo", "the whole flow on the built-in wind-tunnel models (no download)",
              "Export the built-in MiniCPM4-architecture target and draft (samples/wind_tunnel, trained on\n"

@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from edgecpm.errors import ConfigError
+from edgecpm.bundle import load_bundle
+from edgecpm.errors import BundleError, ConfigError, EdgeCPMError
 
 BUILTIN = Path(__file__).resolve().parents[1] / "samples" / "wind_tunnel"
 PROMPT = "import os\n\n\ndef list_files(path):\n"
@@ -41,12 +42,19 @@ def bundle_for(checkpoint: Path, say) -> Path:
         say(f"exporting {checkpoint.name} to {bundle} (first run only)")
         bundle.parent.mkdir(parents=True, exist_ok=True)
         export_bundle(checkpoint, bundle, force=True, progress=sys.stderr.isatty())
+    # The demo's bundles are small: re-hash them on every run, so a damaged cache is caught even
+    # where a file kept its size and mtime.
+    try:
+        load_bundle(bundle, verify=True)
+    except EdgeCPMError as e:
+        raise BundleError(f"the cached demo bundle {bundle} is damaged ({e}). Delete that folder "
+                          f"(rm -r '{bundle}') and run `edgecpm demo` again: it is re-exported") from None
     return bundle
 
 
 def run_demo(models: Path = BUILTIN, max_new_tokens: int = 96, out=sys.stdout) -> dict:
-    from edgecpm.session import Session
     from edgecpm.drafters import SpecConfig
+    from edgecpm.session import Session
 
     def say(msg):
         print(f"[demo] {msg}", file=sys.stderr, flush=True)

@@ -231,7 +231,15 @@ def test_newer_format_version(bundle_copy):
 
 def test_graph_io_mismatch(bundle_copy):
     m = json.loads((bundle_copy / "manifest.json").read_text())
+    good = json.dumps(m)
     m["graphs"]["decoder"]["inputs"][0]["name"] = "tokens"
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    # An input the graph contract needs is missing from the manifest: refused before onnxruntime loads.
+    with pytest.raises(BundleError, match='graph "decoder" lacks input_ids that its "config" needs'):
+        edgecpm.Session(bundle_copy)
+    # A manifest consistent in itself, but not with the ONNX file: refused by the backend.
+    m = json.loads(good)
+    m["graphs"]["decoder"]["inputs"].append({"name": "hidden_in", "dtype": "float32", "shape": ["T", 64]})
     (bundle_copy / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="do not match the manifest"):
         edgecpm.Session(bundle_copy)
