@@ -18,6 +18,7 @@ files, an FR-Spec table, each engine), and graph I/O that matches the model conf
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -235,7 +236,10 @@ def check_manifest(manifest: dict, mpath: Path) -> ModelConfig:
     if unlisted:
         raise _fail(mpath, f'"files" has no size/sha256 record for {", ".join(unlisted)} '
                            f"({', '.join(needed[n] for n in unlisted)})")
-    for i, rec in enumerate(manifest.get("engines") or []):
+    engines = manifest.get("engines") or []
+    if not isinstance(engines, list):
+        raise _fail(mpath, f'"engines" must be a list of engine records, got {_short(engines)}')
+    for i, rec in enumerate(engines):
         where = f'"engines" entry {i}'
         _check_name(mpath, f"{where} \"file\"", rec.get("file") if isinstance(rec, dict) else None)
         _check_record(mpath, f"{where} ({rec['file']})", rec)
@@ -293,13 +297,11 @@ def _check_files(path: Path, files: dict, verify: bool) -> None:
         return
     for name, rec in files.items():
         if sha256_file(path / name) != rec["sha256"]:
-            stamp_file.unlink(missing_ok=True)
+            _unlink(stamp_file)
             raise BundleError(f"{path / name}: sha256 mismatch with {MANIFEST}; the file is corrupted — re-copy "
                               f"or re-export the bundle (`edgecpm verify {path}` lists every bad file)")
-    try:
+    with contextlib.suppress(OSError):  # a read-only bundle is simply hashed on every load
         stamp_file.write_text(stamp)
-    except OSError:
-        pass  # a read-only bundle is simply hashed on every load
 
 
 def _stamp(path: Path, files: dict) -> str:
@@ -362,12 +364,15 @@ def verify_bundle(path: str | Path, progress: bool = False) -> VerifyReport:
         for name, rec in present.items():
             if sha256_file(path / name, on_chunk=lambda n: bar.advance(task, n)) != rec["sha256"]:
                 report.problems.append(f"{name}: sha256 mismatch (corrupted)")
-    stamp_file = path / STAMP
-    try:
-        if report.ok:
-            stamp_file.write_text(_stamp(path, manifest["files"]))
-        else:
-            stamp_file.unlink(missing_ok=True)
-    except OSError:
-        pass
+    if report.ok:
+        with contextlib.suppress(OSError):
+            (path / STAMP).write_text(_stamp(path, manifest["files"]))
+    else:
+        _unlink(path / STAMP)
     return report
+
+
+def _unlink(stamp_file: Path) -> None:
+    """Drops a stale stamp (the next load hashes again); a read-only bundle has none to drop."""
+    with contextlib.suppress(OSError):
+        stamp_file.unlink(missing_ok=True)

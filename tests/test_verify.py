@@ -204,6 +204,8 @@ DAMAGED = {
     "sparse config, dense graph": (_sparse, 'graph "decoder" lacks past_ckey.0, past_ckey.1, ckey.0, ckey.1'),
     "engine without hash": (_set([{"file": "engines/x.engine", "size": 5}], "engines"),
                             "\"engines\" entry 0 (engines/x.engine) has no valid sha256"),
+    "engines not a list": (_set({"file": "engines/x.engine"}, "engines"),
+                           '"engines" must be a list of engine records'),
     "tokenizer files not a list": (_set({"files": "tokenizer.json"}, "tokenizer"),
                                    '"tokenizer.files" must be a list of file names'),
 }
