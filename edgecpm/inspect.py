@@ -4,6 +4,7 @@
 manifest.json (a bundle) and returns a JSON-able dict; `sections(info)` turns it into titled
 (label, value) rows and `print_report(info)` prints them (rich tables on a terminal, plain text
 otherwise). Never imports torch; a checkpoint's ternary report reads its linear weights with numpy.
+A GPTQ / AWQ checkpoint's quantization is reported from config.json and the headers alone.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 from edgecpm import dtypes
 from edgecpm.config import ModelConfig
-from edgecpm.errors import BundleError, ConfigError
+from edgecpm.errors import BundleError, CheckpointError, ConfigError
 from edgecpm.safetensors_files import ST_FLOAT_DTYPES, StoredTensor, checkpoint_files, checkpoint_tensors
 
 
@@ -39,14 +40,19 @@ def inspect_info(path: str | Path, kv_budget: int | str = "1GiB") -> dict:
     else:
         cfg = ModelConfig.from_file(path)
 
+    quantization = None
     if manifest is not None:
         weights, notes = _bundle_weights(folder, manifest)
         section = manifest.get("ternary")
         ternary = {"ternary": bool(section), **{k: v for k, v in (section or {}).items() if k != "tensors"}}
     else:
         tensors = checkpoint_tensors(folder)
-        weights, notes = _checkpoint_weights(folder, cfg, tensors)
-        ternary = _checkpoint_ternary(tensors, cfg) if weights["files"] and not notes else None
+        quantization = _checkpoint_quantization(folder, tensors)
+        weights, notes = _checkpoint_weights(folder, cfg, tensors, quantization)
+        if quantization is not None and not quantization["supported"]:
+            notes.append(f"quantization not supported: {quantization['reason']}")
+        ternary = (_checkpoint_ternary(tensors, cfg) if weights["files"] and not notes and quantization is None
+                   else None)
 
     kv_per_token = {name: cfg.kv_bytes_per_token(dtypes.ITEMSIZE[name]) for name in dtypes.NAMES}
     return {
@@ -62,6 +68,7 @@ def inspect_info(path: str | Path, kv_budget: int | str = "1GiB") -> dict:
             "tokens_in_budget": {name: budget // per for name, per in kv_per_token.items()},
         },
         "ternary": ternary,
+        "quantization": quantization,
         "notes": notes,
     }
 
@@ -109,8 +116,10 @@ def _bundle_weights(folder: Path, manifest: dict) -> tuple[dict, list[str]]:
     return weights, notes
 
 
-def _checkpoint_weights(folder: Path, cfg: ModelConfig, tensors: dict[str, StoredTensor]) -> tuple[dict, list[str]]:
-    """Per-dtype bytes and element counts from the safetensors headers (weights are not read)."""
+def _checkpoint_weights(folder: Path, cfg: ModelConfig, tensors: dict[str, StoredTensor],
+                        quantization: dict | None = None) -> tuple[dict, list[str]]:
+    """Per-dtype bytes and element counts from the safetensors headers (weights are not read).
+    A quantized checkpoint's parameters are the weights its tensors stand for, not the stored words."""
     files = checkpoint_files(folder)
     by_dtype: dict[str, dict] = {}
     for t in tensors.values():
@@ -118,6 +127,10 @@ def _checkpoint_weights(folder: Path, cfg: ModelConfig, tensors: dict[str, Store
         entry["tensors"] += 1
         entry["bytes"] += t.nbytes
     n_elements = sum(t.numel for t in tensors.values())
+    n_params = n_elements
+    if quantization is not None and quantization["supported"]:
+        n_params = quantization["weights"] + sum(t.numel for name, t in tensors.items()
+                                                 if name.rsplit(".", 1)[0] + ".qweight" not in tensors)
     notes = []
     if not files:
         notes.append("no model.safetensors or model.safetensors.index.json: weights not inspected")
@@ -125,8 +138,9 @@ def _checkpoint_weights(folder: Path, cfg: ModelConfig, tensors: dict[str, Store
         notes.append("lm_head.weight is present but the config ties embeddings (tie_word_embeddings absent/true)")
     elif not cfg.tie_word_embeddings and "lm_head.weight" not in tensors:
         notes.append("lm_head.weight is missing but the config does not tie embeddings")
-    if files and n_elements != cfg.n_params():
-        notes.append(f"the files hold {n_elements} elements but the config implies {cfg.n_params()} parameters")
+    if files and n_params != cfg.n_params():
+        what = "weights" if n_params != n_elements else "elements"
+        notes.append(f"the files hold {n_params} {what} but the config implies {cfg.n_params()} parameters")
     weights = {
         "files": [f.name for f in files],
         "bytes_on_disk": sum(f.stat().st_size for f in files),
@@ -135,6 +149,45 @@ def _checkpoint_weights(folder: Path, cfg: ModelConfig, tensors: dict[str, Store
         "by_dtype": by_dtype,
     }
     return weights, notes
+
+
+def _checkpoint_quantization(folder: Path, tensors: dict[str, StoredTensor]) -> dict | None:
+    """The GPTQ / AWQ quantization config.json declares and what the quantized linears cost on disk
+    (headers only), or None for a float checkpoint."""
+    from edgecpm.export.quantized import bits_per_weight, read_quant_config  # numpy only
+
+    try:
+        q = read_quant_config(folder, tensors)
+    except CheckpointError as e:
+        return {"supported": False, "reason": str(e)}
+    if q is None:
+        return None
+    bases = sorted(name.removesuffix(".qweight") for name in tensors if name.endswith(".qweight"))
+    weights = stored = 0
+    for base in bases:
+        qweight, scales = tensors[base + ".qweight"], tensors.get(base + ".scales")
+        n = scales.shape[-1] if scales is not None else qweight.shape[1] * (8 if q.method == "awq" else 1)
+        k = qweight.shape[0] * (8 if q.method == "gptq" else 1)
+        weights += n * k
+        stored += sum(tensors[f"{base}.{s}"].nbytes for s in ("qweight", "qzeros", "scales", "g_idx")
+                      if f"{base}.{s}" in tensors)
+    linear = [n for n in tensors if n.endswith(".weight") and len(tensors[n].shape) == 2
+              and n != "model.embed_tokens.weight"]
+    return {
+        "supported": True,
+        "method": q.method,
+        "bits": q.bits,
+        "group_size": q.group_size,
+        "sym": q.sym,
+        "desc_act": q.desc_act,
+        "checkpoint_format": q.checkpoint_format,
+        "quantized_linears": len(bases),
+        "float_linears": sorted(linear),
+        "weights": weights,
+        "stored_bytes": stored,
+        "bits_per_weight": stored * 8 / weights if weights else 0.0,
+        "bits_per_weight_nominal": bits_per_weight(q, 4096, 4096, with_g_idx=q.method == "gptq"),
+    }
 
 
 def _checkpoint_ternary(tensors: dict[str, StoredTensor], cfg: ModelConfig) -> dict:
@@ -202,6 +255,9 @@ def sections(info: dict) -> list[tuple[str, list[tuple[str, str]]]]:
     result = [("model", model), ("weights", weights), ("KV cache", cache)]
     if info["ternary"] is not None:
         result.append(("ternary (BitCPM4)", _ternary_rows(info["ternary"], info["kind"])))
+    q = info.get("quantization")
+    if q is not None and q["supported"]:
+        result.append((f"quantization ({q['method'].upper()})", _quantization_rows(q)))
     if info["notes"]:
         result.append(("notes", [("!", n) for n in info["notes"]]))
     return result
@@ -227,6 +283,21 @@ def _ternary_rows(t: dict, kind: str) -> list[tuple[str, str]]:
         rows.append(("lossy", f"{t['lossy']} tensors ternarized by --quantize ternary"))
     if "reason" in t:
         rows.append(("not ternary", f"{t['reason']} ({t['linears'] - t['count']} of {t['linears']})"))
+    return rows
+
+
+def _quantization_rows(q: dict) -> list[tuple[str, str]]:
+    group = "-1 (per channel)" if q["group_size"] == -1 else str(q["group_size"])
+    rows = [("method", f"{q['method'].upper()}, {q['bits']}-bit, checkpoint_format {q['checkpoint_format']}"),
+            ("group size", group),
+            ("sym / desc_act", f"{str(q['sym']).lower()} / {str(q['desc_act']).lower()}"),
+            ("linear weights", f"{q['quantized_linears']} quantized"
+                               + (f", {len(q['float_linears'])} float ({', '.join(q['float_linears'][:3])}"
+                                  f"{', ...' if len(q['float_linears']) > 3 else ''})" if q["float_linears"] else "")),
+            ("stored bytes", (f"{q['stored_bytes']:,} for {q['weights']:,} weights ({q['bits_per_weight']:.3f} bits "
+                              f"per weight incl. scales, zeros{' and g_idx' if q['method'] == 'gptq' else ''}; "
+                              f"{q['bits_per_weight_nominal']:.3f} at 4096x4096)")),
+            ("runs as", "dequantized to float on load / export (no memory saving yet)")]
     return rows
 
 

@@ -3,6 +3,11 @@
 The expected tensor names and shapes come from the torch model itself (built on the meta device),
 so the strict check can never drift from the model definition. Tensors are read one at a time
 through `safe_open` (memory-mapped), so an 8B checkpoint is never held twice.
+
+A 4-bit GPTQ or AWQ checkpoint (config.json `quantization_config`; export/quantized.py) stores
+`X.qweight`, `X.qzeros`, `X.scales` (`X.g_idx`) for a quantized linear `X` instead of `X.weight`:
+`check()` expects those names and shapes, and `tensor("X.weight")` returns the exact dequantized
+weight, so everything that reads weights by name (load_model, export) works unchanged, in float.
 """
 
 from __future__ import annotations
@@ -12,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from edgecpm.export.modeling_minicpm import LongRoPE, MiniCPMForCausalLM, use_ternary
-from edgecpm.export.ternary import explain, linear_names, pack, plan, ternary_codes
 from safetensors import SafetensorError, safe_open
 
 from edgecpm import dtypes
 from edgecpm.config import ModelConfig
 from edgecpm.errors import CheckpointError
+from edgecpm.export import quantized
+from edgecpm.export.modeling_minicpm import LongRoPE, MiniCPMForCausalLM, use_ternary
+from edgecpm.export.ternary import explain, linear_names, pack, plan, ternary_codes
 
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -39,6 +45,9 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 class Checkpoint:
     """A checkpoint folder: config + an index of which file holds each tensor."""
 
+    quant: quantized.QuantConfig | None = None  # GPTQ / AWQ, from config.json
+    quantized_weights: frozenset[str] = frozenset()  # the "X.weight" names stored quantized (X.qweight present)
+
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         if not self.folder.is_dir():
@@ -46,6 +55,10 @@ class Checkpoint:
         self.config = ModelConfig.from_file(self.folder)
         self._handles: dict[Path, object] = {}
         self.files = self._tensor_files()
+        self.quant = quantized.read_quant_config(self.folder, self.files)
+        if self.quant is not None:
+            self.quantized_weights = frozenset(n.removesuffix(".qweight") + ".weight" for n in self.files
+                                       if n.endswith(".qweight"))
 
     def _tensor_files(self) -> dict[str, Path]:
         index = self.folder / "model.safetensors.index.json"
@@ -73,7 +86,8 @@ class Checkpoint:
             try:
                 self._handles[path] = safe_open(str(path), framework="pt")
             except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(f"{path}: corrupted or truncated safetensors file ({e}); re-download it") from None
+                raise CheckpointError(f"{path}: corrupted or truncated safetensors file ({e}); "
+                                      f"re-download it") from None
         return self._handles[path]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -82,24 +96,76 @@ class Checkpoint:
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return expected_shapes(self.config)
 
+    def stored_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The tensors the files should hold: expected_shapes, with each quantized linear's weight
+        replaced by its stored tensors (the optional g_idx / bias only where the files have them)."""
+        want = self.expected_shapes()
+        if self.quant is None:
+            return want
+        for name in sorted(self.quantized_weights & set(want)):
+            base = name.removesuffix(".weight")
+            shape = want.pop(name)
+            for suffix, stored in self.quant.stored_shapes(*shape).items():
+                if suffix in quantized.REQUIRED or f"{base}.{suffix}" in self.files:
+                    want[f"{base}.{suffix}"] = stored
+        return want
+
     def check(self) -> None:
         """Strict name/shape check; the error lists everything that is wrong at once."""
-        want, have = self.expected_shapes(), self.shapes()
+        want, have = self.stored_shapes(), self.shapes()
         missing = sorted(set(want) - set(have))
         unexpected = sorted(set(have) - set(want))
         wrong = sorted(f"{n}: {have[n]} (expected {want[n]})" for n in set(want) & set(have) if want[n] != have[n])
         problems = []
         if missing:
-            problems.append(f"missing tensors: {', '.join(missing)}")
+            hint = ""
+            if self.quant is not None and any(n.endswith((".qzeros", ".scales")) for n in missing):
+                hint = (f" (a quantized linear stores {', '.join(quantized.REQUIRED)}"
+                        f"{' and optionally g_idx' if self.quant.method == 'gptq' else ''})")
+            problems.append(f"missing tensors: {', '.join(missing)}{hint}")
         if unexpected:
             hint = " (lm_head.weight present but config ties embeddings?)" if "lm_head.weight" in unexpected else ""
+            foreign = [f"{n}: {quantized.foreign_tensor(n)}" for n in unexpected if quantized.foreign_tensor(n)]
+            if foreign:
+                hint += f" ({'; '.join(foreign[:3])}; edgecpm reads the gptq/gptq_v2 and AWQ gemm layouts only)"
+            if self.quant is None and any(n.endswith(".qweight") for n in unexpected):
+                hint += " (quantized tensors, but config.json has no quantization_config)"
             problems.append(f"unexpected tensors: {', '.join(unexpected)}{hint}")
         if wrong:
-            problems.append(f"wrong shapes: {'; '.join(wrong)}")
+            hint = ""
+            if self.quant is not None and any(".q" in n or n.endswith(".scales") for n in wrong):
+                hint = f" (expected {self.quant.describe()}; edgecpm imports {quantized.SUPPORTED})"
+            problems.append(f"wrong shapes: {'; '.join(wrong)}{hint}")
+        if self.quant is not None and not self.quantized_weights:
+            problems.append(f"{self.quant.source} declares {self.quant.method.upper()} but no tensor is quantized "
+                            f"(no *.qweight)")
         if problems:
             raise CheckpointError(f"{self.folder}: weights do not match config.json — " + " | ".join(problems))
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A tensor by name; a quantized linear's "X.weight" is its exact dequantized weight (float32
+        before the conversion to dtype)."""
+        if name in self.quantized_weights:
+            return torch.from_numpy(self.dequantized(name)).to(dtype or torch.float32)
+        return self._stored(name, dtype)
+
+    def dequantized(self, name: str) -> np.ndarray:
+        """float32 [N, K]: the quantized linear "X.weight" rebuilt from X.qweight, X.qzeros, X.scales (X.g_idx)."""
+        base = name.removesuffix(".weight")
+
+        def array(suffix):
+            full = f"{base}.{suffix}"
+            if full not in self.files:
+                return None
+            t = self._stored(full)
+            return t.float().numpy() if t.is_floating_point() else t.numpy()
+
+        if "_want" not in self.__dict__:
+            self._want = self.expected_shapes()
+        suffixes = quantized.REQUIRED + quantized.OPTIONAL[self.quant.method]
+        return quantized.dequantize(self.quant, {s: array(s) for s in suffixes}, base, self._want.get(name))
+
+    def _stored(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         path = self.files[name]
         try:
             t = self._open(path).get_tensor(name)
@@ -125,7 +191,9 @@ def load_model(folder: str | Path, dtype: str | torch.dtype = "fp32",
     def tensor(name):
         return ckpt.tensor(name, torch.float32).numpy()
 
-    packed = {} if ternary is False else plan(names, tensor)
+    if ternary and ckpt.quant is not None:
+        raise CheckpointError(f"{ckpt.folder}: ternary=True, but this is a {ckpt.quant.describe()} checkpoint")
+    packed = {} if ternary is False or ckpt.quant is not None else plan(names, tensor)
     if ternary and not packed:
         raise CheckpointError(f"{ckpt.folder}: ternary=True, but its linear weights are not ternary "
                               f"(e.g. {names[0]}: {explain(tensor(names[0]))}); load it with ternary=None or False")
