@@ -88,10 +88,9 @@ inline int launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
     return cudaLaunchKernelEx(&cfg, kernel, static_cast<Args&&>(args)...) == cudaSuccess ? ECPM_OK : cuda_failed();
 }
 
-// Status of a triple-chevron launch made just before (code that does not use launch()): any pending
-// error is reported, but only peeked at, so an error another library left is not swallowed.
-// launch() is exact; prefer it.
-inline int launch_status() { return cudaPeekAtLastError() == cudaSuccess ? ECPM_OK : ECPM_ERR_CUDA; }
+// Every kernel of ours launches through launch(): no triple-chevron launches, no status read from
+// the thread's last-error slot (cudaPeekAtLastError would report an error another library left
+// pending as ours).
 
 // Dynamic shared memory above the default 48 KiB needs an opt-in per kernel.
 template <typename K> inline int allow_smem(K kernel, size_t bytes) {

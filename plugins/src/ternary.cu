@@ -224,17 +224,14 @@ int gemv(const void* x, const uint32_t* packed, const void* scales, void* y, int
          int64_t gs, cudaStream_t stream) {
     const bool fast = K % 64 == 0 && gs % 16 == 0 && reinterpret_cast<uintptr_t>(packed) % 16 == 0 &&
                       reinterpret_cast<uintptr_t>(x) % 16 == 0;
-    if (!fast) {
-        const int64_t warps = M * N;
-        gemv_generic_kernel<T><<<(unsigned)ceil_div(warps, 8), 256, 0, stream>>>(
-            static_cast<const T*>(x), packed, static_cast<const T*>(scales), static_cast<T*>(y), M, N, K, gs);
-        return launch_status();
-    }
-    const unsigned grid = (unsigned)ceil_div(N, GEMV_WARPS * GEMV_ROWS);
-    auto kernel = gs % 64 == 0 ? gemv_kernel<T, false> : gemv_kernel<T, true>;
-    kernel<<<grid, GEMV_WARPS * 32, 0, stream>>>(static_cast<const T*>(x), reinterpret_cast<const uint4*>(packed),
-                                                 static_cast<const T*>(scales), static_cast<T*>(y), M, N, K, gs);
-    return launch_status();
+    if (!fast)
+        return launch(gemv_generic_kernel<T>, dim3((unsigned)ceil_div(M * N, 8)), dim3(256), 0, stream,
+                      static_cast<const T*>(x), packed, static_cast<const T*>(scales), static_cast<T*>(y), M, N, K,
+                      gs);
+    const dim3 grid((unsigned)ceil_div(N, GEMV_WARPS * GEMV_ROWS));
+    return launch(gs % 64 == 0 ? gemv_kernel<T, false> : gemv_kernel<T, true>, grid, dim3(GEMV_WARPS * 32), 0, stream,
+                  static_cast<const T*>(x), reinterpret_cast<const uint4*>(packed), static_cast<const T*>(scales),
+                  static_cast<T*>(y), M, N, K, gs);
 }
 
 }  // namespace
@@ -254,18 +251,14 @@ int ecpm_ternary_gemv(ecpm_dtype dtype, const void* x, const uint32_t* packed, c
 
 int ecpm_ternary_gemm(ecpm_dtype dtype, const void* x, const uint32_t* packed, const void* scales, void* y, int64_t M,
                       int64_t N, int64_t K, int64_t group_size, cudaStream_t stream) {
-    if (!args_ok(x, packed, scales, y, M, N, K, group_size) || ceil_div(M, TM) > 65535) return ECPM_ERR_ARG;
+    if (!args_ok(x, packed, scales, y, M, N, K, group_size) || ceil_div(M, TM) > kMaxGridYZ) return ECPM_ERR_ARG;
     if (M == 0) return ECPM_OK;
     const dim3 grid((unsigned)ceil_div(N, TN), (unsigned)ceil_div(M, TM));
     if (dtype == ECPM_F16)
-        gemm_f16_kernel<<<grid, 128, 0, stream>>>(static_cast<const __half*>(x), packed,
-                                                  static_cast<const __half*>(scales), static_cast<__half*>(y), M, N, K,
-                                                  group_size);
-    else
-        gemm_f32_kernel<<<grid, 256, 0, stream>>>(static_cast<const float*>(x), packed,
-                                                  static_cast<const float*>(scales), static_cast<float*>(y), M, N, K,
-                                                  group_size);
-    return launch_status();
+        return launch(gemm_f16_kernel, grid, dim3(128), 0, stream, static_cast<const __half*>(x), packed,
+                      static_cast<const __half*>(scales), static_cast<__half*>(y), M, N, K, group_size);
+    return launch(gemm_f32_kernel, grid, dim3(256), 0, stream, static_cast<const float*>(x), packed,
+                  static_cast<const float*>(scales), static_cast<float*>(y), M, N, K, group_size);
 }
 
 int ecpm_ternary_matmul(ecpm_dtype dtype, const void* x, const uint32_t* packed, const void* scales, void* y, int64_t M,
