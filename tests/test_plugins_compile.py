@@ -1,8 +1,10 @@
 """The CUDA kernels and the plugins' CMake project, as far as a machine without a GPU can check them:
 nvcc compiles the kernels (Orin's sm_87), the CMake project configures (and says why it skips the
-TensorRT glue when the headers are absent), the GPU check's dry run passes, and its ctypes
-signatures agree with include/edgecpm_kernels.h (checked against the compiled library's host-only
-functions when nvcc is here). The kernels themselves run only in plugins/tests/gpu_check.sh."""
+TensorRT glue when the headers are absent), the GPU check's ctypes signatures agree with
+include/edgecpm_kernels.h (and the compiled library's host-only functions and argument checks
+answer as they should, when nvcc is here), and the GPU check's dry run -- which checks NO kernel --
+runs its harness and checks its references against independent implementations. Nothing here
+executes a kernel: that happens only in plugins/tests/gpu_check.sh on a GPU."""
 
 from __future__ import annotations
 
@@ -96,9 +98,14 @@ def test_ctypes_signatures_match_the_header():
     assert len(gpu_check.header_arities()) == len(gpu_check.SIGNATURES)
 
 
-def test_gpu_check_dry_run(tmp_path, request):
-    """The GPU check's CPU side: argument parsing, references at small shapes, table, JSON; with the
-    compiled library (when nvcc is here) also its host-only functions through ctypes."""
+def test_gpu_check_dry_run_checks_references_and_harness_not_kernels(tmp_path, request):
+    """The GPU check's CPU side. This is NOT a kernel check: in a dry run the reference stands in for
+    every kernel output, so those rows only show that the comparison code runs (scope "harness"), and
+    the output must say so. What it does check for real: the references against independent
+    implementations (the brute-force tests/infllmv2_reference.py, numpy), the ternary packing against
+    the exporter's and the contract's bit formula, negative controls the comparisons must flag, and
+    (with the compiled library, when nvcc is here) the C ABI's host-only functions and argument
+    checks."""
     pytest.importorskip("torch")
     out = tmp_path / "gpu_check.json"
     cmd = [sys.executable, str(GPU_CHECK), "--dry-run", "--out", str(out)]
@@ -106,13 +113,55 @@ def test_gpu_check_dry_run(tmp_path, request):
         cmd += ["--lib", str(request.getfixturevalue("kernels_lib"))]
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "| kernel | case |" in res.stdout and "PASSED" in res.stdout
+    assert "| kernel | case |" in res.stdout and "| scope |" in res.stdout
+    summary = res.stdout.strip().splitlines()[-2]
+    assert summary.startswith("DRY RUN: NO KERNEL WAS RUN OR CHECKED") and "all passed" in summary
+    assert "PASSED" not in res.stdout  # the word a GPU run's summary uses
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| ") and not line.startswith("| kernel |")]
+    assert rows and all(not line.rstrip(" |").endswith("kernel (GPU)") for line in rows)
+    assert not any("| ok |" in line or "| ok (" in line for line in rows)  # no bare "ok" next to a kernel name
+
     data = json.loads(out.read_text())
-    assert data["passed"] and data["facts"]["dry_run"]
-    kernels = {c["kernel"] for c in data["correctness"]}
-    assert {"infllmv2 select (ref scores)", "infllmv2 attend decode", "ternary gemv", "ternary gemm"} <= kernels
+    assert data["kernels_checked"] is False and data["facts"]["kernels_checked"] is False
+    assert "passed" not in data and data["reference_host_harness_passed"] and data["facts"]["dry_run"]
+    checks = data["correctness"]
+    assert {c["scope"] for c in checks} <= {"harness", "reference", "host"}
+    assert not any(c["kernel_ran"] for c in checks)
+    by_scope = {}
+    for c in checks:
+        by_scope.setdefault(c["scope"], set()).add(c["kernel"])
+    # The kernels' comparison paths all ran, as harness rows only.
+    assert {"infllmv2 select (ref scores)", "infllmv2 attend decode", "infllmv2 attend prefill", "infllmv2 forward",
+            "ternary gemv", "ternary gemm"} <= by_scope["harness"]
+    # Negative controls: wrong CPU "kernels" the comparisons flagged (reversed ternary bit order among them).
+    controls = [c for c in checks if c["kernel"].startswith("harness negative control")]
+    assert any("reversed bit order" in c["kernel"] for c in controls) and all(c["ok"] for c in controls)
+    assert {"infllmv2 reference: block sets = brute force", "infllmv2 reference: output = brute force",
+            "infllmv2 reference: tree = dense tree attention",
+            "ternary reference = numpy (ternary_format.dequantize)"} <= by_scope["reference"]
+    trees = [c for c in checks if c["kernel"] == "infllmv2 reference: output = brute force" and "tree" in c["case"]]
+    assert trees and all(c["ok"] for c in trees)  # tree nodes against their paths decoded by the brute force
+    assert "ternary packing: pack_codes = ternary_format.pack = contract" in by_scope["host"]
     if NVCC is not None:
-        assert "C ABI" in kernels
+        assert {"C ABI", "C ABI argument check"} <= by_scope["host"]
+
+
+def test_gpu_check_harness_rows_never_vouch_for_a_kernel():
+    """Report: a harness row (reference in place of a kernel) never says "ok" for the kernel, and a
+    report without kernel rows sums up as a dry run whatever it was asked."""
+    sys.path.insert(0, str(GPU_CHECK.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    rep = gpu_check.Report()
+    rep.check("ternary gemv", "M=1", "fp32", 0.0, 1e-4, scope="harness")
+    assert rep.rows[-1][5] == "harness ran (no kernel checked)" and rep.rows[-1][6] == "harness only, no kernel ran"
+    assert not rep.kernels_checked and rep.correctness[-1]["kernel_ran"] is False
+    assert rep.summary(dry_run=False, seconds=1.0).startswith("DRY RUN: NO KERNEL WAS RUN OR CHECKED")
+    rep.check("ternary gemv", "M=1", "fp32", 0.0, 1e-4)
+    assert rep.kernels_checked and rep.rows[-1][5] == "ok" and rep.rows[-1][6] == "kernel (GPU)"
+    assert rep.summary(dry_run=False, seconds=1.0).startswith("PASSED: kernel 1/1")
 
 
 def test_gpu_check_missing_library(tmp_path):

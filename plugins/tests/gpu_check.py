@@ -4,7 +4,7 @@ fresh random inputs, then timings; prints one markdown table and writes JSON.
 
     plugins/tests/gpu_check.sh                          # builds the kernels for this GPU, runs this
     python3 plugins/tests/gpu_check.py --lib build/gpu_check/libedgecpm_kernels.so
-    python3 plugins/tests/gpu_check.py --dry-run        # CPU only: the reference side, small shapes
+    python3 plugins/tests/gpu_check.py --dry-run        # CPU only: references, host side, harness; no kernel
 
 Correctness (‖out − ref‖ / ‖ref‖, tolerance 1e-4 for fp32 results, 1e-2 for fp16 ones; block sets
 must be identical): InfLLM v2 compressed keys, stage-1 scores, block selection (on the reference's
@@ -18,10 +18,25 @@ bandwidth, the ternary GEMV's achieved bandwidth as a fraction of it (goal >= 0.
 matmul, and InfLLM v2 decode attention vs dense attention at 32K/64K/128K for the MiniCPM4-8B shape
 (32 query heads, 2 kv heads, head_dim 128). Fits in 8 minutes on an H100.
 
---dry-run runs everything that needs no GPU: argument parsing, the reference computations at small
-shapes on CPU (the "device" results are the reference itself, so every comparison path runs), the
-ternary packing, the table and the JSON; with --lib it also loads the library and checks the ctypes
-signatures against include/edgecpm_kernels.h and the host-only functions (sizes, config checks).
+--dry-run (CPU only, what pytest runs) CHECKS NO KERNEL. Every row says what it checked (its
+`scope`, in the table and the JSON):
+  harness    the comparison code, with the reference standing in for the kernel's output (so it
+             compares the reference with itself: it shows the harness runs, nothing about a kernel),
+             plus negative controls: outputs of deliberately wrong "kernels" computed on the CPU
+             (ternary codes in reversed bit order, codes not offset by 1, attention over the wrong
+             blocks, a forced block dropped) that the comparisons must flag;
+  reference  the references against independent implementations: InfLLM v2 (compressed keys,
+             block sets, outputs, tree nodes by their paths) against the brute-force reference
+             tests/infllmv2_reference.py, this script's stage-1 reference against
+             infllmv2.block_scores, trees with every block selected against dense tree-masked
+             attention, the ternary reference against numpy on edgecpm.ternary_format;
+  host       host-side code: the ternary packing the kernels are fed (pack_codes = the exporter's
+             ternary_format.pack = the contract's bit formula), and with --lib the library's
+             host-only functions (version, ctypes signatures vs include/edgecpm_kernels.h, chunk
+             counts, config checks, workspace sizes) and, when no GPU is visible, the C ABI's
+             argument checks (each refusal returns before any CUDA call).
+A dry run's summary and JSON say "kernels_checked": false. Only a run on a GPU has `kernel` rows
+(plus the `host` rows of the library's host-only functions); none has been made yet.
 """
 
 from __future__ import annotations
@@ -155,6 +170,19 @@ class KernelError(RuntimeError):
 
 
 # ---- results ----------------------------------------------------------------------------------------
+# What a correctness row checked. Only "kernel" rows say anything about a kernel, and only a run on a
+# GPU has them.
+SCOPES = {
+    "kernel": "a kernel run on the GPU, compared with the reference",
+    "harness": "the comparison code with the reference in place of the kernel's output, or a deliberately "
+               "wrong output computed on the CPU that it must flag: no kernel ran",
+    "reference": "a reference (CPU) against an independent implementation",
+    "host": "host-side code, no GPU: packing, the C ABI's host-only functions and argument checks",
+}
+SCOPE_SHOWN = {"kernel": "kernel (GPU)", "harness": "harness only, no kernel ran", "reference": "reference (CPU)",
+               "host": "host side (CPU)"}
+
+
 @dataclass
 class Report:
     rows: list = field(default_factory=list)  # table rows
@@ -163,13 +191,25 @@ class Report:
     facts: dict = field(default_factory=dict)
 
     def check(self, kernel: str, case: str, dtype: str, value: float, limit: float, what: str = "rel err",
-              ok: bool | None = None, note: str = "") -> bool:
+              ok: bool | None = None, note: str = "", scope: str = "kernel") -> bool:
+        """One correctness row. scope: what was checked (SCOPES); a "harness" row never vouches for a
+        kernel, and its verdict says so."""
+        assert scope in SCOPES, scope
         ok = bool(value <= limit) if ok is None else bool(ok)
         self.correctness.append({"kernel": kernel, "case": case, "dtype": dtype, "metric": what, "value": value,
-                                 "limit": limit, "ok": ok, "note": note})
+                                 "limit": limit, "ok": ok, "note": note, "scope": scope,
+                                 "kernel_ran": scope == "kernel"})
         shown = f"{value:.2e}" if isinstance(value, float) else str(value)
+        if scope == "kernel":
+            verdict = "ok" if ok else "FAIL"
+        elif scope == "harness" and kernel.startswith("harness negative control"):
+            verdict = "flagged, as it must be (no kernel ran)" if ok else "HARNESS FAIL: not flagged"
+        elif scope == "harness":
+            verdict = "harness ran (no kernel checked)" if ok else "HARNESS FAIL"
+        else:
+            verdict = f"{scope} ok" if ok else f"{scope.upper()} FAIL"
         self.rows.append((kernel, case, dtype, f"{what} {shown}", f"<= {limit:g}" if what == "rel err" else
-                          str(limit), ("ok" if ok else "FAIL") + (f" ({note})" if note else "")))
+                          str(limit), verdict + (f" ({note})" if note else ""), SCOPE_SHOWN[scope]))
         return ok
 
     def timing(self, kernel: str, case: str, dtype: str, us: float, baseline: str = "", base_us: float | None = None,
@@ -181,14 +221,37 @@ class Report:
         self.timings.append(rec)
         base = f"{baseline} {base_us:.1f} µs" if base_us else baseline
         ratio = f"{base_us / us:.2f}x" if base_us else ""
-        self.rows.append((kernel, case, dtype, f"{us:.1f} µs", base, " ".join(x for x in (ratio, result) if x)))
+        self.rows.append((kernel, case, dtype, f"{us:.1f} µs", base, " ".join(x for x in (ratio, result) if x),
+                          "timing (GPU)"))
 
     @property
     def passed(self) -> bool:
         return all(c["ok"] for c in self.correctness)
 
+    def counts(self) -> dict:
+        """{scope: (passed, total)} over the correctness rows."""
+        out = {}
+        for c in self.correctness:
+            done, total = out.get(c["scope"], (0, 0))
+            out[c["scope"]] = (done + c["ok"], total + 1)
+        return out
+
+    @property
+    def kernels_checked(self) -> bool:
+        return any(c["scope"] == "kernel" for c in self.correctness)
+
+    def summary(self, dry_run: bool, seconds: float) -> str:
+        counts = self.counts()
+        parts = ", ".join(f"{scope} {counts[scope][0]}/{counts[scope][1]}" for scope in SCOPES if scope in counts)
+        if dry_run or not self.kernels_checked:
+            state = "all passed" if self.passed else "FAILED"
+            return (f"DRY RUN: NO KERNEL WAS RUN OR CHECKED. CPU-side checks {state}: {parts} ({seconds} s). "
+                    f"The harness rows compare the reference with itself (and wrong CPU outputs it must flag); "
+                    f"they say nothing about the CUDA kernels, which only plugins/tests/gpu_check.sh on a GPU checks.")
+        return f"{'PASSED' if self.passed else 'FAILED'}: {parts} checks ({seconds} s, on a GPU)"
+
     def table(self) -> str:
-        head = ("kernel", "case", "dtype", "result", "reference / baseline", "verdict")
+        head = ("kernel", "case", "dtype", "result", "reference / baseline", "verdict", "scope")
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(str(x) for x in r) + " |" for r in self.rows]
         return "\n".join(lines)
@@ -227,7 +290,7 @@ def attn_cases(dry_run: bool) -> list[AttnCase]:
     if dry_run:  # tiny shapes: every rule still fires (dense and sparse queries, window, ties)
         s = {"window_size": 128, "topk": 3, "dense_len": 200}
         return [AttnCase("decode", 1, 517, 8, 2, 16, s),
-                AttnCase("prefill", 40, 150, 4, 1, 16, {**s, "semantics": "v2"}),
+                AttnCase("prefill", 40, 400, 4, 1, 16, {**s, "dense_len": 420, "semantics": "v2"}),
                 AttnCase("tree", 5, 300, 4, 2, 8, s, tree=True),
                 AttnCase("tree = dense", 7, 64 * 3 + 62, 4, 2, 16, ALL_BLOCKS, tree=True, parents=TREE,
                          dense_tree=True)]
@@ -371,38 +434,134 @@ def run_attn_case(torch, ref, dev: Device, rep: Report, case: AttnCase, dtype: s
     nb = blocks_ref.shape[-1]
     label = f"{case.name} (T={T} P={P} Hq={Hq} Hkv={Hkv} D={D} {cfg.semantics})"
 
-    if dev.dry:  # the reference stands in for the device: exercises the comparisons
+    if dev.dry:  # the reference stands in for the device: the comparisons run, no kernel is checked
         ck_new, score, blocks_a, blocks_b = ck_new_ref, score_ref, blocks_ref, blocks_ref
         out_dec = out_pre = out_fwd = out_ref
         ck_fwd = ck_new_ref
+        scope = "harness"
     else:
         ck_new, score, blocks_a, blocks_b, out_dec, out_pre, out_fwd, ck_fwd = device_attn(
             torch, dev, cfg, q, k, v, past_k, past_v, ck_past, ck_new_ref, score_ref, blocks_ref, pos, mask, nb)
+        scope = "kernel"
 
     tol = TOL[dtype]
-    rep.check("infllmv2 compress", label, dtype, rel_err(torch, ck_new, ck_new_ref), TOL["fp32"])
-    rep.check("infllmv2 stage1", label, dtype, rel_err(torch, score, score_ref), TOL["fp32"])
+    rep.check("infllmv2 compress", label, dtype, rel_err(torch, ck_new, ck_new_ref), TOL["fp32"], scope=scope)
+    rep.check("infllmv2 stage1", label, dtype, rel_err(torch, score, score_ref), TOL["fp32"], scope=scope)
     same = bool((blocks_a == blocks_ref).all())
     rep.check("infllmv2 select (ref scores)", label, "-", int((blocks_a != blocks_ref).any(-1).sum()), 0,
-              what="rows differing", ok=same)
+              what="rows differing", ok=same, scope=scope)
     n_diff, n_tie, agree = near_tie_rows(torch, ref, q, ck, pos, S, cfg, blocks_b, blocks_ref, path)
     rep.check("infllmv2 select (own scores)", label, "-", n_diff, 0, what="rows differing", ok=n_diff == n_tie,
-              note=f"{n_tie} near-ties" if n_diff else "")
-    rep.check("infllmv2 attend decode", label, dtype, rel_err(torch, out_dec, out_ref), tol)
-    rep.check("infllmv2 attend prefill", label, dtype, rel_err(torch, out_pre, out_ref), tol)
+              note=f"{n_tie} near-ties" if n_diff else "", scope=scope)
+    rep.check("infllmv2 attend decode", label, dtype, rel_err(torch, out_dec, out_ref), tol, scope=scope)
+    rep.check("infllmv2 attend prefill", label, dtype, rel_err(torch, out_pre, out_ref), tol, scope=scope)
     # The whole op on the (query, kv head) rows whose block sets agree with the reference's.
     rows = agree.T.repeat_interleave(Hq // Hkv, dim=1)  # [T, Hq]
     if rows.any():
         rep.check("infllmv2 forward", label, dtype, rel_err(torch, out_fwd[rows], out_ref[rows]), tol,
-                  note=f"{int((~agree).sum())} rows with near-tie block sets left out" if n_diff else "")
-    rep.check("infllmv2 forward ck_new", label, dtype, rel_err(torch, ck_fwd, ck_new_ref), TOL["fp32"])
+                  note=f"{int((~agree).sum())} rows with near-tie block sets left out" if n_diff else "", scope=scope)
+    rep.check("infllmv2 forward ck_new", label, dtype, rel_err(torch, ck_fwd, ck_new_ref), TOL["fp32"], scope=scope)
     if case.dense_tree:  # every block selected: nodes by position, so = dense tree-masked attention
         dense = dense_tree_attention(torch, q, k_all, v_all, mask)
         assert bool(blocks_ref.sum(-1).eq(pos // cfg.block_size + 1).all()), "the case must select every block"
-        for kernel, out in (("reference", out_ref), ("attend decode", out_dec), ("attend prefill", out_pre),
-                            ("forward", out_fwd)):
+        rep.check("infllmv2 reference: tree = dense tree attention", label, dtype, rel_err(torch, out_ref, dense),
+                  tol, scope="reference")
+        for kernel, out in (("attend decode", out_dec), ("attend prefill", out_pre), ("forward", out_fwd)):
             rep.check(f"infllmv2 tree = dense tree attention ({kernel})", label, dtype, rel_err(torch, out, dense),
-                      tol)
+                      tol, scope=scope)
+    if dev.dry:  # what a CPU can check for real: the references, and that the comparisons can fail
+        reference_attn_checks(torch, ref, rep, case, cfg, dtype, label, q, k_all, v_all, pos, mask, ck_past,
+                              ck_new_ref, score_ref, blocks_ref, out_ref, path)
+        if case.name == "decode" and dtype == "fp32":
+            attn_negative_controls(torch, ref, rep, cfg, label, q, k, v, past_k, past_v, ck, pos, mask, S, blocks_ref,
+                                   out_ref, path)
+
+
+# ---- what a dry run checks for real (CPU) ---------------------------------------------------------
+def brute_force_reference():
+    """tests/infllmv2_reference.py: the independent brute-force InfLLM v2 (numpy, float64 loops)."""
+    path = ROOT / "tests" / "infllmv2_reference.py"
+    spec = importlib.util.spec_from_file_location("edgecpm_infllmv2_brute_force", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.reference
+
+
+def cfg_dict(cfg) -> dict:
+    return {n: getattr(cfg, n) for n in ("kernel_size", "kernel_stride", "block_size", "init_blocks", "window_size",
+                                         "topk", "dense_len", "semantics")}
+
+
+def reference_attn_checks(torch, ref, rep: Report, case: AttnCase, cfg, dtype, label, q, k_all, v_all, pos, mask,
+                          ck_past, ck_new_ref, score_ref, blocks_ref, out_ref, path):
+    """The references the GPU check compares the kernels with, against independent implementations:
+    compressed keys against numpy window means; this script's stage-1 reference, max-pooled in numpy,
+    against infllmv2.block_scores; block sets and outputs against the brute-force reference (a tree
+    node: the brute force over the past plus the node's own path, as plain decoding sees it)."""
+    T, P = case.T, case.P
+    ks, st, B = cfg.kernel_size, cfg.kernel_stride, cfg.block_size
+    kf = k_all.double().numpy()
+    first, last = cfg.n_chunks(P), cfg.n_chunks(P + T)
+    means = np.array([kf[c * st : c * st + ks].mean(0) for c in range(first, last)]).reshape(-1, *kf.shape[1:])
+    rep.check("infllmv2 reference: compressed keys = numpy window means", label, dtype,
+              rel_err(torch, ck_new_ref, torch.from_numpy(means)), 1e-6, scope="reference")
+
+    ck = torch.cat([ck_past, ck_new_ref])
+    probs = score_ref.double().numpy()  # [Hkv, T, nc]
+    nc, nb, per = probs.shape[-1], blocks_ref.shape[-1], B // st
+    pooled = np.full(probs.shape[:2] + (nb,), -np.inf)
+    for b in range(nb):
+        lo, hi = max(per * b - 1, 0), min(per * b + per, nc)
+        if lo < hi:
+            pooled[..., b] = probs[..., lo:hi].max(-1)
+    blk = ref.block_scores(q, ck, pos, P + T, cfg, path).double().numpy()
+    same_inf = bool((np.isinf(pooled) == np.isinf(blk)).all())
+    fin = np.isfinite(pooled) & np.isfinite(blk)
+    err = float(np.abs(pooled[fin] - blk[fin]).max() / max(np.abs(blk[fin]).max(), 1e-30)) if fin.any() else 0.0
+    rep.check("infllmv2 reference: stage-1 reference max-pooled = block_scores", label, dtype, err, 1e-6,
+              ok=same_inf and err <= 1e-6, scope="reference")
+
+    brute = brute_force_reference()
+    cd = cfg_dict(cfg)
+    qn, kn, vn = (t.double().numpy() for t in (q, k_all, v_all))
+    Hkv = k_all.shape[1]
+    want = np.zeros(q.shape)
+    chosen = {}
+    if case.tree:  # each node: the past plus its own path in position order (itself last)
+        for t in range(T):
+            path_rows = sorted(np.flatnonzero(mask[t].numpy()), key=lambda i: int(pos[i]))
+            rows = list(range(P)) + [P + int(i) for i in path_rows]
+            o, sel = brute(qn[t : t + 1], kn[rows], vn[rows], int(pos[t]), cd)
+            want[t] = o[0]
+            chosen.update({(t, g): sel[(0, g)] for g in range(Hkv)})
+    else:
+        want, chosen = brute(qn, kn, vn, P, cd)
+    differing = sum(blocks_ref[g, t].nonzero().flatten().tolist() != chosen[(t, g)] for t in range(T)
+                    for g in range(Hkv))
+    rep.check("infllmv2 reference: block sets = brute force", label, dtype, differing, 0, what="rows differing",
+              ok=differing == 0, scope="reference")
+    rep.check("infllmv2 reference: output = brute force", label, dtype, rel_err(torch, out_ref,
+              torch.from_numpy(want)), TOL[dtype], scope="reference")
+
+
+def attn_negative_controls(torch, ref, rep: Report, cfg, label, q, k, v, past_k, past_v, ck, pos, mask, S, blocks_ref,
+                           out_ref, path):
+    """Deliberately wrong "kernel" results computed on the CPU: the comparisons must flag them (a
+    harness that cannot fail checks nothing)."""
+    nb = blocks_ref.shape[-1]
+    causal = torch.arange(nb)[None, None, :] <= (pos // cfg.block_size)[None, :, None]
+    every = causal.expand_as(blocks_ref).clone()
+    assert bool((every != blocks_ref).any()), "the case must be sparse"
+    wrong = ref.sparse_attend(q, k, v, past_k, past_v, pos, mask, every, cfg)
+    err = rel_err(torch, wrong, out_ref)
+    rep.check("harness negative control: attention over every causal block", label, "fp32", err, TOL["fp32"],
+              what="rel err, must exceed", ok=err > TOL["fp32"], scope="harness")
+    qb = int(pos[0]) // cfg.block_size
+    dropped = blocks_ref.clone()
+    dropped[:, 0, qb] = False  # the query's own block is always chosen
+    n_diff, n_tie, _ = near_tie_rows(torch, ref, q, ck, pos, S, cfg, dropped, blocks_ref, path)
+    rep.check("harness negative control: select drops the query's own block", label, "-", n_diff - n_tie, 1,
+              what="rows flagged, must be >=", ok=n_diff > 0 and n_tie == 0, scope="harness")
 
 
 def device_attn(torch, dev: Device, cfg, q, k, v, past_k, past_v, ck_past, ck_new_ref, score_ref, blocks_ref, pos,
@@ -466,12 +625,6 @@ def pack_codes(codes: np.ndarray) -> np.ndarray:
     return (padded.reshape(N, kw, 16) << shifts).sum(-1, dtype=np.uint64).astype(np.uint32)
 
 
-def unpack_codes(packed: np.ndarray, K: int) -> np.ndarray:
-    shifts = 2 * np.arange(16, dtype=np.uint32)
-    codes = (packed[:, :, None] >> shifts) & 3
-    return codes.reshape(packed.shape[0], -1)[:, :K].astype(np.uint8)
-
-
 def ternary_reference(torch, x, codes, scales, gs):
     """y = x @ W^T with W = (code - 1) * scale, in float64."""
     w = (torch.from_numpy(codes).double() - 1.0) * scales.double().cpu().repeat_interleave(gs, dim=1)
@@ -493,13 +646,12 @@ def run_ternary_case(torch, dev: Device, rep: Report, M, N, K, gs, dtype, seed):
     x = torch.from_numpy(rng.standard_normal((M, K)).astype(np.float32)).to(tdt)
     ref = ternary_reference(torch, x, codes, scales, gs)
     label = f"M={M} N={N} K={K} gs={gs}"
-    if dev.dry:
-        assert (unpack_codes(packed, K) == codes).all(), "pack/unpack round trip"
-        outs = {"gemv": ref, "gemm": ref}
+    if dev.dry:  # the reference stands in for the device: the comparisons run, no kernel is checked
+        outs, scope = {"gemv": ref, "gemm": ref}, "harness"
     else:
         xc, sc = x.cuda(), scales.cuda()
         pc = torch.from_numpy(packed.view(np.int32)).cuda()
-        outs = {}
+        outs, scope = {}, "kernel"
         for kind in ("gemv", "gemm"):
             y = dev.empty((M, N), tdt)
             dev.call(f"ecpm_ternary_{kind}", F16 if dtype == "fp16" else F32, dev.ptr(xc), dev.ptr(pc), dev.ptr(sc),
@@ -509,7 +661,43 @@ def run_ternary_case(torch, dev: Device, rep: Report, M, N, K, gs, dtype, seed):
     for kind, y in outs.items():
         if kind == "gemv" and M > 4 and not dev.dry:
             continue  # the GEMV serves decode (M <= 4); larger M is the GEMM's
-        rep.check(f"ternary {kind}", label, dtype, rel_err(torch, y, ref), TOL[dtype])
+        rep.check(f"ternary {kind}", label, dtype, rel_err(torch, y, ref), TOL[dtype], scope=scope)
+    if dev.dry:
+        ternary_host_and_reference_checks(torch, rep, label, dtype, x, codes, packed, scales, gs, ref)
+
+
+def ternary_host_and_reference_checks(torch, rep: Report, label, dtype, x, codes, packed, scales, gs, ref):
+    """On the CPU, for real: the packing the kernels are fed (this script's pack_codes = the exporter's
+    ternary_format.pack = the contract's formula read back code by code), the float64 reference
+    against numpy on ternary_format.dequantize, and negative controls the comparison must flag:
+    codes read in reversed bit order within each word, and codes not offset by 1."""
+    from edgecpm import ternary_format
+
+    N, K = codes.shape
+    kw = packed.shape[1]
+    n, k = np.meshgrid(np.arange(N), np.arange(kw * 16), indexing="ij")
+    formula = (packed[n, k // 16] >> (2 * (k % 16)).astype(np.uint32)) & 3  # code(n, k) as the contract reads it
+    bad = int((formula[:, :K] != codes).sum()) + int((formula[:, K:] != 1).sum())  # padding: code 1, weight 0
+    bad += int((ternary_format.pack(codes) != packed).sum())
+    rep.check("ternary packing: pack_codes = ternary_format.pack = contract", label, "-", bad, 0, what="mismatches",
+              ok=bad == 0, scope="host")
+    w = ternary_format.dequantize(packed, scales.float().numpy(), K).astype(np.float64)
+    numpy_ref = x.double().numpy() @ w.T
+    rep.check("ternary reference = numpy (ternary_format.dequantize)", label, dtype,
+              rel_err(torch, ref, torch.from_numpy(numpy_ref)), 1e-12, scope="reference")
+    if dtype != "fp32":
+        return
+    # What a kernel with the bit order reversed within each word (or without the -1) would compute.
+    padded = np.ones((N, kw * 16), np.uint8)
+    padded[:, :K] = codes
+    reversed_order = padded.reshape(N, kw, 16)[:, :, ::-1].reshape(N, -1)[:, :K]
+    for what, wrong_codes, offset in (("codes in reversed bit order", reversed_order, 1.0),
+                                      ("codes not offset by 1", codes, 0.0)):
+        w_wrong = (torch.from_numpy(np.ascontiguousarray(wrong_codes)).double() - offset) * \
+            scales.double().repeat_interleave(gs, dim=1)
+        err = rel_err(torch, x.double() @ w_wrong.T, ref)
+        rep.check(f"harness negative control: ternary {what}", label, dtype, err, TOL[dtype],
+                  what="rel err, must exceed", ok=err > TOL[dtype], scope="harness")
 
 
 # ---- timings ----------------------------------------------------------------------------------------
@@ -646,7 +834,7 @@ def time_stages(torch, dev, rep, q, k, v, pk, pv, ck_past, pos, mask, dims, c, c
                                           p(lst), p(cnt), p(pos), dims, ctypes.byref(c), p(out), p(wsd), wsd.numel(),
                                           s),
     }
-    for name, fn in stages.items():
+    for fn in stages.values():
         fn()  # in order, so that each stage's inputs are real
     torch.cuda.synchronize()
     selected = int(cnt.max().item())
@@ -663,7 +851,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lib", type=Path, help=f"libedgecpm_kernels.so (default: {DEFAULT_LIB.relative_to(ROOT)})")
     ap.add_argument("--out", type=Path, help=f"JSON results (default: {DEFAULT_OUT.relative_to(ROOT)}; "
                                              f"a dry run writes none unless given)")
-    ap.add_argument("--dry-run", action="store_true", help="CPU only: reference side at small shapes, no GPU")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="CPU only, checks NO kernel: references, host side and the harness, at small shapes")
     ap.add_argument("--no-timings", action="store_true", help="correctness only")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
@@ -671,21 +860,84 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def host_checks(lib, rep: Report):
     """What the library answers without a GPU: version, config checks, chunk counts, workspace sizes."""
-    rep.check("C ABI", "ctypes signatures = header", "-", len(check_header()), 0, what="differences",
-              ok=not check_header())
-    rep.check("C ABI", "ecpm_version", "-", lib.ecpm_version(), ABI_VERSION, what="version",
-              ok=lib.ecpm_version() == ABI_VERSION)
+    def check(case, value, limit, what, ok):
+        rep.check("C ABI", case, "-", value, limit, what=what, ok=ok, scope="host")
+
+    problems = check_header()
+    check("ctypes signatures = header", len(problems), 0, "differences", not problems)
+    check("ecpm_version", lib.ecpm_version(), ABI_VERSION, "version", lib.ecpm_version() == ABI_VERSION)
     cfg = sparse_config()
     c = Config.of(cfg)
     ok = all(lib.ecpm_infllmv2_n_chunks(ctypes.byref(c), n) == cfg.n_chunks(n) for n in range(300))
-    rep.check("C ABI", "n_chunks = SparseConfig.n_chunks", "-", int(not ok), 0, what="mismatches", ok=ok)
+    check("n_chunks = SparseConfig.n_chunks", int(not ok), 0, "mismatches", ok)
     bad = Config.of(cfg)
     bad.kernel_size = 48
     ok = lib.ecpm_infllmv2_check_config(ctypes.byref(c)) == 0 and lib.ecpm_infllmv2_check_config(ctypes.byref(bad)) == 1
-    rep.check("C ABI", "check_config accepts/refuses", "-", int(not ok), 0, what="mismatches", ok=ok)
+    check("check_config accepts/refuses", int(not ok), 0, "mismatches", ok)
     sizes = [lib.ecpm_infllmv2_workspace_size(Dims(1, P, 32, 2, 128), ctypes.byref(c)) for P in (0, 4096, 131071)]
-    ok = 0 < sizes[0] <= sizes[1] <= sizes[2]
-    rep.check("C ABI", "workspace grows with the context", "-", sizes[-1], 0, what="bytes at 128K", ok=ok)
+    ok = 0 < sizes[0] <= sizes[1] <= sizes[2] and lib.ecpm_infllmv2_workspace_size(Dims(1, 0, 32, 2, 12),
+                                                                                   ctypes.byref(c)) == 0
+    check("workspace grows with the context, 0 for bad dims", sizes[-1], 0, "bytes at 128K", ok)
+
+
+ARG, WORKSPACE = 1, 3  # ecpm_status
+
+
+def argument_checks(lib, rep: Report):
+    """The C ABI's host-side refusals: each returns its status before any CUDA call (and an empty
+    problem returns ECPM_OK without one), so this runs without a GPU. Only where no GPU is visible:
+    a refusal that went missing would launch on these fake pointers (here it fails as ECPM_ERR_CUDA,
+    which the check reports)."""
+    fake = ctypes.c_void_p(0x1000)  # never dereferenced on the host
+    null = ctypes.c_void_p(0)
+    cfg = sparse_config(window_size=128, topk=3, dense_len=200)
+    c, bad = Config.of(cfg), Config.of(cfg)
+    bad.semantics = 3
+    d = Dims(4, 517, 8, 2, 16)
+    c_ = ctypes.byref(c)
+    need = lib.ecpm_infllmv2_workspace_size(d, c_)
+    need1 = lib.ecpm_infllmv2_stage1_workspace_size(d, c_)
+    f = fake
+    cases = [  # (call, expected status)
+        ("ternary_gemv x = NULL", lib.ecpm_ternary_gemv(F32, null, f, f, f, 1, 8, 64, 32, null), ARG),
+        ("ternary_gemv K % group_size != 0", lib.ecpm_ternary_gemv(F16, f, f, f, f, 1, 8, 64, 48, null), ARG),
+        ("ternary_gemv group_size 0", lib.ecpm_ternary_gemv(F16, f, f, f, f, 1, 8, 64, 0, null), ARG),
+        ("ternary_gemv N = 0", lib.ecpm_ternary_gemv(F16, f, f, f, f, 1, 0, 64, 32, null), ARG),
+        ("ternary_gemv M = 0 (nothing to do)", lib.ecpm_ternary_gemv(F16, f, f, f, f, 0, 8, 64, 32, null), 0),
+        ("ternary_gemm y = NULL", lib.ecpm_ternary_gemm(F32, f, f, f, null, 9, 8, 64, 32, null), ARG),
+        ("ternary_gemm M over 65535 row tiles", lib.ecpm_ternary_gemm(F16, f, f, f, f, 65536 * 64, 8, 64, 32, null),
+         ARG),
+        ("ternary_matmul scales = NULL", lib.ecpm_ternary_matmul(F16, f, f, null, f, 1, 8, 64, 32, null), ARG),
+        ("forward: bad config", lib.ecpm_infllmv2_forward(F16, f, f, f, f, f, f, f, f, d, ctypes.byref(bad), f, f, f,
+                                                          need, null), ARG),
+        ("forward: D % 8 != 0", lib.ecpm_infllmv2_forward(F16, f, f, f, f, f, f, f, f, Dims(4, 517, 8, 2, 12), c_, f,
+                                                          f, f, need, null), ARG),
+        ("forward: Hq % Hkv != 0", lib.ecpm_infllmv2_forward(F16, f, f, f, f, f, f, f, f, Dims(4, 517, 9, 2, 16), c_,
+                                                             f, f, f, need, null), ARG),
+        ("forward: T = 0 (nothing to do)", lib.ecpm_infllmv2_forward(F16, f, f, f, f, f, f, f, f,
+                                                                     Dims(0, 517, 8, 2, 16), c_, f, f, f, 0, null), 0),
+        ("forward: workspace 1 byte short", lib.ecpm_infllmv2_forward(F16, f, f, f, f, f, f, f, f, d, c_, f, f, f,
+                                                                      need - 1, null), WORKSPACE),
+        ("stage1: workspace 1 byte short", lib.ecpm_infllmv2_stage1(F16, f, f, f, f, f, f, f, d, c_, f, f, need1 - 1,
+                                                                    null), WORKSPACE),
+        ("select: list without count", lib.ecpm_infllmv2_select(f, f, d, c_, f, f, null, null), ARG),
+        ("attend_decode: list = NULL", lib.ecpm_infllmv2_attend_decode(F16, f, f, f, f, f, f, null, f, f, d, c_, f, f,
+                                                                        1 << 20, null), ARG),
+        ("attend_decode: positions = NULL", lib.ecpm_infllmv2_attend_decode(F16, f, f, f, f, f, f, f, f, null, d, c_,
+                                                                             f, f, 1 << 20, null), ARG),
+        ("attend_prefill: blocks = NULL", lib.ecpm_infllmv2_attend_prefill(F16, f, f, f, f, f, f, null, f, d, c_, f,
+                                                                            null), ARG),
+        ("attend_prefill: positions = NULL", lib.ecpm_infllmv2_attend_prefill(F16, f, f, f, f, f, f, f, null, d, c_,
+                                                                               f, null), ARG),
+        ("convert_index: 2-byte source", lib.ecpm_convert_index(f, 2, f, 10, null), ARG),
+        ("convert_index: n < 0", lib.ecpm_convert_index(f, 8, f, -1, null), ARG),
+        ("convert_mask: 8-byte source", lib.ecpm_convert_mask(f, 8, f, 10, null), ARG),
+        ("gather_rows: base = NULL", lib.ecpm_gather_rows(null, 2, 64, 64, 0, f, 3, null), ARG),
+        ("gather_rows: row_bytes 0", lib.ecpm_gather_rows(f, 2, 64, 0, 0, f, 3, null), ARG),
+    ]
+    for case, got, want in cases:
+        rep.check("C ABI argument check", case, "-", got, want, what="status", ok=got == want,
+                  note="" if got == want else lib.ecpm_status_string(got).decode(), scope="host")
 
 
 def main(argv=None) -> int:
@@ -703,8 +955,11 @@ def main(argv=None) -> int:
             return 2
         lib = load_lib(Path(lib_path))
         host_checks(lib, rep)
+        if not torch.cuda.is_available():
+            argument_checks(lib, rep)
     if not args.dry_run and not torch.cuda.is_available():
-        print("gpu_check: torch sees no CUDA device; use --dry-run on a machine without a GPU", file=sys.stderr)
+        print("gpu_check: torch sees no CUDA device: no kernel can be checked here (--dry-run checks the references, "
+              "host side and harness on the CPU, no kernel)", file=sys.stderr)
         return 2
     dev = Device(torch, lib, args.dry_run)
     rep.facts = {"dry_run": args.dry_run, "torch": torch.__version__, "python": platform.python_version(),
@@ -720,23 +975,33 @@ def main(argv=None) -> int:
     for i, (M, N, K, gs) in enumerate(TERNARY_CASES[:3] if args.dry_run else TERNARY_CASES):
         for dtype in ("fp32", "fp16"):
             run_ternary_case(torch, dev, rep, M, N, K, gs, dtype, args.seed + 100 + i)
+    if args.dry_run:  # a shape with a partial last word and groups that split words (K = 1000, gs = 200)
+        run_ternary_case(torch, dev, rep, *TERNARY_CASES[4], "fp32", args.seed + 104)
 
     if not args.dry_run and not args.no_timings:
         copy = copy_bandwidth(torch)
         rep.facts["copy_bandwidth_GBps"] = copy
-        rep.rows.append(("cudaMemcpy D2D", "1 GiB", "-", f"{copy:.0f} GB/s", "read + write", ""))
+        rep.rows.append(("cudaMemcpy D2D", "1 GiB", "-", f"{copy:.0f} GB/s", "read + write", "", "timing (GPU)"))
         time_ternary(torch, dev, rep, copy)
         time_attention(torch, dev, rep)
 
     rep.facts["seconds"] = round(time.time() - t0, 1)
+    rep.facts["kernels_checked"] = rep.kernels_checked  # false in a dry run: no kernel ran
+    summary = rep.summary(args.dry_run, rep.facts["seconds"])
     print(rep.table())
-    print(f"\n{'PASSED' if rep.passed else 'FAILED'}: {sum(c['ok'] for c in rep.correctness)}/{len(rep.correctness)} "
-          f"checks ({rep.facts['seconds']} s{', dry run' if args.dry_run else ''})")
+    print(f"\n{summary}")
     out = args.out or (None if args.dry_run else DEFAULT_OUT)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"facts": rep.facts, "passed": rep.passed, "correctness": rep.correctness,
-                                   "timings": rep.timings, "table": rep.table()}, indent=1, default=float))
+        counts = {scope: {"passed": p, "checks": n} for scope, (p, n) in rep.counts().items()}
+        result = {"facts": rep.facts, "kernels_checked": rep.kernels_checked, "summary": summary, "scopes": SCOPES,
+                  "counts": counts}
+        if rep.kernels_checked:
+            result["passed"] = rep.passed
+        else:  # no "passed" a reader could take for the kernels'
+            result["reference_host_harness_passed"] = rep.passed
+        result.update(correctness=rep.correctness, timings=rep.timings, table=rep.table())
+        out.write_text(json.dumps(result, indent=1, default=float))
         print(f"wrote {out}")
     return 0 if rep.passed else 1
 

@@ -2,7 +2,8 @@
 # GPU check of the edgecpm kernels (DESIGN.md §11): builds libedgecpm_kernels.so with nvcc for the
 # GPU of this machine, then runs plugins/tests/gpu_check.py (correctness against the torch
 # reference, timings, one markdown table, JSON in benchmarks/results/gpu_check.json).
-# Needs nvcc, python3 with torch (CUDA) and numpy. Fits in 8 minutes on an H100.
+# Needs nvcc, python3 with torch (CUDA) and numpy. Fits in 8 minutes on an H100. This is the only
+# check that runs the kernels; gpu_check.py --dry-run (pytest) checks none of them.
 #
 #   plugins/tests/gpu_check.sh                 # extra arguments go to gpu_check.py
 #   plugins/tests/gpu_check.sh --no-timings
@@ -19,7 +20,8 @@ if [ -z "$arch" ]; then
     arch="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '.')"
 fi
 if [ -z "$arch" ]; then
-    echo "gpu_check: no CUDA GPU visible (torch.cuda and nvidia-smi); run gpu_check.py --dry-run instead" >&2
+    echo "gpu_check: no CUDA GPU visible (torch.cuda and nvidia-smi): no kernel can be checked here" \
+         "(gpu_check.py --dry-run checks the references, host side and harness on the CPU, no kernel)" >&2
     exit 2
 fi
 
