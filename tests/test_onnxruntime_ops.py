@@ -1,10 +1,16 @@
 """edgecpm's onnxruntime kernel for TernaryMatMul (runtimes/onnxruntime_ops.cpp): built on first
 use, exact against the dequantized matmul on each of its CPU paths, fused where linears share an
-input, and a clear fallback (or error) where it cannot be built."""
+input, and a clear fallback (or error) where it cannot be built.
+
+With EDGECPM_REQUIRE_ORT_OPS set (CI: .ci/run sets it and installs the headers), edgecpm's kernel is
+required: a failure to build it fails these tests instead of skipping them, and the tests that run a
+ternary bundle through the "auto" path assert that edgecpm's kernel ran (`backend.ternary_kernel`),
+not the MatMulNBits fallback."""
 
 from __future__ import annotations
 
 import os
+import platform
 
 import numpy as np
 import pytest
@@ -17,6 +23,14 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 
+def required() -> bool:
+    """EDGECPM_REQUIRE_ORT_OPS is set (CI): edgecpm's kernel must build, and "auto" must run it."""
+    return bool(os.environ.get("EDGECPM_REQUIRE_ORT_OPS"))
+
+
+MATMULNBITS_EXACT = "MatMulNBits (3 int8 digits)"
+
+
 @pytest.fixture
 def ort_ops():
     """The built library, or a skip that says why it cannot be built here (a failure in CI, which
@@ -26,9 +40,45 @@ def ort_ops():
     try:
         return onnxruntime_ops.library()
     except BackendUnavailable as e:
-        if os.environ.get("EDGECPM_REQUIRE_ORT_OPS"):
+        if required():
             raise
         pytest.skip(f"edgecpm's onnxruntime kernel cannot be built here: {e}")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty where /proc/cpuinfo is absent)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
+def auto_kernel_here() -> str:
+    """What OnnxRuntimeBackend(ternary="auto") must run for an fp32 bundle with exact activations on
+    this machine: edgecpm's kernel where it builds and has a vector path (x86-64: AVX-512 or AVX2),
+    else MatMulNBits on 3 digits. With EDGECPM_REQUIRE_ORT_OPS set, edgecpm's kernel is required:
+    a build failure is raised (the test fails, it does not skip or fall back), and so is a machine
+    where "auto" would not pick it (not x86-64, or the library on its scalar path although the CPU
+    reports AVX2)."""
+    from edgecpm.runtimes import onnxruntime_ops
+
+    try:
+        library = onnxruntime_ops.library()
+    except BackendUnavailable:
+        if required():
+            raise
+        return MATMULNBITS_EXACT
+    path = onnxruntime_ops.isa(library)
+    if platform.machine() == "x86_64" and path != "scalar":
+        return f"edgecpm ({path})"
+    if required():
+        flags = "avx2" in cpu_flags() and not os.environ.get("EDGECPM_ORT_ISA")
+        pytest.fail(f"EDGECPM_REQUIRE_ORT_OPS is set, but \"auto\" cannot run edgecpm's kernel here: machine "
+                    f"{platform.machine()}, kernel path {path!r}"
+                    + (" although the CPU reports AVX2" if flags else "") + " (it needs x86-64 with AVX2 or AVX-512)")
+    return MATMULNBITS_EXACT
 
 
 @pytest.fixture
@@ -122,7 +172,11 @@ def ternary_bundle(make_checkpoint, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ort_ops")
     ckpt = ternarize_checkpoint(make_checkpoint(dtype="bf16", tie=False), root / "c", "K")
-    return load_bundle(export_bundle(ckpt, root / "b", progress=False))
+    bundle = load_bundle(export_bundle(ckpt, root / "b", progress=False))
+    # What "auto" may give edgecpm's kernel (auto_kernel_here): fp32, exact activations.
+    assert bundle.manifest.get("dtype", "fp32") == "fp32"
+    assert (bundle.manifest.get("ternary") or {}).get("activations", "exact") == "exact"
+    return bundle
 
 
 def test_backend_falls_back_to_matmulnbits_with_a_warning(fresh_build, ternary_bundle, monkeypatch, tmp_path):
@@ -142,7 +196,8 @@ def test_backend_falls_back_to_matmulnbits_with_a_warning(fresh_build, ternary_b
 
 def test_auto_takes_edgecpm_kernel_only_with_a_vector_path(ort_ops, ternary_bundle, monkeypatch):
     """Where the library has only its portable C++ path, onnxruntime's own kernel is the faster exact
-    one: "auto" picks it, silently; asked for by name, edgecpm's still runs, and agrees."""
+    one: "auto" picks it, silently; asked for by name, edgecpm's still runs, and agrees. (With
+    EDGECPM_REQUIRE_ORT_OPS set, a machine where "auto" would not pick edgecpm's kernel fails.)"""
     import warnings
 
     from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
@@ -150,13 +205,15 @@ def test_auto_takes_edgecpm_kernel_only_with_a_vector_path(ort_ops, ternary_bund
 
     import edgecpm
 
-    if isa(ort_ops) == "scalar":
-        pytest.skip("this CPU has neither AVX-512 nor AVX2")
-    assert OnnxRuntimeBackend(ternary_bundle).ternary_kernel == f"edgecpm ({isa(ort_ops)})"
+    expected = auto_kernel_here()
+    if not expected.startswith("edgecpm ("):
+        pytest.skip(f"\"auto\" does not take edgecpm's kernel here (machine {platform.machine()}, kernel path "
+                    f"{isa(ort_ops)!r}: it needs x86-64 with AVX2 or AVX-512)")
+    assert OnnxRuntimeBackend(ternary_bundle).ternary_kernel == expected == f"edgecpm ({isa(ort_ops)})"
     monkeypatch.setenv("EDGECPM_ORT_ISA", "scalar")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert OnnxRuntimeBackend(ternary_bundle).ternary_kernel == "MatMulNBits (3 int8 digits)"
+        assert OnnxRuntimeBackend(ternary_bundle).ternary_kernel == MATMULNBITS_EXACT
     scalar = OnnxRuntimeBackend(ternary_bundle, ternary="edgecpm")
     assert scalar.ternary_kernel == "edgecpm (scalar)"
     ids = [1, *range(7, 40, 3)]
@@ -164,11 +221,31 @@ def test_auto_takes_edgecpm_kernel_only_with_a_vector_path(ort_ops, ternary_bund
     assert rel_err(edgecpm.Session.from_backend(scalar).logits(ids), ref) <= 1e-5
 
 
+def test_auto_runs_the_kernel_this_machine_allows(ternary_bundle):
+    """A plain Session on a ternary bundle (backend and ternary kernel both "auto"): with
+    EDGECPM_REQUIRE_ORT_OPS set, edgecpm's kernel must be what ran -- never the MatMulNBits
+    fallback -- and exact against the op's reference function."""
+    import edgecpm
+    from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
+
+    expected = auto_kernel_here()
+    session = edgecpm.Session(ternary_bundle.path)
+    assert session.backend.ternary_kernel == expected
+    if required():
+        assert session.backend.ternary_kernel.startswith("edgecpm (")
+    ids = [1, *range(7, 40, 3)]
+    ref = edgecpm.Session.from_backend(OnnxRuntimeBackend(ternary_bundle, ternary="reference")).logits(ids)
+    assert rel_err(session.logits(ids), ref) <= 1e-5
+
+
 def test_bench_says_what_ran_the_ternary_linears(ternary_bundle):
     from edgecpm.bench import run_bench
 
+    expected = auto_kernel_here()
     result = run_bench(ternary_bundle.path, backend="onnxruntime", prompt_len=8, new_tokens=2, repeats=1)
-    assert result["configs"]["plain"]["ternary_kernel"].startswith(("edgecpm (", "MatMulNBits ("))
+    assert result["configs"]["plain"]["ternary_kernel"] == expected
+    if required():
+        assert expected.startswith("edgecpm (")
 
 
 def test_kernel_refuses_weights_that_disagree_with_its_attributes(ort_ops, tmp_path):
