@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecpm import dtypes
 from edgecpm.bundle import Bundle
 from edgecpm.errors import BackendUnavailable, BundleError
 from edgecpm.kv_cache import KVCache
 
 # What can run a ternary bundle's TernaryMatMul nodes (OnnxRuntimeBackend's `ternary`).
 TERNARY_KERNELS = ("auto", "edgecpm", "matmulnbits", "reference")
-_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_}
 _ORT_TYPE = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
              "tensor(bool)": "bool"}
 
@@ -66,7 +66,7 @@ class OnnxRuntimeBackend:
         self.session = ort.InferenceSession(model, opts, providers=providers)
         self.providers = self.session.get_providers()
         self._check_io(graph)
-        self.kv_dtype = np.dtype(_NP[next(d["dtype"] for d in graph["inputs"] if d["name"] == "past_key.0")])
+        self.kv_dtype = dtypes.numpy_dtype(next(d["dtype"] for d in graph["inputs"] if d["name"] == "past_key.0"))
         self.weight_bytes = bundle.file(graph["file"] + ".data").stat().st_size
         self.binding = self.session.io_binding()
         self._layers = range(self.config.num_hidden_layers)

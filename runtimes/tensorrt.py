@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 from edgecpm.runtimes import tensorrt_engines as te  # engine checks, plugins, profiles; no TensorRT import
 
+from edgecpm import dtypes
 from edgecpm.bundle import Bundle
 from edgecpm.errors import BackendUnavailable, BundleError, ConfigError
 from edgecpm.kv_cache import KVCache
 
-_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_}
 
 
 class _Config(ctypes.Structure):  # ecpm_infllmv2_config (plugins/include/edgecpm_kernels.h)
@@ -149,7 +149,7 @@ class TensorRTBackend:
         self._check_io(trt)
 
         graph = bundle.graph("decoder")
-        self.kv_dtype = np.dtype(_NP[next(d["dtype"] for d in graph["inputs"] if d["name"] == "past_key.0")])
+        self.kv_dtype = dtypes.numpy_dtype(next(d["dtype"] for d in graph["inputs"] if d["name"] == "past_key.0"))
         self.weight_bytes = record["size"]  # the engine holds the weights
         cfg = self.config
         self.layers, self.hkv, self.head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
