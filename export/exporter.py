@@ -94,6 +94,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     if sparse:
         ckpt.config = ckpt.config.with_sparse(sparse if isinstance(sparse, dict) else None)
     check_destination(out, force, [checkpoint] + ([Path(eagle_of)] if eagle_of is not None else []))
+    if ckpt.quant is not None and quantize is None:
+        quantize = "none"  # a GPTQ/AWQ checkpoint is 4-bit, not ternary: skip detection (it dequantizes every linear)
     ternary = plan(linear_names(ckpt.config.num_hidden_layers), lambda name: ckpt.tensor(name, torch.float32).numpy(),
                    quantize, quantize_group_size)
     if ternary_activations != "exact" and not ternary:
