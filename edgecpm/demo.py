@@ -52,9 +52,12 @@ def bundle_for(checkpoint: Path, say) -> Path:
     return bundle
 
 
-def run_demo(models: Path = BUILTIN, max_new_tokens: int = 96, out=sys.stdout) -> dict:
+def run_demo(models: Path = BUILTIN, max_new_tokens: int = 96, out=None) -> dict:
+    """out: where the text goes (default: sys.stdout as it is at the call, not at import)."""
     from edgecpm.drafters import SpecConfig
     from edgecpm.session import Session
+
+    out = out if out is not None else sys.stdout
 
     def say(msg):
         print(f"[demo] {msg}", file=sys.stderr, flush=True)
