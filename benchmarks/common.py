@@ -143,6 +143,43 @@ def memory_bandwidth(size_bytes: int = 512 * 2**20, repeats: int = 3) -> dict:
             "method": f"numpy copyto of a {n * 8 // 2**20} MiB float64 array, best of {repeats}, (read+write)/s"}
 
 
+def gemv_bandwidth(threads: int, size_bytes: int = 512 * 2**20, k: int = 1024, n: int = 4096, repeats: int = 5) -> dict:
+    """Weight-read bandwidth the way onnxruntime reads a decode step's weights: fp32 MatMuls
+    [1, k] x [k, n] (MiniCPM4-0.5B's linear shape) over `size_bytes` of initializers in one graph,
+    on `threads` intra-op threads without spinning (as edgecpm's backend runs them). Best of N:
+    weight bytes / seconds. This is the roofline's bandwidth; `memory_bandwidth` (a one-thread
+    numpy copy, read + write) is reported beside it."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    count = max(1, size_bytes // (4 * k * n))
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), f"w{i}") for i in range(count)]
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]) for i in range(count)], "gemv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]) for i in range(count)],
+                              inits)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    del inits, graph
+    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    del model
+    x = {"x": np.ones((1, k), np.float32)}
+    sess.run(None, x)  # warm-up: pages in the weights
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, x)
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    total = count * k * n * 4
+    return {"bytes_per_s": total / best, "weight_bytes": total, "threads": threads, "best_s": best, "times_s": times,
+            "method": f"onnxruntime: {count} fp32 MatMuls [1,{k}]x[{k},{n}] in one graph on {threads} threads, "
+                      f"best of {repeats}, weight bytes read / s"}
+
+
 def current_rss_bytes() -> int | None:
     try:
         pages = int(Path("/proc/self/statm").read_text().split()[1])

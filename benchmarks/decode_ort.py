@@ -98,7 +98,8 @@ def main(argv=None) -> int:
             del s
         peak_rss = peak_rss_bytes()
 
-    bw = common.memory_bandwidth()
+    bw = common.gemv_bandwidth(args.threads)  # read the way the runtime reads its weights
+    copy_bw = common.memory_bandwidth()
     read = common.decode_weight_bytes(cfg, 4)
     roofline_s = read["bytes"] / bw["bytes_per_s"]
     ort, pt = results["onnxruntime"], results["torch"]
@@ -116,6 +117,7 @@ def main(argv=None) -> int:
         "export_s": export_s,
         "backends": results,
         "memory_bandwidth": bw,
+        "copy_bandwidth_one_thread": copy_bw,
         "decode_weight_read": read,
         "roofline_ms_per_token": 1000 * roofline_s,
         "peak_rss_bytes": peak_rss,
