@@ -7,6 +7,7 @@
 Importing edgecpm needs only numpy and tokenizers; backends are imported when a Session needs them.
 """
 
+from edgecpm.drafters import SpecConfig
 from edgecpm.errors import (
                             BackendUnavailable,
                             BudgetError,
@@ -18,7 +19,6 @@ from edgecpm.errors import (
 from edgecpm.generate import Generation
 from edgecpm.sampling import SamplingParams
 from edgecpm.session import Chat, Session
-from edgecpm.drafters import SpecConfig
 from edgecpm.tokenizer import Tokenizer
 
 __version__ = "0.1.0"

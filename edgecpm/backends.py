@@ -5,9 +5,11 @@ EAGLE head's backend. Backend modules (edgecpm.runtimes.*) are imported here, la
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from edgecpm.bundle import is_bundle, load_bundle
+from edgecpm.bundle import check_manifest, is_bundle, load_bundle, manifest_path, read_manifest
+from edgecpm.config import ModelConfig
 from edgecpm.drafters import is_eagle
 from edgecpm.errors import BackendUnavailable, ConfigError
 from edgecpm.tokenizer import Tokenizer
@@ -80,13 +82,24 @@ def open_draft_backend(draft, target, threads: int | None):
     """The backend of a draft model or EAGLE head folder (bundle or checkpoint); `target` is the
     target's backend, whose vocabulary the draft must share."""
     path = Path(draft)
-    if not path.is_dir():
-        raise ConfigError(f"draft={draft!r}: expected 'ngram' or a draft bundle/checkpoint folder")
-    backend = open_eagle_backend(path, target, threads) if is_eagle(path) else open_backend(path, threads=threads)
-    if backend.config.vocab_size != target.config.vocab_size:
-        raise ConfigError(f"{path}: draft vocabulary {backend.config.vocab_size} differs from the target's "
-                          f"{target.config.vocab_size}; a draft must share the target's tokenizer")
-    return backend
+    check_draft(path, target.config.vocab_size)
+    return open_eagle_backend(path, target, threads) if is_eagle(path) else open_backend(path, threads=threads)
+
+
+def check_draft(path: Path, vocab_size: int) -> None:
+    """Refuse a draft folder that cannot draft for a target of `vocab_size`, reading only its
+    config (bench validates every drafter this way before measuring any)."""
+    path = Path(path)
+    if is_bundle(path):
+        cfg = check_manifest(read_manifest(path), manifest_path(path))
+    elif (path / "config.json").is_file():
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        cfg = ModelConfig.for_eagle(raw, str(path)) if is_eagle(path) else ModelConfig.from_dict(raw, str(path))
+    else:
+        raise ConfigError(f"draft={str(path)!r}: expected 'ngram' or a draft bundle/checkpoint folder")
+    if cfg.vocab_size != vocab_size:
+        raise ConfigError(f"{path}: draft vocabulary {cfg.vocab_size} differs from the target's {vocab_size}; a "
+                          f"draft must share the target's tokenizer")
 
 
 def open_eagle_backend(path: Path, target, threads: int | None):

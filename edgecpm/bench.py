@@ -6,9 +6,11 @@ from __future__ import annotations
 import resource
 import statistics
 import sys
+from pathlib import Path
 
 import numpy as np
 
+from edgecpm.backends import check_draft
 from edgecpm.session import Session
 
 
@@ -63,14 +65,20 @@ def run_bench(path, backend="auto", kv_budget="1GiB", threads=None, dtype=None, 
               new_tokens=64, repeats=3, drafts=(), kv_policy="error") -> dict:
     """Plain decoding, then each drafter in `drafts` (SpecConfig or its draft argument), same prompts."""
     results = {}
+    s = Session(path, backend=backend, kv_budget=kv_budget, dtype=dtype, threads=threads, kv_policy=kv_policy)
+    for draft in drafts:  # every drafter is checked before any is measured
+        named = getattr(draft, "draft", draft)
+        if isinstance(named, (str, Path)) and named != "ngram":
+            check_draft(Path(named), s.config.vocab_size)
+    del s
     for draft in (None, *drafts):
         s = Session(path, backend=backend, kv_budget=kv_budget, draft=draft, dtype=dtype, threads=threads,
                     kv_policy=kv_policy)
         ids = _prompts(s, list(prompts), prompt_len, repeats)
         name = "plain" if draft is None else str(getattr(draft, "draft", draft))
         results[name] = {**measure(s, ids, new_tokens), "memory": s.memory(), "backend": s.backend.name}
-        if kernel := getattr(s.backend, "ternary_kernel", None):  # what ran a ternary bundle's linears
-            results[name]["ternary_kernel"] = kernel
+        if s.backend.ternary_kernel:  # what ran a ternary bundle's linears
+            results[name]["ternary_kernel"] = s.backend.ternary_kernel
         print(f"{name}: decode {results[name]['decode_tok_s']:.2f} tok/s", file=sys.stderr)
         del s
     plain = results["plain"]["decode_tok_s"]

@@ -12,118 +12,24 @@ without a traceback (`--debug` shows it). Importing this module, and `inspect`, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import traceback
 from pathlib import Path
 
-from edgecpm import dtypes
-from edgecpm.backends import AUTO_RULE, BACKENDS
-from edgecpm.errors import BackendUnavailable, EdgeCPMError
-from edgecpm.kv_cache import POLICIES
-from edgecpm.session import SINK_TOKENS
+from edgecpm.cli_options import (
+    add_sampling_options,
+    add_session_options,
+    check_sampling,
+    open_session,
+    sampling_kwargs,
+    spec_config,
+)
+from edgecpm.errors import BackendUnavailable, BudgetError, EdgeCPMError
 
 PROG = "edgecpm"
-
-
-# ---- shared options ---------------------------------------------------------------------------
-def add_session_options(p: argparse.ArgumentParser) -> None:
-    """Options that open a Session (DESIGN.md §3: Session(path, backend, kv_budget, dtype, threads))."""
-    g = p.add_argument_group("session")
-    g.add_argument("--backend", default="auto", choices=BACKENDS, help=f"runtime to use (default: auto: {AUTO_RULE})")
-    g.add_argument("--kv-budget", default="1GiB", metavar="SIZE",
-                   help="KV cache byte budget, e.g. 512MiB, 2GB or a plain byte count (default: 1GiB)")
-    g.add_argument("--kv-policy", default="error", choices=POLICIES,
-                   help="when the context outgrows the KV budget: error (stop / refuse, default) or window "
-                        f"(keep the first {SINK_TOKENS} tokens + the most recent ones, StreamingLLM-style: lossy, "
-                        "runs on)")
-    g.add_argument("--dtype", default=None, choices=dtypes.NAMES,
-                   help="compute dtype (default: the backend's choice; fp32 for torch)")
-    g.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for the backend (default: the runtime's default)")
-    add_draft_options(p)
-
-
-def add_draft_options(p: argparse.ArgumentParser) -> None:
-    """Speculative decoding (DESIGN.md §10): Session(draft=SpecConfig(...))."""
-    g = p.add_argument_group("speculative decoding")
-    g.add_argument("--draft", default=None, metavar="DRAFT",
-                   help="'ngram' (prompt lookup) or a draft bundle/checkpoint folder with the same tokenizer")
-    g.add_argument("--draft-depth", type=int, default=5, metavar="N", help="longest draft path (default: 5)")
-    g.add_argument("--draft-tree-size", type=int, default=8, metavar="N",
-                   help="draft tokens verified per step (default: 8)")
-    g.add_argument("--draft-branch", type=int, default=1, metavar="K",
-                   help="children per expanded node; 1 drafts a chain (default: 1)")
-
-
-def spec_config(args: argparse.Namespace, draft: str | None = None):
-    from edgecpm.drafters import SpecConfig
-
-    draft = draft or args.draft
-    if draft is None:
-        return None
-    return SpecConfig(draft=draft, depth=args.draft_depth, tree_size=args.draft_tree_size, branch=args.draft_branch)
-
-
-def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    """The generation options of Session.generate/stream/chat (names as in DESIGN.md §3)."""
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="default: 128")
-    g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: 0)")
-    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling, in (0, 1] (default: 1)")
-    g.add_argument("--top-k", type=int, default=0, metavar="K", help="0 disables it (default: 0)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
-                   help="> 0; 1 disables it (default: 1)")
-    g.add_argument("--seed", type=int, default=None, metavar="N", help="random seed for sampling")
-    g.add_argument("--stop", action="extend", nargs="+", default=None, metavar="S",
-                   help="stop strings (the text ends right before the first one); repeatable; "
-                        "\\n and \\t are understood as newline and tab")
-    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
-    g.add_argument("--stats", action="store_true", help="print speed and KV statistics to stderr afterwards")
-
-
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
-
-
-def unescape(text: str) -> str:
-    """Backslash escapes a shell cannot type easily: \\n, \\t, \\r, \\\\ (others stay as they are)."""
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
-            out.append(_ESCAPES[text[i + 1]])
-            i += 2
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
-
-
-SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "ignore_eos")
-
-
-def sampling_kwargs(args: argparse.Namespace) -> dict:
-    """The sampling options as keyword arguments of Session.generate / stream / Chat.send."""
-    kwargs = {name: getattr(args, name) for name in SAMPLING}
-    return kwargs | {"stop": [unescape(x) for x in args.stop] if args.stop else None}
-
-
-def check_sampling(args: argparse.Namespace) -> None:
-    """Validate the sampling options before the (slow) model load, with the library's messages."""
-    from edgecpm.sampling import SamplingParams
-
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be an integer >= 1")
-    SamplingParams(args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed)
-    if args.stop is not None and not all(args.stop):
-        raise ValueError("--stop: stop strings must be non-empty")
-
-
-def open_session(args: argparse.Namespace):
-    from edgecpm.session import Session
-
-    return Session(args.path, backend=args.backend, kv_budget=args.kv_budget, dtype=args.dtype,
-                   threads=args.threads, draft=spec_config(args), kv_policy=args.kv_policy)
 
 
 def print_stats(generation, file=None) -> None:
@@ -150,7 +56,7 @@ def _stream_reply(pieces) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     prompt = args.prompt
     if prompt == "-":
-        prompt = sys.stdin.read().rstrip("\n")
+        prompt = read_utf8(sys.stdin.buffer.read(), "-p -: stdin").rstrip("\n")
     if not prompt:
         raise ValueError("-p/--prompt: the prompt is empty")
     check_sampling(args)
@@ -162,8 +68,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); convert it "
+                         f"first, e.g. `iconv -f latin1 -t utf-8`") from None
+
+
 # ---- chat -------------------------------------------------------------------------------------
 CHAT_HELP = "commands: /reset starts a new chat, /exit (or Ctrl-D) quits, Ctrl-C stops a reply"
+BUDGET_FULL = ("this conversation fills the KV budget ({}); /reset starts a new chat, or restart with a larger "
+               "--kv-budget, or with --kv-policy window to keep only the most recent turns")
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -174,6 +90,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print(CHAT_HELP, file=sys.stderr)
+    # A line that is not UTF-8 must not end the chat: its bad bytes become U+FFFD, with a warning.
+    sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             line = input("> ")
@@ -196,13 +114,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if command in ("/help", "/?"):
             print(CHAT_HELP, file=sys.stderr)
             continue
+        if line != (fixed := line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")):
+            print("(this line is not UTF-8: its undecodable bytes were replaced by U+FFFD)", file=sys.stderr)
+            line = fixed
         try:
             _stream_reply(chat.stream(line, **kwargs))
         except KeyboardInterrupt:
             # The interrupted turn is not added to the history; the session stays usable.
             print("\n(interrupted; this turn is not kept)", file=sys.stderr)
             continue
-        if args.stats and s.last is not None:
+        except BudgetError as e:  # the turn did not fit: nothing was kept, the chat goes on
+            print(f"{PROG}: {BUDGET_FULL.format(e)}", file=sys.stderr)
+            continue
+        if s.last.finish_reason == "length" and s.cache.free == 0:
+            print(f"({BUDGET_FULL.format(f'{s.cache.capacity} tokens')})", file=sys.stderr)
+        if args.stats:
             print_stats(s.last)
 
 
@@ -274,7 +200,12 @@ def cmd_freq(args: argparse.Namespace) -> int:
     from edgecpm.frspec import build_freq_table, count_tokens
     from edgecpm.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_pretrained(args.tokenizer)
+    if (Path(args.tokenizer) / "tokenizer.json").exists():
+        tok = Tokenizer.from_pretrained(args.tokenizer)
+    else:  # a checkpoint with only tokenizer.model: converted as `edgecpm export` does (needs its extra)
+        from edgecpm.export.tokenizer_convert import load_tokenizer
+
+        tok = load_tokenizer(args.tokenizer)
     counts = count_tokens(tok, [Path(c) for c in args.corpus], progress=sys.stderr.isatty())
     table = build_freq_table(counts, args.r, tok.eos_token_ids, tok.special_ids)
     covered = counts[table].sum() / max(counts.sum(), 1)
@@ -352,7 +283,8 @@ errors print "edgecpm: error: ..." and exit with status 2; add --debug for a tra
                    help="how onnxruntime computes packed ternary linears: exact (fp32 activations, on edgecpm's "
                         "kernel where it can be built, else on onnxruntime's MatMulNBits as 3 int8 digits), int16 "
                         "(MatMulNBits on 2 digits: logits ~1e-5 relative off; only faster where edgecpm's kernel "
-                        "cannot be built) or int8 (1 digit: fastest, lossy: ~1e-3); TensorRT ignores it (default: exact)")
+                        "cannot be built) or int8 (1 digit: fastest, lossy: ~1e-3); TensorRT ignores it "
+                        "(default: exact)")
     p.add_argument("--quantize", default=None, choices=("ternary", "none"),
                    help="linear weights: by default a BitCPM4 ternary checkpoint (detected exactly) is packed at 2 "
                         "bits and any other stays dense; 'ternary' also ternarizes non-ternary linears (lossy: "
@@ -391,14 +323,17 @@ errors print "edgecpm: error: ..." and exit with status 2; add --debug for a tra
   echo "Write a haiku about the sea." | edgecpm run path/to/MiniCPM4-0.5B -p - --stop "\\n\\n" --stats
   edgecpm run path/to/MiniCPM4-0.5B -p "Hello" --backend torch --kv-budget 256MiB --threads 4""", [common])
     p.add_argument("path", metavar="PATH", help="checkpoint or bundle folder")
-    p.add_argument("-p", "--prompt", required=True, help='the prompt text; "-" reads it from stdin')
+    p.add_argument("-p", "--prompt", required=True,
+                   help='the prompt text; "-" reads it from stdin (UTF-8; other encodings are refused with a hint)')
     add_session_options(p)
     add_sampling_options(p)
     p.set_defaults(func=cmd_run)
 
     p = _sub(subs, "chat", "interactive multi-turn chat on stdin/stdout",
              "Chat with a model, one line per user turn (ChatML template; the KV cache is reused across\n"
-             "turns). " + CHAT_HELP + ".",
+             "turns). " + CHAT_HELP + ".\nInput is UTF-8: bytes that are not are replaced by U+FFFD, with a warning.\n"
+             "When the conversation fills --kv-budget the chat says so: /reset, a larger budget or\n"
+             "--kv-policy window continue it.",
              """examples:
   edgecpm chat path/to/MiniCPM4-0.5B
   edgecpm chat path/to/MiniCPM4-0.5B --system "You are a concise assistant." --temperature 0.7 --seed 1
@@ -438,7 +373,8 @@ errors print "edgecpm: error: ..." and exit with status 2; add --debug for a tra
   edgecpm freq --tokenizer path/to/MiniCPM4-0.5B corpus.txt more/ -r 16384 -o freq.npy
   edgecpm export path/to/MiniCPM4-0.5B -o draft/ --frspec freq.npy""", [common])
     p.add_argument("corpus", nargs="+", help="text files or folders")
-    p.add_argument("--tokenizer", required=True, metavar="PATH", help="checkpoint or bundle folder with tokenizer files")
+    p.add_argument("--tokenizer", required=True, metavar="PATH",
+                   help="checkpoint or bundle folder with tokenizer files")
     p.add_argument("-r", type=int, default=16384, help="table length (default: 16384)")
     p.add_argument("-o", "--output", required=True, help="where to write freq.npy")
     p.set_defaults(func=cmd_freq)
@@ -500,10 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:
         # The reader went away (e.g. `edgecpm run ... | head`): not an error of ours.
-        try:
+        with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
         return 0
     except KeyboardInterrupt:
         print(file=sys.stderr)

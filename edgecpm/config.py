@@ -55,7 +55,8 @@ class _Keys:
     def int(self, key: str, default=_REQUIRED, low: int = 1, null_ok: bool = False) -> int:
         v = self.get(key, default, null_ok)
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
-            raise self.fail(key, {1: "a positive integer", 0: "a non-negative integer"}.get(low, f"an integer >= {low}"), v)
+            what = {1: "a positive integer", 0: "a non-negative integer"}.get(low, f"an integer >= {low}")
+            raise self.fail(key, what, v)
         return v
 
     def float(self, key: str, default=_REQUIRED, positive: bool = True, null_ok: bool = False) -> float:
@@ -108,7 +109,8 @@ class SparseConfig:
         if not isinstance(d, dict):
             raise ConfigError(f'{source}: "sparse_config" must be an object, got {_show(d)}')
         k, df = _Keys(d, source, "sparse_config."), cls()
-        sc = cls(kernel_size=k.int("kernel_size", df.kernel_size), kernel_stride=k.int("kernel_stride", df.kernel_stride),
+        sc = cls(kernel_size=k.int("kernel_size", df.kernel_size),
+                 kernel_stride=k.int("kernel_stride", df.kernel_stride),
                  init_blocks=k.int("init_blocks", df.init_blocks, low=0), block_size=k.int("block_size", df.block_size),
                  window_size=k.int("window_size", df.window_size, low=0), topk=k.int("topk", df.topk),
                  use_nope=k.bool("use_nope", df.use_nope), dense_len=k.int("dense_len", df.dense_len, low=0),

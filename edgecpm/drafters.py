@@ -78,7 +78,7 @@ class DraftTree:
     def children(self) -> list[dict[int, int]]:
         """For each row, {token: row} of its children."""
         kids: list[dict[int, int]] = [{} for _ in range(len(self) + 1)]
-        for i, (t, p) in enumerate(zip(self.tokens.tolist(), self.parents.tolist())):
+        for i, (t, p) in enumerate(zip(self.tokens.tolist(), self.parents.tolist(), strict=True)):
             kids[p + 1].setdefault(t, i + 1)
         return kids
 

@@ -22,6 +22,9 @@ class SamplingParams:
             raise ValueError(f"top_p={self.top_p!r}: must be in (0, 1]")
         if not (isinstance(self.top_k, (int, np.integer)) and self.top_k >= 0):
             raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0 (0 disables it)")
+        if self.seed is not None and not (isinstance(self.seed, (int, np.integer)) and not isinstance(self.seed, bool)
+                                          and 0 <= self.seed < 2**64):
+            raise ValueError(f"seed={self.seed!r}: must be an integer in [0, 2**64) (or None for a random seed)")
         if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
             raise ValueError(f"repetition_penalty={self.repetition_penalty!r}: must be > 0 (1.0 disables it)")
 

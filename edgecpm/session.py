@@ -161,7 +161,8 @@ class Session:
         ids = [int(t) for t in prompt]
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if not ids or bad:
-            raise ValueError(f"prompt token ids must be a non-empty list in [0, {self.config.vocab_size}); got {bad[:5]}")
+            raise ValueError(f"prompt token ids must be a non-empty list in [0, {self.config.vocab_size}); "
+                             f"got {bad[:5]}")
         return ids
 
     def _request(self, ids: list[int], max_new_tokens, params: SamplingParams, stop, ignore_eos):

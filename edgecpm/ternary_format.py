@@ -17,8 +17,10 @@ Worked example: N = 2 rows, K = 20 inputs, one scale per row (0.5 and 0.25).
 ...               [0, .25, -.25, 0,  0, 0, 0, 0,  .25, .25, .25, .25,  0, -.25, 0, 0,  0, 0, 0, -.25]],
 ...              np.float32)
 >>> codes, scales = encode(W, 20)
->>> codes.tolist()
-[[2, 0, 1, 2, 1, 1, 0, 2, 2, 1, 1, 1, 0, 1, 1, 2, 0, 2, 1, 1], [1, 2, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 1, 0, 1, 1, 1, 1, 1, 0]]
+>>> for row in codes.tolist():
+...     print(row)
+[2, 0, 1, 2, 1, 1, 0, 2, 2, 1, 1, 1, 0, 1, 1, 2, 0, 2, 1, 1]
+[1, 2, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 1, 0, 1, 1, 1, 1, 1, 0]
 >>> scales.tolist()
 [[0.5], [0.25]]
 >>> [[hex(word) for word in row] for row in pack(codes)]

@@ -41,10 +41,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from edgecpm.export.onnx_builder import GraphBuilder, grouped_scores
 from onnx import TensorProto, helper
 
 from edgecpm.config import SparseConfig
+from edgecpm.export.onnx_builder import GraphBuilder, grouped_scores
 
 DOMAIN = "edgecpm"
 PLUGIN_VERSION = "1"
@@ -126,7 +126,8 @@ def tree_chunk_scores(g: GraphBuilder, s_new, qf, past_k, k, pos, attn_mask, fir
     past_tail = g.op("Slice", past_tail, zero, need, zero)
     halves = g.op("ReduceSum", g.op("Reshape", past_tail, g.op("Concat", g.const([-1]), stride, Hkv, D, axis=0)),
                   one, keepdims=0)
-    past_sum = g.op("Add", g.op("Slice", halves, zero, n_new, zero), g.op("Slice", halves, one, big, zero))  # [Cn,Hkv,D]
+    # [Cn, Hkv, D]
+    past_sum = g.op("Add", g.op("Slice", halves, zero, n_new, zero), g.op("Slice", halves, one, big, zero))
     # The new rows each unaligned query sees, per chunk, by position.
     lo = g.op("Unsqueeze", g.op("Mul", g.op("Range", g.op("Squeeze", first), g.op("Squeeze", g.op("Add", first, n_new)),
                                             g.const(1)), g.op("Squeeze", stride)), one)  # [Cn, 1]
@@ -190,7 +191,8 @@ def infllmv2_function() -> onnx.FunctionProto:
     s = g.op("Concat", grouped_scores(g, past_ck, qf), s_new, axis=0)  # [nc, Hkv, G, T]
     s = g.op("Transpose", s, perm=[1, 2, 3, 0])
     nc = g.dim(s, 3)
-    chunk_end = g.op("Add", g.op("Mul", g.op("Range", g.const(0), g.op("Squeeze", nc), g.const(1)), g.op("Squeeze", stride)),
+    chunk_index = g.op("Range", g.const(0), g.op("Squeeze", nc), g.const(1))
+    chunk_end = g.op("Add", g.op("Mul", chunk_index, g.op("Squeeze", stride)),
                      g.op("Squeeze", g.op("Sub", kernel, one)))
     visible = g.op("LessOrEqual", g.op("Unsqueeze", chunk_end, zero), g.op("Unsqueeze", pos, one))  # [T, nc]
     p = g.op("ReduceSum", g.op("Softmax", g.op("Where", visible, s, neg_inf), axis=-1), one, keepdims=0)
@@ -270,7 +272,8 @@ def infllmv2_function() -> onnx.FunctionProto:
         return g.op("Where", g.op("Unsqueeze", mask, one), g.op("Reshape", s, four_d), neg_inf)
 
     def weighted(p, values):  # p [Hkv, G, T, N] x values [Hkv, N, D] -> [Hkv, G*T, D]
-        flat_p = g.op("Reshape", g.op("CastLike", p, values), g.op("Concat", Hkv, g.const([-1]), g.dim(values, 1), axis=0),
+        shape = g.op("Concat", Hkv, g.const([-1]), g.dim(values, 1), axis=0)
+        flat_p = g.op("Reshape", g.op("CastLike", p, values), shape,
                       allowzero=1)
         return g.op("MatMul", flat_p, values)
 

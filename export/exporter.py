@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from edgecpm.export.checkpoint import Checkpoint
-from edgecpm.export.custom_ops import DOMAIN
-from edgecpm.export.onnx_graph import build_decoder, graph_io
-from edgecpm.export.ternary import TernaryInfo, linear_names, plan, summary
-from edgecpm.export.tokenizer_convert import load_tokenizer
 from onnx import TensorProto, helper
 
 from edgecpm import __version__
 from edgecpm.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_record, read_manifest, write_manifest
 from edgecpm.errors import BundleError
+from edgecpm.export.checkpoint import Checkpoint
+from edgecpm.export.custom_ops import DOMAIN
+from edgecpm.export.onnx_graph import build_decoder, graph_io
+from edgecpm.export.ternary import TernaryInfo, linear_names, plan, summary
+from edgecpm.export.tokenizer_convert import load_tokenizer
 from edgecpm.frspec import load_freq_table
 from edgecpm.ternary_format import ACTIVATION_DIGITS
 
@@ -132,7 +132,8 @@ def check_destination(out: Path, force: bool, sources: list[Path]) -> None:
     for src in sources:
         src = src.resolve()
         if target == src or target in src.parents:
-            raise BundleError(f"{out}: this is {'the checkpoint' if target == src else 'a folder holding the checkpoint'} "
+            what = "the checkpoint" if target == src else "a folder holding the checkpoint"
+            raise BundleError(f"{out}: this is {what} "
                               f"{src}; export into a new folder, e.g. -o {src.name}-bundle")
     if not out.exists():
         return

@@ -193,7 +193,8 @@ def sparse_attend(q, k, v, past_k, past_v, pos, attn_mask, blocks, cfg: SparseCo
             sel = blocks[h, t0:t1]  # [Tr, nb]
             used = sel.any(0).nonzero().flatten()
             rows = BlockRows(used, P, new_blocks, B)
-            keys, vals = rows.gather(past_k, k, h, "keys").float(), rows.gather(past_v, v, h, "values").float()  # [U, D]
+            keys = rows.gather(past_k, k, h, "keys").float()  # [U, D]
+            vals = rows.gather(past_v, v, h, "values").float()
             # Visibility per query: a past row's block was selected (past rows come in block
             # order, so row i is in block past_blocks[i // B]) ...
             visible = torch.empty(t1 - t0, rows.count, dtype=torch.bool)

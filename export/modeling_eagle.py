@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from edgecpm.export.checkpoint import Checkpoint
-from edgecpm.export.modeling_minicpm import DecoderLayer, LongRoPE, ModelOutput, RMSNorm
 from torch import nn
 
 from edgecpm.config import ModelConfig
 from edgecpm.errors import CheckpointError
+from edgecpm.export.checkpoint import Checkpoint
+from edgecpm.export.modeling_minicpm import DecoderLayer, LongRoPE, ModelOutput, RMSNorm
 
 
 class EagleModel(nn.Module):
@@ -86,7 +86,7 @@ class EagleHead(nn.Module):
         e = m.input_norm1(F.embedding(input_ids, self.embed_weight) * cfg.scale_emb)
         h = m.fc(torch.cat([e, m.input_norm2(hidden_in.to(e.dtype))], dim=-1))
         keys, values = [], []
-        for layer, pk, pv in zip(m.eagle_layers, past_keys, past_values):
+        for layer, pk, pv in zip(m.eagle_layers, past_keys, past_values, strict=True):
             h, k, v, _ = layer(h, cos, sin, attn_mask, pk, pv, position_ids, None)
             keys.append(k)
             values.append(v)

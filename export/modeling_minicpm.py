@@ -29,11 +29,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from edgecpm.export.infllmv2 import sparse_attention
-from edgecpm.export.ternary import TernaryInfo, ternary_matmul
 from torch import nn
 
 from edgecpm.config import ModelConfig
+from edgecpm.export.infllmv2 import sparse_attention
+from edgecpm.export.ternary import TernaryInfo, ternary_matmul
 
 
 class ModelOutput(NamedTuple):
@@ -225,7 +225,7 @@ class MiniCPMForCausalLM(nn.Module):
         cos, sin = self.rope(position_ids)
         h = self.model.embed_tokens(input_ids) * cfg.scale_emb
         keys, values, ckeys = [], [], []
-        for layer, pk, pv, pck in zip(self.model.layers, past_keys, past_values, past_ckeys):
+        for layer, pk, pv, pck in zip(self.model.layers, past_keys, past_values, past_ckeys, strict=True):
             h, k, v, ck = layer(h, cos, sin, attn_mask, pk, pv, position_ids, pck)
             keys.append(k)
             values.append(v)

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper
+
+from edgecpm.config import ModelConfig
 from edgecpm.export.custom_ops import (
     DOMAIN,
     TERNARY,
@@ -29,9 +32,6 @@ from edgecpm.export.ternary import (
     pack,
     ternary_codes,
 )
-from onnx import TensorProto, helper
-
-from edgecpm.config import ModelConfig
 
 OPSET = 17
 ONNX_DTYPE = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
@@ -174,7 +174,8 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
     embed = g.weight("model.embed_tokens.weight", tensor("model.embed_tokens.weight").astype(npdt))
     h = g.op("Mul", g.op("Gather", embed, ids, axis=0), scalar(cfg.scale_emb))
     if eagle:
-        both = g.op("Concat", rms_norm(h, "model.input_norm1.weight"), rms_norm("hidden_in", "model.input_norm2.weight"),
+        tokens, features = rms_norm(h, "model.input_norm1.weight"), rms_norm("hidden_in", "model.input_norm2.weight")
+        both = g.op("Concat", tokens, features,
                     axis=-1)
         h = linear(both, "model.fc.weight")
     res = scalar(cfg.eagle_residual_scale if eagle else cfg.residual_scale)

@@ -228,7 +228,8 @@ def _torch_op():
 
     # An explicit schema: this module's annotations are strings naming a torch it does not import.
     @torch.library.custom_op("edgecpm::ternary_matmul", mutates_args=(),
-                             schema="(Tensor x, Tensor packed, Tensor scales, int in_features, int group_size) -> Tensor")
+                             schema="(Tensor x, Tensor packed, Tensor scales, int in_features, int group_size) "
+                                    "-> Tensor")
     def ternary_matmul(x, packed, scales, in_features, group_size):
         """x [M, K] @ W^T with W from packed (int32 holding the uint32 words) and scales [N, K // g];
         fp32 accumulation, output in x's dtype. Unpacks a block of rows at a time, so the full

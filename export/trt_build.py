@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgecpm.bundle import load_bundle, read_manifest, write_manifest
+from edgecpm.errors import BackendUnavailable, BundleError, ConfigError, EdgeCPMError
 from edgecpm.runtimes.tensorrt_engines import (
     ENGINES_DIR,
     PLUGIN_LIB_NAME,
@@ -36,9 +38,6 @@ from edgecpm.runtimes.tensorrt_engines import (
     require_plugin_library,
     slug,
 )
-
-from edgecpm.bundle import load_bundle, read_manifest, write_manifest
-from edgecpm.errors import BackendUnavailable, BundleError, ConfigError, EdgeCPMError
 
 TRT_GRAPH = ".decoder.trt.onnx"  # the rewritten graph, beside decoder.onnx so external data resolves
 CUSTOM_DOMAIN = "edgecpm"

@@ -92,9 +92,9 @@ class OnnxRuntimeBackend:
         if ternary == "reference":
             return str(path), "reference function"
         import onnx
+
         from edgecpm.runtimes import onnxruntime_ops
         from edgecpm.runtimes.ternary_lowering import fuse_ternary, lower_ternary
-
         from edgecpm.ternary_format import ACTIVATION_DIGITS
 
         model = onnx.load(str(path), load_external_data=False)

@@ -67,7 +67,8 @@ def library() -> Path:
     out = cache / "ort_ops" / key / "libedgecpm_ort_ops.so"
     if out.is_file():
         return out
-    print(f"edgecpm: building the onnxruntime TernaryMatMul kernel into {out.parent} (once)", file=sys.stderr, flush=True)
+    print(f"edgecpm: building the onnxruntime TernaryMatMul kernel into {out.parent} (once)", file=sys.stderr,
+          flush=True)
     cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", f"-I{include}", str(SOURCE), "-o"]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

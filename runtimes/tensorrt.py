@@ -22,13 +22,12 @@ import mmap
 from pathlib import Path
 
 import numpy as np
-from edgecpm.runtimes import tensorrt_engines as te  # engine checks, plugins, profiles; no TensorRT import
 
 from edgecpm import dtypes
 from edgecpm.bundle import Bundle
 from edgecpm.errors import BackendUnavailable, BundleError, ConfigError
 from edgecpm.kv_cache import KVCache
-
+from edgecpm.runtimes import tensorrt_engines as te  # engine checks, plugins, profiles; no TensorRT import
 
 
 class _Config(ctypes.Structure):  # ecpm_infllmv2_config (plugins/include/edgecpm_kernels.h)
@@ -259,7 +258,7 @@ class TensorRTBackend:
         if hidden_in is not None:
             raise ConfigError("the tensorrt backend runs decoders only, not an EAGLE head; run the head on onnxruntime")
         T, N = len(input_ids), len(logit_index)
-        if T <= self.max_t and N <= self.logit_rows:
+        if self.max_t >= T and self.logit_rows >= N:
             return self._step(input_ids, position_ids, attn_mask, cache.length, cache, logit_index)
         if not is_causal(attn_mask):
             raise ConfigError(f"a draft tree of {T} tokens exceeds the engine's largest step ({self.logit_rows}); "
@@ -276,7 +275,7 @@ class TensorRTBackend:
 
     def _step(self, ids, positions, mask, P: int, cache: KVCache, logit_index) -> np.ndarray:
         T, N = len(ids), len(logit_index)
-        if P + T > self.max_context:
+        if self.max_context < P + T:
             raise ConfigError(f"{P + T} tokens exceed the {self.max_context}-token context the engine was built for; "
                               f"rebuild with a larger --max-context or lower kv_budget")
         self._ensure_arena(cache)

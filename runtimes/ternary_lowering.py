@@ -91,7 +91,8 @@ class _Rewrite:
             # x / scale rounds to integers |k| <= 127, and to 127 at the block's largest value
             # (127 * (1 +- a few ulps) rounds to 127): exactly the grid MatMulNBits will find.
             scale = op("Mul", [op("Max", [amax, tiny], f"amax_floor{d}"), inv127], f"scale{d}")
-            digit = op("Mul", [op("Round", [op("Div", [rest, scale], f"x_over_scale{d}")], f"k{d}"), scale], f"digit{d}")
+            rounded = op("Round", [op("Div", [rest, scale], f"x_over_scale{d}")], f"k{d}")
+            digit = op("Mul", [rounded, scale], f"digit{d}")
             rows.append(digit)
             rest = op("Sub", [rest, digit], f"rest{d}")
         stacked = op("Concat", rows + [rest], "stacked", axis=0) if rows else rest
@@ -152,7 +153,8 @@ def _ternary_nodes(nodes: list[onnx.NodeProto], rw: _Rewrite) -> dict[str, list[
     """The TernaryMatMul nodes whose weights are initializers, by input."""
     by_input: dict[str, list[onnx.NodeProto]] = {}
     for node in nodes:
-        if node.op_type == OP_TYPE and node.domain == DOMAIN and node.input[1] in rw.inits and node.input[2] in rw.inits:
+        packed_weights = node.input[1] in rw.inits and node.input[2] in rw.inits
+        if node.op_type == OP_TYPE and node.domain == DOMAIN and packed_weights:
             by_input.setdefault(node.input[0], []).append(node)
     return by_input
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from edgecpm.export.checkpoint import load_model, torch_dtype
 
 from edgecpm import dtypes
 from edgecpm.config import ModelConfig
+from edgecpm.export.checkpoint import load_model, torch_dtype
 from edgecpm.kv_cache import KVCache
+from edgecpm.tokenizer import Tokenizer
 
 
 def _kv_numpy_dtype(dtype: torch.dtype) -> np.dtype:
@@ -58,7 +59,9 @@ class TorchBackend:
         layers = range(self.config.num_hidden_layers)
         past = [cache.past(i) for i in layers]
         sparse = self.config.sparse is not None
-        extra = {} if hidden_in is None else {"hidden_in": torch.from_numpy(np.ascontiguousarray(hidden_in, np.float32))[None].to(dev)}
+        extra = {}
+        if hidden_in is not None:
+            extra["hidden_in"] = torch.from_numpy(np.ascontiguousarray(hidden_in, np.float32))[None].to(dev)
         out = self.model(
             torch.from_numpy(input_ids).to(dev)[None],
             torch.from_numpy(position_ids).to(dev)[None],
@@ -93,8 +96,6 @@ class EagleTorchBackend(TorchBackend):
         device, dtype = (target.device, target.dtype) if shared else (torch.device("cpu"), torch.float32)
         self._attach(load_eagle(checkpoint, dtype, target.model if shared else None), device, dtype)
 
-
-from edgecpm.tokenizer import Tokenizer  # for load_tokenizer, the function below
 
 
 def load_tokenizer(folder) -> Tokenizer:

@@ -145,7 +145,8 @@ def test_budget_holds_n_tokens(make_checkpoint, tmp_path):
     # k free rows: k tokens are fed back after the prompt's; the (k+1)-th sampled token needs none.
     assert out.finish_reason == "length" and len(out.token_ids) == k + 1
     assert s.memory()["kv_used_tokens"] == n and s.memory()["kv_peak_bytes"] <= s.kv_budget
-    with pytest.raises(BudgetError, match=rf"prompt has {n + 1} tokens .* holds {n} tokens \({per_token} bytes per token\)"):
+    want = rf"prompt has {n + 1} tokens .* holds {n} tokens \({per_token} bytes per token\)"
+    with pytest.raises(BudgetError, match=want):
         s.generate([1] * (n + 1), max_new_tokens=1)
     # Still usable, and equal to an unconstrained session.
     again = s.generate(prompt, max_new_tokens=3, ignore_eos=True)

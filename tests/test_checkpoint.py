@@ -12,8 +12,9 @@ import edgecpm
 from edgecpm.errors import CheckpointError
 
 torch = pytest.importorskip("torch", reason="checkpoint loading needs torch (pip install 'edgecpm[export]')")
-from edgecpm.export.checkpoint import Checkpoint, expected_shapes, load_model
 from safetensors.torch import load_file, save_file
+
+from edgecpm.export.checkpoint import Checkpoint, expected_shapes, load_model
 
 
 @pytest.fixture
@@ -149,7 +150,7 @@ def _shard(folder):
     for i, part in enumerate(parts):
         fname = f"model-{i + 1:05d}-of-00002.safetensors"
         save_file({n: tensors[n] for n in part}, str(folder / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in part})
+        weight_map.update(dict.fromkeys(part, fname))
         files.append(folder / fname)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return files

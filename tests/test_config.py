@@ -17,7 +17,8 @@ from edgecpm.errors import ConfigError
 FACTS = {
     "MiniCPM4-0.5B": {"head_dim": 64, "group": 8, "tied": True, "eps": 1e-5, "layers": 24, "n_rope": 32, "hidden": 1024,
                           "heads": 16, "kv_heads": 2, "intermediate": 4096},
-    "MiniCPM4-8B": {"head_dim": 128, "group": 16, "tied": False, "eps": 1e-6, "layers": 32, "n_rope": 64, "hidden": 4096,
+    "MiniCPM4-8B": {"head_dim": 128, "group": 16, "tied": False, "eps": 1e-6, "layers": 32, "n_rope": 64,
+                    "hidden": 4096,
                         "heads": 32, "kv_heads": 2, "intermediate": 16384},
 }
 

@@ -12,8 +12,8 @@ from conftest import rel_err
 
 import edgecpm
 from edgecpm.config import ModelConfig
-from edgecpm.errors import ConfigError
 from edgecpm.drafters import EagleDrafter, SpecConfig
+from edgecpm.errors import ConfigError
 from edgecpm.frspec import build_freq_table
 
 torch = pytest.importorskip("torch")
@@ -65,7 +65,8 @@ def make_head(target: Path, folder: Path, mix: float = 0.05, own_head: bool = Fa
     H = cfg["hidden_size"]
     rng = np.random.default_rng(seed)
     rms = float((w["model.embed_tokens.weight"] * cfg["scale_emb"]).pow(2).mean(-1).sqrt().mean())
-    t = {k.replace("model.layers.0.", "model.eagle_layers.0."): v for k, v in w.items() if k.startswith("model.layers.0.")}
+    t = {k.replace("model.layers.0.", "model.eagle_layers.0."): v for k, v in w.items()
+         if k.startswith("model.layers.0.")}
     t["model.fc.weight"] = torch.cat([torch.eye(H), torch.from_numpy(rng.normal(0, mix, (H, H)).astype(np.float32))], 1)
     t["model.input_norm1.weight"] = torch.full((H,), rms)
     t["model.input_norm2.weight"] = torch.ones(H)
@@ -102,12 +103,11 @@ def greedy(target):
 
 def test_head_onnx_matches_torch(target, heads):
     """The head's graph (shared embedding / LM head filled in from the target) equals its torch forward."""
+    from edgecpm.bundle import load_bundle
     from edgecpm.export.checkpoint import load_model
     from edgecpm.export.modeling_eagle import load_eagle
-    from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
-
-    from edgecpm.bundle import load_bundle
     from edgecpm.kv_cache import KVCache
+    from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
 
     head = load_eagle(heads["ckpt"], torch.float32, load_model(target))
     rng = np.random.default_rng(1)
@@ -207,9 +207,8 @@ def test_kv_arenas_equal_one_by_one(target, target_bundle, heads, backend):
 
 
 def test_target_without_hidden_refused(target_bundle, heads):
-    from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
-
     from edgecpm.bundle import load_bundle
+    from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
 
     old = OnnxRuntimeBackend(load_bundle(target_bundle))
     old.has_hidden = False  # as a bundle exported before the `hidden` output loads

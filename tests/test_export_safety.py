@@ -12,7 +12,7 @@ from edgecpm.bundle import is_bundle, read_manifest
 from edgecpm.cli import main
 
 pytest.importorskip("torch", reason="export needs torch (pip install 'edgecpm[export]')")
-from edgecpm.export.exporter import export_bundle  # noqa: E402
+from edgecpm.export.exporter import export_bundle
 
 
 def listing(folder):

@@ -142,7 +142,7 @@ def test_linears_reading_one_activation_are_fused(ort_ops, tmp_path):
     ops = [nd.op_type for nd in model.graph.node]
     assert ops.count("TernaryMatMul") == 2 and ops.count("Split") == 1 and not model.functions
     x = rng.standard_normal((3, k)).astype(np.float32)
-    for y, (n, g, packed, scales) in zip(session(model, ort_ops).run(None, {"x": x}), linears):
+    for y, (n, _g, packed, scales) in zip(session(model, ort_ops).run(None, {"x": x}), linears, strict=True):
         assert y.shape == (3, n)
         assert rel_err(y, x.astype(np.float64) @ dequantize(packed, scales, k).T) <= 1e-6
 
@@ -165,10 +165,10 @@ def test_library_is_cached_and_says_why_it_cannot_be_built(fresh_build, ort_ops,
 @pytest.fixture(scope="module")
 def ternary_bundle(make_checkpoint, tmp_path_factory):
     pytest.importorskip("torch")
-    from edgecpm.export.exporter import export_bundle
     from test_ternary import ternarize_checkpoint
 
     from edgecpm.bundle import load_bundle
+    from edgecpm.export.exporter import export_bundle
 
     root = tmp_path_factory.mktemp("ort_ops")
     ckpt = ternarize_checkpoint(make_checkpoint(dtype="bf16", tie=False), root / "c", "K")
@@ -181,9 +181,8 @@ def ternary_bundle(make_checkpoint, tmp_path_factory):
 
 def test_backend_falls_back_to_matmulnbits_with_a_warning(fresh_build, ternary_bundle, monkeypatch, tmp_path):
     """Without the headers, "auto" runs MatMulNBits (exact digits) and warns why; "edgecpm" refuses."""
-    from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
-
     import edgecpm
+    from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
 
     monkeypatch.setenv("ONNXRUNTIME_INCLUDE_DIR", str(tmp_path / "no-headers"))
     with pytest.warns(UserWarning, match="no-headers.*MatMulNBits instead"):
@@ -200,10 +199,9 @@ def test_auto_takes_edgecpm_kernel_only_with_a_vector_path(ort_ops, ternary_bund
     EDGECPM_REQUIRE_ORT_OPS set, a machine where "auto" would not pick edgecpm's kernel fails.)"""
     import warnings
 
+    import edgecpm
     from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
     from edgecpm.runtimes.onnxruntime_ops import isa
-
-    import edgecpm
 
     expected = auto_kernel_here()
     if not expected.startswith("edgecpm ("):
@@ -249,8 +247,9 @@ def test_bench_says_what_ran_the_ternary_linears(ternary_bundle):
 
 
 def test_kernel_refuses_weights_that_disagree_with_its_attributes(ort_ops, tmp_path):
-    from edgecpm.runtimes.ternary_lowering import fuse_ternary
     from onnx import numpy_helper
+
+    from edgecpm.runtimes.ternary_lowering import fuse_ternary
 
     rng = np.random.default_rng(0)
     model = ternary_graph(np.float32, [linear(rng, 8, 64, 32)], 64)

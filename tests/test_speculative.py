@@ -10,8 +10,8 @@ import pytest
 
 import edgecpm
 from edgecpm.config import ModelConfig
-from edgecpm.errors import ConfigError
 from edgecpm.drafters import DraftTree, NgramDrafter, SpecConfig
+from edgecpm.errors import ConfigError
 from edgecpm.frspec import build_freq_table, load_freq_table
 
 torch = pytest.importorskip("torch")

@@ -16,13 +16,13 @@ import textwrap
 import numpy as np
 import onnx
 import pytest
-from edgecpm.export import trt_build as tb
-from edgecpm.runtimes import tensorrt_engines as te
-from edgecpm.runtimes.tensorrt import compaction_copies, is_causal
 from onnx import TensorProto, helper, numpy_helper
 
 from edgecpm.bundle import load_bundle, write_manifest
 from edgecpm.errors import BackendUnavailable, ConfigError
+from edgecpm.export import trt_build as tb
+from edgecpm.runtimes import tensorrt_engines as te
+from edgecpm.runtimes.tensorrt import compaction_copies, is_causal
 
 pytest.importorskip("torch")
 from edgecpm.export.exporter import export_bundle

@@ -10,11 +10,11 @@ import shutil
 import numpy as np
 import pytest
 from conftest import rel_err, ternary_graph
-from edgecpm.export import ternary
-from edgecpm.export.ternary import MIN_GROUP, detect, explain, quantize
 
 from edgecpm import ternary_format
 from edgecpm.errors import CheckpointError
+from edgecpm.export import ternary
+from edgecpm.export.ternary import MIN_GROUP, detect, explain, quantize
 from edgecpm.ternary_format import dequantize, encode, pack, unpack
 
 torch = pytest.importorskip("torch")
@@ -136,6 +136,7 @@ LOWERING_TOLERANCE = {"reference function": 1e-6, 3: 1e-6, 2: 5e-4, 1: 3e-2}
                                             (24, 384, 384, np.float32), (5, 48, 48, np.float16)])
 def test_onnx_lowerings_match_dequantized_matmul(lowering, n, k, g, dtype, tmp_path):
     import onnxruntime as ort
+
     from edgecpm.runtimes.ternary_lowering import lower_ternary
 
     rng = np.random.default_rng(k)
@@ -172,11 +173,13 @@ def test_linears_reading_one_activation_share_one_matmulnbits_call(tmp_path):
     """q/k/v and gate/up read the same input: one MatMulNBits call (weights concatenated along N,
     each with its own group size) and a Split, with one set of digit rows."""
     import onnxruntime as ort
+
     from edgecpm.runtimes.ternary_lowering import lower_ternary
 
     rng = np.random.default_rng(0)
     k = 256
-    linears = [(n, g, pack(rng.integers(0, 3, (n, k)).astype(np.uint8)), (rng.random((n, k // g)) + 0.1).astype(np.float32))
+    linears = [(n, g, pack(rng.integers(0, 3, (n, k)).astype(np.uint8)),
+                (rng.random((n, k // g)) + 0.1).astype(np.float32))
                for n, g in [(64, 256), (16, 128), (16, 64)]]
     model = ternary_graph(np.float32, linears, k)
     assert lower_ternary(model, tmp_path) == 3
@@ -184,7 +187,7 @@ def test_linears_reading_one_activation_share_one_matmulnbits_call(tmp_path):
     assert ops.count("MatMulNBits") == 1 and ops.count("Split") == 1 and ops.count("Round") == 2  # 3 digits
     x = rng.standard_normal((3, k)).astype(np.float32)
     ys = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    for y, (n, g, packed, scales) in zip(ys, linears):
+    for y, (n, _g, packed, scales) in zip(ys, linears, strict=True):
         assert y.shape == (3, n)
         assert rel_err(y, x.astype(np.float64) @ dequantize(packed, scales, k).T) <= 1e-6
 
@@ -230,13 +233,12 @@ def ternary_checkpoints(make_checkpoint, tmp_path_factory):
 
 @pytest.mark.parametrize("granularity", list(GRANULARITIES))
 def test_ternary_checkpoint_to_bundle_parity(granularity, ternary_checkpoints, tmp_path):
+    import edgecpm
+    from edgecpm.bundle import load_bundle
     from edgecpm.export.checkpoint import load_model
     from edgecpm.export.exporter import export_bundle
     from edgecpm.export.modeling_minicpm import TernaryLinear
     from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
-
-    import edgecpm
-    from edgecpm.bundle import load_bundle
 
     ckpt = ternary_checkpoints[granularity]
     ids = [1, *range(7, 40, 3)]
@@ -275,10 +277,9 @@ def test_ternary_checkpoint_to_bundle_parity(granularity, ternary_checkpoints, t
 
 
 def test_fp16_ternary_bundle(ternary_checkpoints, tmp_path):
+    import edgecpm
     from edgecpm.export.checkpoint import load_model
     from edgecpm.export.exporter import export_bundle
-
-    import edgecpm
 
     ckpt = ternary_checkpoints["row"]
     ids = [1, *range(7, 40, 3)]
@@ -291,10 +292,9 @@ def test_fp16_ternary_bundle(ternary_checkpoints, tmp_path):
 
 
 def test_one_ulp_off_tensor_is_refused_by_name(make_checkpoint, tmp_path):
+    import edgecpm
     from edgecpm.export.checkpoint import load_model
     from edgecpm.export.exporter import export_bundle
-
-    import edgecpm
 
     bad = "model.layers.1.self_attn.o_proj.weight"
     ckpt = ternarize_checkpoint(make_checkpoint(dtype="bf16", tie=False), tmp_path / "c", "K", perturb=bad)
@@ -319,10 +319,9 @@ def test_one_ulp_off_tensor_is_refused_by_name(make_checkpoint, tmp_path):
 
 def test_quantize_ternary_export_equals_quantized_reference(make_checkpoint, tmp_path):
     """--quantize ternary on an ordinary checkpoint: the bundle computes exactly quantize(W)."""
+    import edgecpm
     from edgecpm.export.checkpoint import load_model
     from edgecpm.export.exporter import export_bundle
-
-    import edgecpm
 
     ckpt = make_checkpoint(tie=False)
     b = export_bundle(ckpt, tmp_path / "b", progress=False, quantize="ternary", quantize_group_size=32)
@@ -362,9 +361,8 @@ def test_cli_inspect_and_export_quantize(ternary_checkpoints, make_checkpoint, t
 def test_faster_activation_modes_are_opt_in_and_bounded(ternary_checkpoints, make_checkpoint, tmp_path):
     """ternary_activations="int16" (2 int8 digits) stays within the exactness bar of the parity test
     (1e-4, same greedy tokens); "int8" (onnxruntime's own int8 rounding) is lossy but close."""
-    from edgecpm.export.exporter import export_bundle
-
     import edgecpm
+    from edgecpm.export.exporter import export_bundle
 
     ckpt = ternary_checkpoints["row"]
     ids = [1, *range(7, 60, 3)]

@@ -17,10 +17,10 @@ spm = pytest.importorskip(
     "sentencepiece", reason="sentencepiece not installed (pip install 'edgecpm[export]')"
 )
 
-from edgecpm.export.tokenizer_convert import convert_sentencepiece
 from tokenizers import Tokenizer
 
 from edgecpm.errors import ConfigError
+from edgecpm.export.tokenizer_convert import convert_sentencepiece
 
 BOS = 1
 
@@ -316,9 +316,8 @@ def test_export_writes_tokenizer_json(sp_checkpoint, reference, tmp_path):
     """Conversion happens at export: the bundle carries tokenizer.json, read by the device side."""
     pytest.importorskip("torch")
     pytest.importorskip("onnx")
-    from edgecpm.export.exporter import export_bundle
-
     import edgecpm
+    from edgecpm.export.exporter import export_bundle
 
     bundle = export_bundle(sp_checkpoint, tmp_path / "bundle", progress=False)
     assert (bundle / "tokenizer.json").exists() and not (bundle / "tokenizer.model").exists()

@@ -42,8 +42,8 @@ def test_wind_tunnel_eagle_head(tmp_path):
     """The shipped EAGLE head (fc, two input norms, one layer; the target's embedding and LM head)
     exports with --eagle-of and drafts for the target bundle: greedy output equals plain decoding,
     on both the exported head (onnxruntime) and the checkpoint (torch, sharing the target's tensors)."""
-    from edgecpm.safetensors_files import tensor_names
     from edgecpm.drafters import SpecConfig
+    from edgecpm.safetensors_files import tensor_names
 
     head = MODELS / "eagle"
     if not (head / "model.safetensors").exists():

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from edgecpm.export.modeling_minicpm import MiniCPMForCausalLM
 from make_corpus import DEFAULT_OUT, DOC_SEPARATOR
 from safetensors.torch import load_file, save_file
 
 from edgecpm.config import ModelConfig
+from edgecpm.export.modeling_minicpm import MiniCPMForCausalLM
 from edgecpm.tokenizer import Tokenizer
 
 HERE = Path(__file__).resolve().parent

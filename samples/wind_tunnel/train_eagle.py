@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from edgecpm.export.modeling_eagle import EagleHead, load_eagle
 from make_corpus import DEFAULT_OUT, DOC_SEPARATOR
 from safetensors.torch import save_file
 from train import SEED, batch_order, init_weights, load_shipped, param_groups, token_stream, windows, wsd_lr
 
 from edgecpm.config import ModelConfig
+from edgecpm.export.modeling_eagle import EagleHead, load_eagle
 from edgecpm.tokenizer import Tokenizer
 
 HERE = Path(__file__).resolve().parent
@@ -92,7 +92,7 @@ def evaluate(head, ids, feats, greedy, scale) -> dict:
     parts = [head_loss(head, ids[i : i + 16], feats[i : i + 16], greedy[i : i + 16], scale)
              for i in range(0, len(ids), 16)]
     head.train()
-    ce, reg, agree = (float(torch.stack(x).mean()) for x in zip(*parts))
+    ce, reg, agree = (float(torch.stack(x).mean()) for x in zip(*parts, strict=True))
     return {"ce": ce, "reg": reg, "top1_agree": agree}
 
 
@@ -102,10 +102,9 @@ def acceptance(folder: Path, heldout_text: str, n_prompts: int = 8, depth: int =
     mean tokens per target step, and whether the output equals plain greedy decoding."""
     import tempfile
 
-    from edgecpm.export.exporter import export_bundle
-
     import edgecpm
     from edgecpm.drafters import SpecConfig
+    from edgecpm.export.exporter import export_bundle
 
     docs = [d for d in heldout_text.split(DOC_SEPARATOR) if len(d) > 2000]
     picks = sorted(np.random.default_rng(0).choice(len(docs), size=n_prompts, replace=False))

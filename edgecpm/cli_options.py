@@ -1,0 +1,111 @@
+"""The command-line options that map onto the Python API, shared by `edgecpm run`, `chat` and
+`bench`: session options (Session(...)), speculative decoding (SpecConfig) and sampling
+(Session.generate's keyword arguments), with the checks that run before a model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from edgecpm import dtypes
+from edgecpm.backends import AUTO_RULE, BACKENDS
+from edgecpm.kv_cache import POLICIES
+from edgecpm.session import SINK_TOKENS
+
+
+def add_session_options(p: argparse.ArgumentParser) -> None:
+    """Options that open a Session (DESIGN.md §3: Session(path, backend, kv_budget, dtype, threads))."""
+    g = p.add_argument_group("session")
+    g.add_argument("--backend", default="auto", choices=BACKENDS, help=f"runtime to use (default: auto: {AUTO_RULE})")
+    g.add_argument("--kv-budget", default="1GiB", metavar="SIZE",
+                   help="KV cache byte budget, e.g. 512MiB, 2GB or a plain byte count (default: 1GiB)")
+    g.add_argument("--kv-policy", default="error", choices=POLICIES,
+                   help="when the context outgrows the KV budget: error (stop / refuse, default) or window "
+                        f"(keep the first {SINK_TOKENS} tokens + the most recent ones, StreamingLLM-style: lossy, "
+                        "runs on)")
+    g.add_argument("--dtype", default=None, choices=dtypes.NAMES,
+                   help="compute dtype (default: the backend's choice; fp32 for torch)")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for the backend (default: the runtime's default)")
+    add_draft_options(p)
+
+
+def add_draft_options(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding (DESIGN.md §10): Session(draft=SpecConfig(...))."""
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--draft", default=None, metavar="DRAFT",
+                   help="'ngram' (prompt lookup) or a draft bundle/checkpoint folder with the same tokenizer")
+    g.add_argument("--draft-depth", type=int, default=5, metavar="N", help="longest draft path (default: 5)")
+    g.add_argument("--draft-tree-size", type=int, default=8, metavar="N",
+                   help="draft tokens verified per step (default: 8)")
+    g.add_argument("--draft-branch", type=int, default=1, metavar="K",
+                   help="children per expanded node; 1 drafts a chain (default: 1)")
+
+
+def spec_config(args: argparse.Namespace, draft: str | None = None):
+    from edgecpm.drafters import SpecConfig
+
+    draft = draft or args.draft
+    if draft is None:
+        return None
+    return SpecConfig(draft=draft, depth=args.draft_depth, tree_size=args.draft_tree_size, branch=args.draft_branch)
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """The generation options of Session.generate/stream/chat (names as in DESIGN.md §3)."""
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="default: 128")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling, in (0, 1] (default: 1)")
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="0 disables it (default: 0)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="> 0; 1 disables it (default: 1)")
+    g.add_argument("--seed", type=int, default=None, metavar="N", help="random seed for sampling")
+    g.add_argument("--stop", action="extend", nargs="+", default=None, metavar="S",
+                   help="stop strings (the text ends right before the first one); repeatable; "
+                        "\\n and \\t are understood as newline and tab")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    g.add_argument("--stats", action="store_true", help="print speed and KV statistics to stderr afterwards")
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """Backslash escapes a shell cannot type easily: \\n, \\t, \\r, \\\\ (others stay as they are)."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "ignore_eos")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """The sampling options as keyword arguments of Session.generate / stream / Chat.send."""
+    kwargs = {name: getattr(args, name) for name in SAMPLING}
+    return kwargs | {"stop": [unescape(x) for x in args.stop] if args.stop else None}
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    """Validate the sampling options before the (slow) model load, with the library's messages."""
+    from edgecpm.sampling import SamplingParams
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be an integer >= 1")
+    SamplingParams(args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed)
+    if args.stop is not None and not all(args.stop):
+        raise ValueError("--stop: stop strings must be non-empty")
+
+
+def open_session(args: argparse.Namespace):
+    from edgecpm.session import Session
+
+    return Session(args.path, backend=args.backend, kv_budget=args.kv_budget, dtype=args.dtype,
+                   threads=args.threads, draft=spec_config(args), kv_policy=args.kv_policy)
