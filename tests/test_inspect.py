@@ -93,3 +93,27 @@ def test_inspect_never_imports_torch(make_checkpoint):
     code = ("import sys; from edgecpm.cli import main; rc = main(['inspect', sys.argv[1]]); "
             "assert rc == 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
     subprocess.run([sys.executable, "-c", code, str(folder)], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_numbers_match_the_loaded_model_and_its_arena(make_checkpoint, sparse):
+    """Parameter count against the torch model's own parameters; KV bytes per token and tokens in
+    the budget against the arena a Session really allocates (compressed keys included)."""
+    import edgecpm
+    from edgecpm.export.checkpoint import load_model
+
+    extra = {"sparse_config": {"dense_len": 64, "window_size": 128, "topk": 2}, "num_attention_heads": 16,
+             "num_key_value_heads": 1, "hidden_size": 512} if sparse else {}
+    folder = make_checkpoint(tie=False, **extra)
+    budget = 3 * 2**20
+    info = inspect_info(folder, kv_budget=budget)
+    model = load_model(str(folder))
+    assert info["params"] == sum(p.numel() for p in model.parameters())
+    s = edgecpm.Session(folder, backend="torch", kv_budget=budget)
+    arena = s.cache.arena.nbytes + s.cache.ckeys.nbytes
+    assert info["kv"]["bytes_per_token"]["fp32"] == s.memory()["kv_bytes_per_token"]
+    assert info["kv"]["tokens_in_budget"]["fp32"] == s.cache.capacity
+    # The per-token figure is what the arena costs: capacity x bytes per token covers it; the budget
+    # counts capacity/16 compressed-key rows where the arena holds (capacity-16)//16, so up to 2 rows more.
+    ck_row = s.config.num_hidden_layers * s.config.num_key_value_heads * s.config.head_dim * 4
+    assert 0 <= s.cache.capacity * info["kv"]["bytes_per_token"]["fp32"] - arena <= (2 * ck_row if sparse else 0)
