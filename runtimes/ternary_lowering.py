@@ -153,8 +153,9 @@ def _ternary_nodes(nodes: list[onnx.NodeProto], rw: _Rewrite) -> dict[str, list[
     """The TernaryMatMul nodes whose weights are initializers, by input."""
     by_input: dict[str, list[onnx.NodeProto]] = {}
     for node in nodes:
-        packed_weights = node.input[1] in rw.inits and node.input[2] in rw.inits
-        if node.op_type == OP_TYPE and node.domain == DOMAIN and packed_weights:
+        if node.op_type != OP_TYPE or node.domain != DOMAIN:
+            continue
+        if node.input[1] in rw.inits and node.input[2] in rw.inits:
             by_input.setdefault(node.input[0], []).append(node)
     return by_input
 
