@@ -108,10 +108,12 @@ class NgramDrafter:
         start = len(self.indexed)
         if start > len(context) or not np.array_equal(context[:start], self.indexed):  # a new prompt
             self.follow, start = {}, 0
-        ctx = context.tolist()
-        for i in range(max(start, 1), len(ctx)):
+        lo = max(start - self.spec.ngram_max, 0)
+        ctx = context[lo:].tolist()  # only the new tokens and the n-grams that end in them
+        for i in range(max(start, 1), len(context)):
+            j = i - lo
             for n in range(1, min(self.spec.ngram_max, i) + 1):
-                stats = self.follow.setdefault(tuple(ctx[i - n : i]), {}).setdefault(ctx[i], [0, 0])
+                stats = self.follow.setdefault(tuple(ctx[j - n : j]), {}).setdefault(ctx[j], [0, 0])
                 stats[0] += 1
                 stats[1] = i
         self.indexed = context.copy()
