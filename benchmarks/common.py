@@ -7,6 +7,7 @@ Run benchmarks as scripts (`python benchmarks/<name>.py`); this module is import
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -122,6 +123,16 @@ def write_random_checkpoint(folder: str | Path, config: dict, seed: int = 0, std
 
 
 # ---- machine measurements ---------------------------------------------------------------------
+def timings(fn, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of fn()."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def memory_bandwidth(size_bytes: int = 512 * 2**20, repeats: int = 3) -> dict:
     """Best-of-N numpy copy of a `size_bytes` array: (bytes read + bytes written) / seconds.
 
@@ -132,11 +143,7 @@ def memory_bandwidth(size_bytes: int = 512 * 2**20, repeats: int = 3) -> dict:
     src = np.ones(n, dtype=np.float64)
     dst = np.empty_like(src)
     np.copyto(dst, src)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        times.append(time.perf_counter() - t0)
+    times = timings(functools.partial(np.copyto, dst, src), repeats)
     best = min(times)
     del src, dst
     return {"bytes_per_s": 2 * n * 8 / best, "array_bytes": n * 8, "best_s": best, "times_s": times,
@@ -168,11 +175,7 @@ def gemv_bandwidth(threads: int, size_bytes: int = 512 * 2**20, k: int = 1024, n
     del model
     x = {"x": np.ones((1, k), np.float32)}
     sess.run(None, x)  # warm-up: pages in the weights
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, x)
-        times.append(time.perf_counter() - t0)
+    times = timings(lambda: sess.run(None, x), repeats)
     best = min(times)
     total = count * k * n * 4
     return {"bytes_per_s": total / best, "weight_bytes": total, "threads": threads, "best_s": best, "times_s": times,

@@ -117,19 +117,25 @@ def write_manifest(path: str | Path, manifest: dict) -> Path:
     the same folder, flushed to disk, then os.replace -- a reader sees the old or the new manifest,
     never half of one. The one writer of manifest.json. Returns the manifest's path."""
     mpath = manifest_path(path)
-    data = json.dumps(manifest, indent=1).encode()
-    tmp = mpath.with_name(f".{mpath.name}.tmp-{os.getpid()}")
+    try:
+        atomic_write_bytes(mpath, json.dumps(manifest, indent=1).encode())
+    except OSError as e:
+        raise BundleError(f"{mpath}: cannot be written ({e})") from None
+    return mpath
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a temp file beside `path`, flush it to disk, then os.replace: a reader sees the old or
+    the new file, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, mpath)
-    except OSError as e:
-        raise BundleError(f"{mpath}: cannot be written ({e})") from None
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return mpath
 
 
 def load_bundle(path: str | Path, verify: bool = False) -> Bundle:

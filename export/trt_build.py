@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgecpm.bundle import load_bundle, read_manifest, write_manifest
+from edgecpm.bundle import atomic_write_bytes, load_bundle, read_manifest, write_manifest
 from edgecpm.errors import BackendUnavailable, BundleError, ConfigError, EdgeCPMError
 from edgecpm.runtimes.tensorrt_engines import (
     ENGINES_DIR,
@@ -187,18 +187,6 @@ def record_engine(manifest: dict, record: dict) -> dict:
     engines = [e for e in manifest.get("engines") or [] if e.get("file") != record["file"]]
     new["engines"] = engines + [record]
     return new
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def peak_rss_bytes() -> int:

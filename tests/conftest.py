@@ -11,6 +11,9 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +169,18 @@ def ternary_graph(x_dtype, linears, k):
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def run_without_torch(code: str) -> subprocess.CompletedProcess:
+    """Run Python `code` in a fresh process in which importing torch fails (the device side must
+    not need it); it also asserts at the end that torch was never imported."""
+    blocker = textwrap.dedent("""
+        import sys
+        class NoTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is blocked in this process")
+        sys.meta_path.insert(0, NoTorch())
+    """)
+    code = blocker + textwrap.dedent(code) + '\nassert "torch" not in sys.modules\n'
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
-from conftest import GOLDEN, needs_shared, rel_err
+from conftest import GOLDEN, needs_shared, rel_err, run_without_torch
 
 import edgecpm
 from edgecpm.errors import BudgetError, BundleError
@@ -113,19 +110,11 @@ def test_export_refuses_existing_folder(make_checkpoint, tmp_path):
 def test_session_runs_where_torch_cannot_import(make_checkpoint, tmp_path):
     b = export_bundle(make_checkpoint(), tmp_path / "b", progress=False)
     ref = edgecpm.Session(b).generate([1, 5, 9, 30], max_new_tokens=6, ignore_eos=True).token_ids
-    code = textwrap.dedent(f"""
-        import sys
-        class NoTorch:
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is blocked in this process")
-        sys.meta_path.insert(0, NoTorch())
+    out = run_without_torch(f"""
         import edgecpm
         s = edgecpm.Session({str(b)!r})
         print(s.generate([1, 5, 9, 30], max_new_tokens=6, ignore_eos=True).token_ids)
-        assert "torch" not in sys.modules
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(ref)
 

@@ -264,21 +264,11 @@ def test_damaged_demo_cache_names_the_folder_to_delete(make_checkpoint, tmp_path
 
 
 def test_verify_runs_without_torch(bundle):
-    import subprocess
-    import sys
-    import textwrap
+    from conftest import run_without_torch
 
-    code = textwrap.dedent(f"""
-        import sys
-        class NoTorch:
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is blocked in this process")
-        sys.meta_path.insert(0, NoTorch())
+    out = run_without_torch(f"""
         from edgecpm.cli import main
         assert main(["verify", {str(bundle)!r}]) == 0
-        assert "torch" not in sys.modules
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert ": OK, " in out.stdout
