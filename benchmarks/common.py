@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.metadata
 import json
 import os
 import platform
@@ -222,6 +223,11 @@ def machine_info() -> dict:
         pass
     info = {"cpu": cpu, "cpus_visible": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "numpy": np.__version__}
+    for package in ("onnxruntime", "torch", "onnx"):  # what ran the numbers
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            info[package] = None
     try:
         affinity = len(os.sched_getaffinity(0))
         info["cpus_usable"] = affinity
