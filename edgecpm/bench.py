@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecpm.backends import check_draft
+from edgecpm.drafters import SpecConfig
 from edgecpm.session import Session
 
 
@@ -67,7 +68,7 @@ def run_bench(path, backend="auto", kv_budget="1GiB", threads=None, dtype=None, 
     results = {}
     s = Session(path, backend=backend, kv_budget=kv_budget, dtype=dtype, threads=threads, kv_policy=kv_policy)
     for draft in drafts:  # every drafter is checked before any is measured
-        named = getattr(draft, "draft", draft)
+        named = draft.draft if isinstance(draft, SpecConfig) else draft
         if isinstance(named, (str, Path)) and named != "ngram":
             check_draft(Path(named), s.config.vocab_size)
     del s
@@ -75,7 +76,7 @@ def run_bench(path, backend="auto", kv_budget="1GiB", threads=None, dtype=None, 
         s = Session(path, backend=backend, kv_budget=kv_budget, draft=draft, dtype=dtype, threads=threads,
                     kv_policy=kv_policy)
         ids = _prompts(s, list(prompts), prompt_len, repeats)
-        name = "plain" if draft is None else str(getattr(draft, "draft", draft))
+        name = "plain" if draft is None else str(draft.draft if isinstance(draft, SpecConfig) else draft)
         results[name] = {**measure(s, ids, new_tokens), "memory": s.memory(), "backend": s.backend.name}
         if s.backend.ternary_kernel:  # what ran a ternary bundle's linears
             results[name]["ternary_kernel"] = s.backend.ternary_kernel
