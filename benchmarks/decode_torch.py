@@ -8,6 +8,8 @@ The checkpoint has the real MiniCPM4-0.5B shape (../shared/minicpm4/MiniCPM4-0.5
 an embedded copy of it) with random weights (N(0, 0.02), norms 1): speed does not depend on the
 values. Decode is memory-bound: each token reads every weight once, so
     roofline time per token = weight bytes read per token / measured memory bandwidth
+(the bandwidth read the way the backend reads its weights: torch matmuls of the 0.5B linear shape
+on the same threads)
 and `roofline_fraction` = roofline time / measured time per token (1.0 = at the bandwidth limit).
 Writes benchmarks/results/decode_torch.json and prints a markdown table.
 """
@@ -78,6 +80,29 @@ def run(args, folder: Path) -> dict:
             "config": cfg}
 
 
+def torch_gemv_bandwidth(threads: int, size_bytes: int, k: int = 1024, n: int = 4096, repeats: int = 5) -> dict:
+    """Weight-read bandwidth the way the torch backend reads a decode step's weights: one-row fp32
+    matmuls x [1, k] @ W.T with W [n, k] (nn.Linear's layout, MiniCPM4-0.5B's linear shape) over
+    `size_bytes` of weights, on `threads` torch threads. Best of N: weight bytes / seconds."""
+    import torch
+
+    torch.set_num_threads(threads)
+    weights = [torch.randn(n, k) for _ in range(max(1, size_bytes // (4 * k * n)))]
+    x = torch.ones(1, k)
+
+    def read_all():
+        for w in weights:
+            torch.nn.functional.linear(x, w)
+
+    with torch.inference_mode():
+        read_all()  # warm-up
+        times = common.timings(read_all, repeats)
+    total = sum(w.numel() * 4 for w in weights)
+    return {"bytes_per_s": total / min(times), "weight_bytes": total, "threads": threads, "times_s": times,
+            "method": f"torch: {len(weights)} fp32 linear layers [{n},{k}] applied to one row on {threads} threads, "
+                      f"best of {repeats}, weight bytes read / s"}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -109,7 +134,8 @@ def main(argv=None) -> int:
         if tmp is not None:
             tmp.cleanup()
 
-    bw = common.memory_bandwidth(args.bandwidth_mib * 2**20)
+    bw = torch_gemv_bandwidth(args.threads, args.bandwidth_mib * 2**20)  # read the way torch reads weights
+    copy_bw = common.memory_bandwidth(args.bandwidth_mib * 2**20)
     cfg = m["config"]
     read = common.decode_weight_bytes(cfg, m["bytes_per_weight"])
     prefill = common.median([r["prefill_tok_s"] for r in m["runs"]])
@@ -136,6 +162,7 @@ def main(argv=None) -> int:
         "rss_after_load_bytes": m["rss_after_load_bytes"],
         "peak_rss_bytes": m["peak_rss_bytes"],
         "memory_bandwidth": bw,
+        "copy_bandwidth_one_thread": copy_bw,
         "decode_weight_read": read,
         "roofline_ms_per_token": 1000 * roofline_s,
         "roofline_tok_s": 1.0 / roofline_s,
