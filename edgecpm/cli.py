@@ -20,6 +20,7 @@ import traceback
 from pathlib import Path
 
 from edgecpm.cli_options import (
+    add_quantize_options,
     add_sampling_options,
     add_session_options,
     check_sampling,
@@ -164,7 +165,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                                  f"pip install 'edgecpm[export]'") from None
     out = export_bundle(args.path, args.output, dtype=args.dtype, force=args.force,
                         progress=sys.stderr.isatty(), sparse=args.sparse, frspec=args.frspec,
-                        quantize=args.quantize, eagle_of=args.eagle_of,
+                        quantize=args.quantize, quantize_group_size=args.group_size, eagle_of=args.eagle_of,
                         ternary_activations=args.ternary_activations)
     print(f"wrote {out}", file=sys.stderr)
     return 0
@@ -285,10 +286,7 @@ errors print "edgecpm: error: ..." and exit with status 2; add --debug for a tra
                         "(MatMulNBits on 2 digits: logits ~1e-5 relative off; only faster where edgecpm's kernel "
                         "cannot be built) or int8 (1 digit: fastest, lossy: ~1e-3); TensorRT ignores it "
                         "(default: exact)")
-    p.add_argument("--quantize", default=None, choices=("ternary", "none"),
-                   help="linear weights: by default a BitCPM4 ternary checkpoint (detected exactly) is packed at 2 "
-                        "bits and any other stays dense; 'ternary' also ternarizes non-ternary linears (lossy: "
-                        "only for a QAT-trained model), 'none' keeps every linear dense")
+    add_quantize_options(p)
     p.set_defaults(func=cmd_export)
 
     p = _sub(subs, "build", "build a TensorRT engine for a bundle, on the device",

@@ -109,3 +109,18 @@ def open_session(args: argparse.Namespace):
 
     return Session(args.path, backend=args.backend, kv_budget=args.kv_budget, dtype=args.dtype,
                    threads=args.threads, draft=spec_config(args), kv_policy=args.kv_policy)
+
+
+def add_quantize_options(p: argparse.ArgumentParser) -> None:
+    """`edgecpm export`'s linear-weight options (export/quantize.py, export/ternary.py)."""
+    p.add_argument("--quantize", default=None, choices=("ternary", "none", "int8", "int4"),
+                   help="linear weights: by default a BitCPM4 ternary checkpoint (detected exactly) is packed at 2 "
+                        "bits and any other stays dense; 'ternary' also ternarizes non-ternary linears (lossy: "
+                        "only for a QAT-trained model), 'none' keeps every linear dense; 'int8' / 'int4' store "
+                        "every decoder linear as 8 / 4-bit codes (round to nearest, asymmetric; a 4-bit GPTQ / AWQ "
+                        "checkpoint keeps its own codes under int4), run on onnxruntime's MatMulNBits with fp32 "
+                        "activations")
+    p.add_argument("--group-size", type=int, default=None, metavar="G",
+                   help="inputs sharing one scale (and zero) under --quantize int8/int4/ternary: a multiple of 16 "
+                        "dividing every linear's inputs, or -1 for one per row (default: int4 128, int8 and "
+                        "ternary per row)")

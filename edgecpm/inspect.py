@@ -40,11 +40,13 @@ def inspect_info(path: str | Path, kv_budget: int | str = "1GiB") -> dict:
     else:
         cfg = ModelConfig.from_file(path)
 
-    quantization = None
+    quantization = bundle_quant = None
     if manifest is not None:
         weights, notes = _bundle_weights(folder, manifest)
         section = manifest.get("ternary")
         ternary = {"ternary": bool(section), **{k: v for k, v in (section or {}).items() if k != "tensors"}}
+        if isinstance(manifest.get("quantization"), dict):  # --quantize int8 / int4
+            bundle_quant = {k: v for k, v in manifest["quantization"].items() if k != "tensors"}
     else:
         tensors = checkpoint_tensors(folder)
         quantization = _checkpoint_quantization(folder, tensors)
@@ -69,6 +71,7 @@ def inspect_info(path: str | Path, kv_budget: int | str = "1GiB") -> dict:
         },
         "ternary": ternary,
         "quantization": quantization,
+        "weight_quantization": bundle_quant,
         "notes": notes,
     }
 
@@ -258,6 +261,8 @@ def sections(info: dict) -> list[tuple[str, list[tuple[str, str]]]]:
     q = info.get("quantization")
     if q is not None and q["supported"]:
         result.append((f"quantization ({q['method'].upper()})", _quantization_rows(q)))
+    if info.get("weight_quantization"):
+        result.append(("weight quantization (int8 / int4)", _bundle_quant_rows(info["weight_quantization"])))
     if info["notes"]:
         result.append(("notes", [("!", n) for n in info["notes"]]))
     return result
@@ -283,6 +288,22 @@ def _ternary_rows(t: dict, kind: str) -> list[tuple[str, str]]:
         rows.append(("lossy", f"{t['lossy']} tensors ternarized by --quantize ternary"))
     if "reason" in t:
         rows.append(("not ternary", f"{t['reason']} ({t['linears'] - t['count']} of {t['linears']})"))
+    return rows
+
+
+def _bundle_quant_rows(q: dict) -> list[tuple[str, str]]:
+    groups = ", ".join("per row" if g == -1 else f"group {g}" for g in q["group_sizes"])
+    sources = ", ".join({"rtn": "rtn (round to nearest)", "gptq": "gptq (its codes kept)",
+                         "awq": "awq (its codes kept)"}.get(s, s) for s in q["sources"])
+    rows = [("linear weights", f"{q['count']} linears {q['mode']}, QuantMatMul (onnxruntime: MatMulNBits, "
+                               f"{q.get('activations', 'fp32')} activations)"),
+            ("codes", f"{'/'.join(map(str, q['bits']))}-bit, {'symmetric' if q['sym'] else 'asymmetric'}, "
+                      f"{groups} (blocks of {', '.join(map(str, q['block_sizes']))}), from {sources}"),
+            ("stored bytes", (f"{q['code_bytes']:,} codes + {q['scale_bytes']:,} scales + {q['zero_bytes']:,} zeros "
+                              f"for {q['weights']:,} weights ({q['bits_per_weight']:.3f} bits per weight)")),
+            ("embedding / lm_head", q.get("lm_head", "dense"))]
+    if q.get("act_order"):
+        rows.append(("act-order", f"{q['act_order']} linears gather their inputs in group order (GPTQ g_idx)"))
     return rows
 
 

@@ -24,7 +24,9 @@ from edgecpm.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_record, read_m
 from edgecpm.errors import BundleError
 from edgecpm.export.checkpoint import Checkpoint
 from edgecpm.export.custom_ops import DOMAIN
-from edgecpm.export.onnx_graph import build_decoder, graph_io
+from edgecpm.export.onnx_graph import NUMPY_DTYPE, build_decoder, graph_io
+from edgecpm.export.quantize import MODES, QuantPlan
+from edgecpm.export.quantize import summary as quant_summary
 from edgecpm.export.ternary import TernaryInfo, linear_names, plan, summary
 from edgecpm.export.tokenizer_convert import load_tokenizer
 from edgecpm.frspec import load_freq_table
@@ -70,7 +72,10 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     quantize: None packs the linear weights at 2 bits when the checkpoint is ternary (BitCPM4,
     detected exactly; a checkpoint with some non-ternary linears is refused), "ternary" also
     ternarizes the others (lossy: only for a QAT-trained model; one scale per `quantize_group_size`
-    inputs, default per row), "none" keeps every linear dense. Packed linears are TernaryMatMul
+    inputs, default per row), "none" keeps every linear dense, "int8" / "int4" store every decoder
+    linear as int8 / int4 codes (export/quantize.py: round to nearest, asymmetric, one scale and zero
+    per `quantize_group_size` inputs, -1 = per row; default 128 for int4, per row for int8; a 4-bit
+    GPTQ / AWQ checkpoint keeps its own codes under int4) as QuantMatMul nodes. Packed linears are TernaryMatMul
     nodes (TensorRT's plugin; onnxruntime runs them on edgecpm's kernel or its own MatMulNBits).
     ternary_activations, recorded in the manifest, is how onnxruntime computes them
     (runtimes/ternary_lowering.py): "exact" (fp32 activations, the default: edgecpm's kernel where it
@@ -96,8 +101,19 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     check_destination(out, force, [checkpoint] + ([Path(eagle_of)] if eagle_of is not None else []))
     if ckpt.quant is not None and quantize is None:
         quantize = "none"  # a GPTQ/AWQ checkpoint is 4-bit, not ternary: skip detection (it dequantizes every linear)
-    ternary = plan(linear_names(ckpt.config.num_hidden_layers), lambda name: ckpt.tensor(name, torch.float32).numpy(),
-                   quantize, quantize_group_size)
+    if quantize_group_size is not None and quantize not in (*MODES, "ternary"):
+        raise ValueError(f"--group-size {quantize_group_size}: it applies to --quantize int8, int4 or ternary")
+    if quantize == "ternary" and quantize_group_size == -1:
+        quantize_group_size = None  # per row: plan()'s default
+    quant = None
+    if quantize in MODES:
+        if dtype not in NUMPY_DTYPE:
+            raise ValueError(f"dtype={dtype!r}: the ONNX bundle supports fp32 and fp16")
+        quant = QuantPlan(ckpt, quantize, quantize_group_size, NUMPY_DTYPE[dtype])
+        ternary = {}
+    else:
+        ternary = plan(linear_names(ckpt.config.num_hidden_layers),
+                       lambda name: ckpt.tensor(name, torch.float32).numpy(), quantize, quantize_group_size)
     if ternary_activations != "exact" and not ternary:
         raise ValueError(f"{checkpoint}: ternary_activations={ternary_activations!r} applies to ternary linear "
                          f"weights, and this export has none")
@@ -109,7 +125,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     if frspec is not None:
         head_ids = load_freq_table(frspec, ckpt.config.vocab_size, ckpt.config.eos_token_ids)
     try:
-        _write_bundle(ckpt, tmp, dtype, progress, head_ids, ternary, ternary_activations)
+        _write_bundle(ckpt, tmp, dtype, progress, head_ids, ternary, ternary_activations, quant)
         old = out.parent / f".{out.name}.replaced-{os.getpid()}"
         if out.exists():  # an earlier bundle (check_destination): kept until the new one is in place
             out.rename(old)
@@ -170,7 +186,7 @@ def _alive(pid: int) -> bool:
 
 
 def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, head_ids: np.ndarray | None,
-                  ternary: dict[str, TernaryInfo], ternary_activations: str) -> None:
+                  ternary: dict[str, TernaryInfo], ternary_activations: str, quant: QuantPlan | None = None) -> None:
     from rich.progress import Progress
 
     cfg = ckpt.config
@@ -187,6 +203,7 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, he
             head_ids=head_ids,
             ternary=ternary,
             eagle=eagle,
+            quant=quant,
         )
     writer.close()
     onnx.save(model, folder / "decoder.onnx")
@@ -219,6 +236,8 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, he
         "sparse": cfg.to_dict().get("sparse_config"),
         "ternary": {"op": "TernaryMatMul", "activations": ternary_activations,
                     **summary(ternary, 2 if dtype == "fp16" else 4)} if ternary else None,
+        "quantization": {"mode": quant.mode, "lm_head": "dense",
+                         **quant_summary(quant.infos, 2 if dtype == "fp16" else 4)} if quant else None,
         "spec": spec,
         "eagle": {"target": str(ckpt.target.folder.resolve())} if eagle else None,
         "tokenizer": {"files": tokenizer_files, "eos_token_ids": sorted(cfg.eos_token_ids)},

@@ -27,6 +27,7 @@ from edgecpm.export.custom_ops import (
     ternary_node,
 )
 from edgecpm.export.onnx_builder import GraphBuilder, attend
+from edgecpm.export.quant_ops import QUANT, quant_function, quant_node, register_quant_schema
 from edgecpm.export.ternary import (
     TernaryInfo,
     pack,
@@ -72,7 +73,7 @@ _IO_TYPES = {"int64": TensorProto.INT64, "bool": TensorProto.BOOL, "float32": Te
 
 def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=None,
                   head_ids: np.ndarray | None = None, ternary: dict[str, TernaryInfo] | None = None,
-                  eagle: bool = False) -> onnx.ModelProto:
+                  eagle: bool = False, quant=None) -> onnx.ModelProto:
     """The decoder graph. `tensor(name)` returns a checkpoint tensor as float32 numpy;
     `weight_sink(name, array)` stores it (external data) and returns its TensorProto.
     head_ids: FR-Spec — the LM head keeps only these rows, a separate [r, H] weight, so the last
@@ -82,6 +83,9 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
     kernel or its own MatMulNBits, rewritten at load: runtimes/ternary_lowering.py).
     eagle: an EAGLE head (export/modeling_eagle.py): `tensor` serves its layers under the decoder's
     names; the input is fc([rmsnorm1(embedding); rmsnorm2(hidden_in)]) and there is no final norm.
+    quant: an export.quantize.QuantPlan: its linears stored as int8 / int4 codes (MatMulNBits'
+    layout) as QuantMatMul nodes (onnxruntime rewrites them to MatMulNBits at load:
+    runtimes/quant_lowering.py); a GPTQ act-order linear first gathers its inputs in group order.
     Every graph outputs `hidden` [T, H] float32, the LM head's input for every row."""
     ternary = ternary or {}
     if dtype not in ONNX_DTYPE:
@@ -103,6 +107,8 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
     def linear(x, name):  # x [T, in] @ W^T, W stored pre-transposed as [in, out]
         if name in ternary:
             return ternary_linear(x, name, ternary[name])
+        if quant is not None and name in quant.infos:
+            return quant_linear(x, name, quant.infos[name])
         return g.op("MatMul", x, g.weight(name, np.ascontiguousarray(tensor(name).T).astype(npdt)))
 
     def ternary_linear(x, name, info):  # codes + scales, named after the dense weight
@@ -110,6 +116,16 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
         base = name.removesuffix(".weight")
         s = g.weight(base + ".scales", scales.astype(npdt))
         return ternary_node(g, x, g.weight(base + ".packed", pack(codes)), s, info.shape[1], info.group_size)
+
+    def quant_linear(x, name, info):  # codes, scales, zeros, named after the dense weight
+        c = quant.codes(name, tensor)
+        base = name.removesuffix(".weight")
+        if c.perm is not None:  # GPTQ act-order: the stored weight's inputs in group order
+            x = g.op("Gather", x, g.weight(base + ".perm", c.perm.astype(np.int64)), axis=1)
+        codes = g.weight(base + ".codes", c.codes)
+        scales = g.weight(base + ".scales", c.scales.astype(npdt))
+        zeros = g.weight(base + ".zeros", c.zeros)
+        return quant_node(g, x, codes, scales, zeros, info.shape[1], info.bits, info.block_size)
 
     def rms_norm(x, name):
         # Written as Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul: the pattern onnxruntime fuses
@@ -210,6 +226,9 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
         functions.append(infllmv2_function())
     if any(n.op_type == TERNARY["op_type"] for n in g.nodes):
         functions.append(ternary_function())
+    if any(n.op_type == QUANT["op_type"] and n.domain == DOMAIN for n in g.nodes):
+        functions.append(quant_function())
+        register_quant_schema()
     if functions:
         register_schemas()
         opsets.append(helper.make_opsetid(DOMAIN, 1))
