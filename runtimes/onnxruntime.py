@@ -22,6 +22,11 @@ from edgecpm.kv_cache import KVCache
 
 # What can run a ternary bundle's TernaryMatMul nodes (OnnxRuntimeBackend's `ternary`).
 TERNARY_KERNELS = ("auto", "edgecpm", "matmulnbits", "reference")
+# What runs the dense attention (OnnxRuntimeBackend's `attention`; default $EDGECPM_ORT_ATTENTION, else auto).
+ATTENTION_KERNELS = ("auto", "edgecpm", "reference")
+# Prefill tokens per step when edgecpm's fused attention runs: no [T, P] scores exist, so the chunk
+# is sized for the linears' GEMMs, not bounded by the context.
+FUSED_PREFILL_CHUNK = 512
 _ORT_TYPE = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
              "tensor(bool)": "bool"}
 
@@ -38,7 +43,7 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, threads: int | None = None, providers: list[str] | None = None,
-                 ternary: str = "auto"):
+                 ternary: str = "auto", attention: str | None = None):
         """ternary: what runs a ternary bundle's TernaryMatMul nodes (runtimes/ternary_lowering.py):
         "edgecpm", the exact fp32 kernel of runtimes/onnxruntime_ops.cpp (built on first use);
         "matmulnbits", onnxruntime's 2-bit kernel on the bundle's `ternary_activations` digits;
@@ -46,7 +51,13 @@ class OnnxRuntimeBackend:
         built here (else MatMulNBits, with a warning that says why) and has a vector path for this
         CPU (x86-64: AVX-512 or AVX2), MatMulNBits for the others;
         "reference", the op's reference function (for checks: onnxruntime folds it into dense fp32
-        weights at load). `ternary_kernel` says which runs."""
+        weights at load). `ternary_kernel` says which runs.
+        attention: what runs the graph's dense attention (runtimes/attention_lowering.py):
+        "edgecpm", the fused kernel of runtimes/onnxruntime_ops.cpp swapped in at load (fp32, CPU);
+        "auto" (default, or $EDGECPM_ORT_ATTENTION), that kernel for an fp32 bundle on CPU where the
+        library builds and has a vector path here, else the graph as exported; "reference", the graph
+        as exported. `attention_kernel` says which runs (None: the exported graph), and
+        `max_prefill_chunk` the prefill step size it suits (None: the context bounds it)."""
         ort = _import_ort()
         self.bundle, self.config = bundle, bundle.config
         graph = bundle.graph("decoder")
@@ -62,7 +73,9 @@ class OnnxRuntimeBackend:
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        model, self.ternary_kernel = self._decoder_model(graph, ternary, opts)
+        model, self.ternary_kernel, self.attention_kernel = self._decoder_model(graph, ternary, attention, opts,
+                                                                                providers)
+        self.max_prefill_chunk = FUSED_PREFILL_CHUNK if self.attention_kernel else None
         self.session = ort.InferenceSession(model, opts, providers=providers)
         self.providers = self.session.get_providers()
         self._check_io(graph)
@@ -80,36 +93,89 @@ class OnnxRuntimeBackend:
     def on_keep(self, start: int, rows) -> None:
         """The arena is bound by pointer at every step: nothing of it is kept here."""
 
-    def _decoder_model(self, graph: dict, ternary: str, opts) -> tuple[str | bytes, str | None]:
-        """The decoder graph to load — its path, or for a bundle with TernaryMatMul nodes the graph
-        rewritten in memory (its other weights still read from the bundle's external data file) —
-        and what runs the ternary linears (None: there are none)."""
+    def _decoder_model(self, graph: dict, ternary: str, attention: str | None, opts,
+                       providers: list[str]) -> tuple[str | bytes, str | None, str | None]:
+        """The decoder graph to load — its path, or the graph rewritten in memory (its weights still
+        read from the bundle's external data file) — what runs the ternary linears (None: there are
+        none) and what runs attention (None: the graph's own ops)."""
+        import os
+
         if ternary not in TERNARY_KERNELS:
             raise ValueError(f"ternary={ternary!r}: expected one of {', '.join(TERNARY_KERNELS)}")
+        attention = attention or os.environ.get("EDGECPM_ORT_ATTENTION") or "auto"
+        if attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention={attention!r}: expected one of {', '.join(ATTENTION_KERNELS)}")
         path = self.bundle.file(graph["file"])
-        if "TernaryMatMul" not in self.bundle.manifest.get("custom_ops", []):
-            return str(path), None
-        if ternary == "reference":
-            return str(path), "reference function"
+        is_ternary = "TernaryMatMul" in self.bundle.manifest.get("custom_ops", [])
+        is_quant = "QuantMatMul" in self.bundle.manifest.get("custom_ops", [])  # --quantize int8 / int4
+        attention_library = self._attention_library(attention, providers)
+        if attention_library is None and (not is_ternary or ternary == "reference") and not is_quant:
+            return str(path), ("reference function" if is_ternary else None), None
         import onnx
 
+        from edgecpm.runtimes import onnxruntime_ops
+
+        model = onnx.load(str(path), load_external_data=False)
+        ternary_kernel = attention_kernel = None
+        if is_quant:  # QuantMatMul -> MatMulNBits over the same bytes, fp32 activations
+            from edgecpm.runtimes.quant_lowering import lower_quant
+
+            lower_quant(model)
+        if is_ternary:
+            ternary_kernel = self._rewrite_ternary(model, path, ternary, opts)
+        # The library also holds a TernaryMatMul kernel: registered, it would run the nodes left to the
+        # reference function or MatMulNBits, so there the attention is left as exported too.
+        library_loaded = ternary_kernel is not None and ternary_kernel.startswith("edgecpm")
+        if attention_library is not None and (library_loaded or not is_ternary):
+            from edgecpm.runtimes.attention_lowering import fuse_attention
+
+            if fuse_attention(model, self.config.head_dim):
+                if not library_loaded:
+                    opts.register_custom_ops_library(str(attention_library))
+                attention_kernel = f"edgecpm ({onnxruntime_ops.isa(attention_library)})"
+            elif attention == "edgecpm":
+                raise BackendUnavailable(f"{path}: no dense attention subgraph edgecpm's kernel can replace")
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+        return model.SerializeToString(), ternary_kernel, attention_kernel
+
+    def _attention_library(self, attention: str, providers: list[str]) -> Path | None:
+        """The kernel library where edgecpm's fused attention is to run, else None."""
+        from edgecpm.runtimes import onnxruntime_ops
+
+        if attention == "reference":
+            return None
+        dtype = self.bundle.manifest.get("dtype", "fp32")
+        if attention == "edgecpm":
+            if dtype != "fp32" or self.config.sparse is not None:
+                raise BackendUnavailable(f"edgecpm's attention kernel runs dense fp32 graphs; {self.bundle.path} is "
+                                         f"{dtype}{' with sparse attention' if self.config.sparse else ''}")
+            return onnxruntime_ops.library()
+        if (dtype != "fp32" or self.config.sparse is not None or platform.machine() != "x86_64"
+                or providers[:1] != ["CPUExecutionProvider"]):
+            return None
+        try:
+            library = onnxruntime_ops.library()
+        except BackendUnavailable:
+            return None  # the graph's own attention runs (the ternary path warns about the library)
+        return library if onnxruntime_ops.isa(library) != "scalar" else None
+
+    def _rewrite_ternary(self, model, path: Path, ternary: str, opts) -> str:
+        """Rewrite the TernaryMatMul nodes for what runs them; returns its name."""
         from edgecpm.runtimes import onnxruntime_ops
         from edgecpm.runtimes.ternary_lowering import fuse_ternary, lower_ternary
         from edgecpm.ternary_format import ACTIVATION_DIGITS
 
-        model = onnx.load(str(path), load_external_data=False)
+        if ternary == "reference":
+            return "reference function"
         activations = (self.bundle.manifest.get("ternary") or {}).get("activations", "exact")
         library = self._edgecpm_library(ternary, activations)
         if library is not None:
             opts.register_custom_ops_library(str(library))
             fuse_ternary(model, path.parent)
-            kernel = f"edgecpm ({onnxruntime_ops.isa(library)})"
-        else:
-            digits = ACTIVATION_DIGITS[activations]
-            lower_ternary(model, path.parent, digits)
-            kernel = f"MatMulNBits ({digits} int8 digits)"
-        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-        return model.SerializeToString(), kernel
+            return f"edgecpm ({onnxruntime_ops.isa(library)})"
+        digits = ACTIVATION_DIGITS[activations]
+        lower_ternary(model, path.parent, digits)
+        return f"MatMulNBits ({digits} int8 digits)"
 
     def _edgecpm_library(self, ternary: str, activations: str) -> Path | None:
         """The path of edgecpm's kernel library (runtimes/onnxruntime_ops.py) where it is to run the

@@ -1,4 +1,5 @@
-// edgecpm's onnxruntime custom-op library: the exact CPU kernel of `edgecpm::TernaryMatMul`.
+// edgecpm's onnxruntime custom-op library: the exact CPU kernels of `edgecpm::TernaryMatMul` and of
+// `edgecpm::Attention` (fused GQA attention over the KV arena, further down).
 //
 // y[m, n] = sum_k x[m, k] * W[n, k], W[n, k] = (code - 1) * scales[n, k / group_size], with the
 // codes read straight from the bundle's 2-bit words (edgecpm.export.ternary: 16 codes per uint32,
@@ -249,6 +250,338 @@ struct TernaryMatMul {
   int64_t in_features_ = 0, group_size_ = 0;
 };
 
+// ---- Attention: GQA attention over the token-major KV arena, without a score matrix ------------
+//
+// out[t, (h*G + g)*D + d] = sum_j softmax_j(scale * q[t, h*G+g] . key_j) value_j[h, d] over the P past
+// rows (always visible) and the T new rows j with attn_mask[t, j]. One task = one kv head h and a
+// block of queries (their G query heads each: R = Bq*G rows of Q); it walks the keys in tiles of
+// kKeyTile rows with an online softmax (running max m, sum l and weighted sum per row), so each
+// K/V row is read once per task and no [T, P] scores exist. A tile of new keys that no query of the
+// block sees (the upper triangle of a causal prefill) is skipped. Plain loops over contiguous
+// arrays, compiled once per ISA (target attributes) so the compiler vectorizes them; exp is a
+// Cephes-style polynomial (about 1 ulp) that vectorizes too.
+
+constexpr int64_t kKeyTile = 64;
+constexpr int64_t kRowsPerBlock = 64;  // R = Bq * G, at least G
+
+struct AttnProblem {
+  const float *q, *k, *v, *pk, *pv;  // q [T, Hq, D], k/v [T, Hkv, D], pk/pv [P, Hkv, D]
+  const bool* mask;                  // [T, T]
+  float* out;                        // [T, Hq * D]
+  int64_t T, P, Hq, Hkv, D, G, Bq;
+  float scale;
+};
+
+struct AttnScratch {
+  std::vector<float> q, kt, s, acc, m, l;
+  std::vector<unsigned char> vis;
+};
+
+__attribute__((always_inline)) inline void exp_inplace(float* x, int64_t n) {
+  // x <= 0 (scores minus their running max); below -87 (and -inf, masked) the result is 0.
+  for (int64_t j = 0; j < n; ++j) {
+    const float xi = x[j];
+    const float c = xi < -87.f ? -87.f : xi;
+    const float fn = __builtin_floorf(c * 1.44269504088896341f + 0.5f);
+    float r = c - fn * 0.693359375f;
+    r = r - fn * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    const int32_t bits = (int32_t(fn) + 127) << 23;
+    float two_n;
+    __builtin_memcpy(&two_n, &bits, 4);
+    x[j] = xi < -87.f ? 0.f : p * two_n;
+  }
+}
+
+// One tile of n <= kKeyTile key rows (keys/values [n, Hkv, D] from row 0 of `keys`), for the rows of
+// task (h, t0 .. t0 + nt); vis[t][j]: row j visible to query t0 + t (nullptr: all visible).
+__attribute__((always_inline)) inline void attn_tile(const AttnProblem& p, AttnScratch& w, int64_t h, int64_t nt,
+                                                     const float* keys, const float* values, int64_t n,
+                                                     const unsigned char* vis) {
+  const int64_t D = p.D, G = p.G, R = nt * G, stride = p.Hkv * D;
+  float* kt = w.kt.data();  // [D, kKeyTile]
+  for (int64_t j = 0; j < n; ++j) {
+    const float* kr = keys + j * stride + h * D;
+    for (int64_t d = 0; d < D; ++d) kt[d * kKeyTile + j] = kr[d];
+  }
+  float* s = w.s.data();  // [R, kKeyTile]
+  for (int64_t r = 0; r < R; ++r) {
+    float* sr = s + r * kKeyTile;
+    const float* qr = w.q.data() + r * D;
+    for (int64_t j = 0; j < kKeyTile; ++j) sr[j] = 0.f;
+    for (int64_t d = 0; d < D; ++d) {
+      const float qd = qr[d];
+      const float* kd = kt + d * kKeyTile;
+      for (int64_t j = 0; j < kKeyTile; ++j) sr[j] += qd * kd[j];
+    }
+    if (vis) {
+      const unsigned char* vr = vis + (r / G) * kKeyTile;
+      for (int64_t j = 0; j < n; ++j) sr[j] = vr[j] ? sr[j] : -__builtin_inff();
+    }
+    float mx = w.m[r];
+    for (int64_t j = 0; j < n; ++j) mx = sr[j] > mx ? sr[j] : mx;
+    if (mx == -__builtin_inff()) continue;  // nothing visible to this row yet
+    const float alpha = w.m[r] == -__builtin_inff() ? 0.f : __builtin_expf(w.m[r] - mx);
+    w.m[r] = mx;
+    for (int64_t j = 0; j < n; ++j) sr[j] -= mx;
+    exp_inplace(sr, n);
+    float sum = 0.f;
+    for (int64_t j = 0; j < n; ++j) sum += sr[j];
+    w.l[r] = w.l[r] * alpha + sum;
+    float* ar = w.acc.data() + r * D;
+    for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
+    for (int64_t j = 0; j < n; ++j) {
+      const float pj = sr[j];
+      if (pj == 0.f) continue;
+      const float* vr = values + j * stride + h * D;
+      for (int64_t d = 0; d < D; ++d) ar[d] += pj * vr[d];
+    }
+  }
+}
+
+#if defined(__x86_64__)
+// ---- AVX-512 tile (D a multiple of 16): register-blocked Q.K^T and P.V, vector exp ------------
+__attribute__((target("avx512f"))) inline __m512 exp512(__m512 x) {
+  const __m512 c = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 fn = _mm512_roundscale_ps(_mm512_mul_ps(c, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(fn, _mm512_set1_ps(0.693359375f), c);
+  r = _mm512_fnmadd_ps(fn, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ), _mm512_scalef_ps(p, fn));
+}
+
+// s[r .. r + RB][0 .. 64) = q rows . kt columns
+template <int RB>
+__attribute__((target("avx512f"))) inline void qk512(const float* q, const float* kt, float* s, int64_t D) {
+  __m512 acc[RB][4];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const float* kd = kt + d * kKeyTile;
+    const __m512 k0 = _mm512_loadu_ps(kd), k1 = _mm512_loadu_ps(kd + 16), k2 = _mm512_loadu_ps(kd + 32),
+                 k3 = _mm512_loadu_ps(kd + 48);
+    for (int i = 0; i < RB; ++i) {
+      const __m512 qb = _mm512_set1_ps(q[i * D + d]);
+      acc[i][0] = _mm512_fmadd_ps(qb, k0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(qb, k1, acc[i][1]);
+      acc[i][2] = _mm512_fmadd_ps(qb, k2, acc[i][2]);
+      acc[i][3] = _mm512_fmadd_ps(qb, k3, acc[i][3]);
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(s + i * kKeyTile + 16 * c, acc[i][c]);
+}
+
+// acc[r .. r + RB][dc .. dc + 16 NC) += p rows . value rows
+template <int RB, int NC>
+__attribute__((target("avx512f"))) inline void pv512(const float* s, const float* values, int64_t stride, int64_t n,
+                                                     float* acc, int64_t D, int64_t dc) {
+  __m512 a[RB][NC];
+  for (int i = 0; i < RB; ++i)
+    for (int c = 0; c < NC; ++c) a[i][c] = _mm512_loadu_ps(acc + i * D + dc + 16 * c);
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 vr[NC];
+    for (int c = 0; c < NC; ++c) vr[c] = _mm512_loadu_ps(values + j * stride + dc + 16 * c);
+    for (int i = 0; i < RB; ++i) {
+      const __m512 pb = _mm512_set1_ps(s[i * kKeyTile + j]);
+      for (int c = 0; c < NC; ++c) a[i][c] = _mm512_fmadd_ps(pb, vr[c], a[i][c]);
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc + i * D + dc + 16 * c, a[i][c]);
+}
+
+template <int RB>
+__attribute__((target("avx512f"))) inline void pv512_rows(const float* s, const float* values, int64_t stride,
+                                                          int64_t n, float* acc, int64_t D) {
+  int64_t dc = 0;
+  for (; dc + 64 <= D; dc += 64) pv512<RB, 4>(s, values, stride, n, acc, D, dc);
+  for (; dc < D; dc += 16) pv512<RB, 1>(s, values, stride, n, acc, D, dc);
+}
+
+__attribute__((target("avx512f"))) void attn_tile_avx512(const AttnProblem& p, AttnScratch& w, int64_t h, int64_t nt,
+                                                         const float* keys, const float* values, int64_t n,
+                                                         const unsigned char* vis) {
+  const int64_t D = p.D, G = p.G, R = nt * G, stride = p.Hkv * D;
+  float* kt = w.kt.data();
+  for (int64_t j = 0; j < n; ++j) {
+    const float* kr = keys + j * stride + h * D;
+    for (int64_t d = 0; d < D; ++d) kt[d * kKeyTile + j] = kr[d];
+  }
+  float* s = w.s.data();
+  const float* q = w.q.data();
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) qk512<4>(q + r * D, kt, s + r * kKeyTile, D);
+  for (; r < R; ++r) qk512<1>(q + r * D, kt, s + r * kKeyTile, D);
+  const __m512 neg = _mm512_set1_ps(-__builtin_inff());
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __mmask16 live[4];
+  for (int c = 0; c < 4; ++c) live[c] = _mm512_cmplt_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32(16 * c)),
+                                                               _mm512_set1_epi32(int(n)));
+  // Softmax update per row; a row with nothing visible yet gets p = 0 (alpha 1).
+  for (r = 0; r < R; ++r) {
+    float* sr = s + r * kKeyTile;
+    __m512 sv[4];
+    __m512 mv = neg;
+    for (int c = 0; c < 4; ++c) {
+      __mmask16 m = live[c];
+      if (vis)
+        m &= _mm512_cmpneq_epi32_mask(
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vis + (r / G) * kKeyTile + 16 * c))),
+            _mm512_setzero_si512());
+      sv[c] = _mm512_mask_blend_ps(m, neg, _mm512_loadu_ps(sr + 16 * c));
+      mv = _mm512_max_ps(mv, sv[c]);
+    }
+    const float mx = std::max(w.m[r], _mm512_reduce_max_ps(mv));
+    float* ar = w.acc.data() + r * D;
+    if (mx == -__builtin_inff()) {
+      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(sr + 16 * c, _mm512_setzero_ps());
+      continue;
+    }
+    const float alpha = w.m[r] == -__builtin_inff() ? 0.f : __builtin_expf(w.m[r] - mx);
+    w.m[r] = mx;
+    __m512 sum = _mm512_setzero_ps();
+    const __m512 mxv = _mm512_set1_ps(mx);
+    for (int c = 0; c < 4; ++c) {
+      const __m512 e = exp512(_mm512_sub_ps(sv[c], mxv));
+      sum = _mm512_add_ps(sum, e);
+      _mm512_storeu_ps(sr + 16 * c, e);
+    }
+    w.l[r] = w.l[r] * alpha + _mm512_reduce_add_ps(sum);
+    if (alpha != 1.f) {
+      const __m512 av = _mm512_set1_ps(alpha);
+      for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(ar + d, _mm512_mul_ps(av, _mm512_loadu_ps(ar + d)));
+    }
+  }
+  const float* vh = values + h * D;
+  float* acc = w.acc.data();
+  for (r = 0; r + 4 <= R; r += 4) pv512_rows<4>(s + r * kKeyTile, vh, stride, n, acc + r * D, D);
+  for (; r < R; ++r) pv512_rows<1>(s + r * kKeyTile, vh, stride, n, acc + r * D, D);
+}
+#endif
+
+template <typename Tile>
+__attribute__((always_inline)) inline void attn_task_impl(const AttnProblem& p, int64_t h, int64_t t0, Tile tile) {
+  const int64_t D = p.D, G = p.G, nt = std::min(p.Bq, p.T - t0), R = nt * G;
+  AttnScratch w;
+  w.q.resize(size_t(R * D));
+  w.kt.assign(size_t(D * kKeyTile), 0.f);
+  w.s.resize(size_t(R * kKeyTile));
+  w.acc.assign(size_t(R * D), 0.f);
+  w.m.assign(size_t(R), -__builtin_inff());
+  w.l.assign(size_t(R), 0.f);
+  w.vis.resize(size_t(nt * kKeyTile));
+  for (int64_t t = 0; t < nt; ++t)
+    for (int64_t g = 0; g < G; ++g) {
+      const float* src = p.q + ((t0 + t) * p.Hq + h * G + g) * D;
+      float* dst = w.q.data() + (t * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * p.scale;
+    }
+  const int64_t stride = p.Hkv * D;
+  for (int64_t j0 = 0; j0 < p.P; j0 += kKeyTile)
+    tile(p, w, h, nt, p.pk + j0 * stride, p.pv + j0 * stride, std::min(kKeyTile, p.P - j0), nullptr);
+  for (int64_t j0 = 0; j0 < p.T; j0 += kKeyTile) {
+    const int64_t n = std::min(kKeyTile, p.T - j0);
+    bool any = false;
+    for (int64_t t = 0; t < nt; ++t) {
+      const bool* mr = p.mask + (t0 + t) * p.T + j0;
+      unsigned char* vr = w.vis.data() + t * kKeyTile;
+      for (int64_t j = 0; j < n; ++j) {
+        vr[j] = mr[j];
+        any |= mr[j];
+      }
+    }
+    if (any) tile(p, w, h, nt, p.k + j0 * stride, p.v + j0 * stride, n, w.vis.data());
+  }
+  for (int64_t t = 0; t < nt; ++t)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = t * G + g;
+      const float inv = 1.f / w.l[r];  // no visible key: 0 / 0 = NaN, as the reference's softmax
+      const float* ar = w.acc.data() + r * D;
+      float* dst = p.out + (t0 + t) * p.Hq * D + (h * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = ar[d] * inv;
+    }
+}
+
+using AttnFn = void (*)(const AttnProblem&, int64_t, int64_t);
+void attn_task_scalar(const AttnProblem& p, int64_t h, int64_t t0) { attn_task_impl(p, h, t0, attn_tile); }
+#if defined(__x86_64__)
+__attribute__((target("avx512f"))) void attn_task_avx512(const AttnProblem& p, int64_t h, int64_t t0) {
+  if (p.D % 16 == 0)
+    attn_task_impl(p, h, t0, attn_tile_avx512);
+  else
+    attn_task_impl(p, h, t0, [](const AttnProblem& p, AttnScratch& w, int64_t h, int64_t nt, const float* keys,
+                                const float* values, int64_t n, const unsigned char* vis)
+                                 __attribute__((always_inline)) { attn_tile(p, w, h, nt, keys, values, n, vis); });
+}
+__attribute__((target("avx2,fma"))) void attn_task_avx2(const AttnProblem& p, int64_t h, int64_t t0) {
+  attn_task_impl(p, h, t0, [](const AttnProblem& p, AttnScratch& w, int64_t h, int64_t nt, const float* keys,
+                              const float* values, int64_t n, const unsigned char* vis)
+                               __attribute__((always_inline)) { attn_tile(p, w, h, nt, keys, values, n, vis); });
+}
+#endif
+
+AttnFn attn_fn(const std::string& path) {
+#if defined(__x86_64__)
+  if (path == "avx512") return attn_task_avx512;
+  if (path == "avx2") return attn_task_avx2;
+#endif
+  return attn_task_scalar;
+}
+
+struct Attention {
+  Attention(const OrtApi* api, const OrtKernelInfo* info) : api_(api), isa_(isa()) {
+    Ort::ConstKernelInfo ki(info);
+    scale_ = ki.GetAttribute<float>("scale");
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& q, const Ort::Custom::Tensor<float>& k,
+                      const Ort::Custom::Tensor<float>& v, const Ort::Custom::Tensor<float>& past_k,
+                      const Ort::Custom::Tensor<float>& past_v, const Ort::Custom::Tensor<bool>& mask,
+                      Ort::Custom::Tensor<float>& out) {
+    const auto &qs = q.Shape(), &ks = k.Shape(), &vs = v.Shape(), &pks = past_k.Shape(), &pvs = past_v.Shape(),
+               &ms = mask.Shape();
+    if (qs.size() != 3 || ks.size() != 3 || ks != vs || pks.size() != 3 || pks != pvs || ms.size() != 2 ||
+        ks[0] != qs[0] || ks[2] != qs[2] || pks[1] != ks[1] || pks[2] != ks[2] || ms[0] != qs[0] || ms[1] != qs[0] ||
+        ks[1] <= 0 || qs[1] % ks[1])
+      return Ort::Status("Attention: q [T, Hq, D], k/v [T, Hkv, D], past_k/v [P, Hkv, D] and attn_mask [T, T] "
+                         "do not agree (Hq a multiple of Hkv)", ORT_INVALID_ARGUMENT);
+    const int64_t T = qs[0], Hq = qs[1], D = qs[2], Hkv = ks[1], G = Hq / Hkv;
+    AttnProblem p{q.Data(), k.Data(), v.Data(), past_k.Data(), past_v.Data(), mask.Data(),
+                  out.Allocate({T, Hq * D}), T, pks[0], Hq, Hkv, D, G, std::max<int64_t>(1, kRowsPerBlock / G),
+                  scale_};
+    if (T == 0) return Ort::Status(nullptr);
+    struct Job {
+      const AttnProblem* p;
+      AttnFn fn;
+      int64_t blocks;
+    } job{&p, attn_fn(isa_), (T + p.Bq - 1) / p.Bq};
+    auto run = [](void* data, size_t task) {
+      const Job& j = *static_cast<const Job*>(data);
+      const int64_t h = int64_t(task) % j.p->Hkv, b = int64_t(task) / j.p->Hkv;
+      j.fn(*j.p, h, b * j.p->Bq);
+    };
+    return Ort::Status(api_->KernelContext_ParallelFor(ctx, run, size_t(job.blocks * Hkv), 0, &job));
+  }
+
+  const OrtApi* api_;
+  std::string isa_;
+  float scale_ = 1.f;
+};
+
 }  // namespace
 
 #define EDGECPM_EXPORT extern "C" __attribute__((visibility("default")))
@@ -266,7 +599,9 @@ EDGECPM_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
   static Ort::CustomOpDomain domain{"edgecpm"};
   static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> op{
       Ort::Custom::CreateLiteCustomOp<TernaryMatMul>("TernaryMatMul", "CPUExecutionProvider")};
-  static bool added = (domain.Add(op.get()), true);
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> attention{
+      Ort::Custom::CreateLiteCustomOp<Attention>("Attention", "CPUExecutionProvider")};
+  static bool added = (domain.Add(op.get()), domain.Add(attention.get()), true);
   (void)added;
   try {
     Ort::UnownedSessionOptions(options).Add(domain);
