@@ -313,7 +313,7 @@ class EagleDrafter:
         """Run the head on new context rows in prefill-sized chunks; the last row's logits and out."""
         done = 0
         while done < len(tokens):
-            size = prefill_chunk(self.backend.config.num_attention_heads, self.cache.length)
+            size = prefill_chunk(self.backend, self.cache.length)
             t, f = tokens[done : done + size], features[done : done + size]
             last = done + len(t) == len(tokens)
             rows = np.array([len(t) - 1] if last else [], dtype=np.int64)

@@ -26,7 +26,12 @@ PREFILL_CHUNK = 512  # tokens per prefill step: bounds activation memory for lon
 SCORE_ELEMENTS = 64 * 2**20
 
 
-def prefill_chunk(n_heads: int, context: int) -> int:
+def prefill_chunk(backend, context: int) -> int:
+    """Tokens of the next prefill step after `context` cached ones: the backend's own size when its
+    attention materializes no scores (a fused kernel), else shrinking with the context."""
+    if backend.max_prefill_chunk:
+        return backend.max_prefill_chunk
+    n_heads = backend.config.num_attention_heads
     return int(max(16, min(PREFILL_CHUNK, SCORE_ELEMENTS // (n_heads * (context + PREFILL_CHUNK)))))
 
 _causal_masks: dict[int, np.ndarray] = {}
@@ -109,7 +114,7 @@ def prefill(backend, cache: KVCache, ids, all_logits: bool = False, timer: Timer
     rows = []
     start = 0
     while start < len(ids):
-        size = prefill_chunk(backend.config.num_attention_heads, cache.length)
+        size = prefill_chunk(backend, cache.length)
         if cache.window:  # a prompt longer than the arena streams through the window
             size = min(size, cache.capacity - cache.sink_tokens, len(ids) - start)
             cache.make_room(size)

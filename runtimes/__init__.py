@@ -29,6 +29,9 @@ class Backend(Protocol):
     ternary_kernel: str | None  # what runs a ternary bundle's TernaryMatMul nodes; None if nothing does
     has_hidden: bool  # forward() also leaves the `hidden` rows (the LM head's input) in last_hidden
     last_hidden: np.ndarray | None  # [T, H] float32 of the last forward, when has_hidden
+    # Prefill tokens per step when attention materializes no [T, P] scores (a fused kernel); None:
+    # generate.prefill_chunk shrinks the chunk with the context to bound score memory.
+    max_prefill_chunk: int | None
 
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, attn_mask: np.ndarray,
                 cache: KVCache, logit_index: np.ndarray, hidden_in: np.ndarray | None = None) -> np.ndarray:

@@ -119,6 +119,7 @@ class TensorRTBackend:
         trt = te.import_tensorrt("backend 'tensorrt'")
         self.cuda = _Cuda(te.import_cudart("backend 'tensorrt'"))
         self.bundle, self.config = bundle, bundle.config
+        self.max_prefill_chunk = None  # the engine's profiles bound a step (forward() splits longer ones)
         self.ternary_kernel = "tensorrt" if "TernaryMatMul" in bundle.manifest.get("custom_ops", []) else None
         manifest = bundle.manifest
         gpu, cc = te.gpu_identity()

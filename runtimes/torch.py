@@ -32,6 +32,7 @@ class TorchBackend:
     bundle = None  # runs checkpoints
     ternary_kernel = None  # ternary linears run torch.ops.edgecpm.ternary_matmul inside the model
     has_hidden = True
+    max_prefill_chunk = None  # dense attention materializes its scores
 
     def __init__(self, checkpoint: str, dtype: str | None = None, threads: int | None = None,
                  device: str | None = None):

@@ -221,6 +221,7 @@ class TrigramBackend:
     ternary_kernel = None
     has_hidden = False
     last_hidden = None
+    max_prefill_chunk = None
 
     def __init__(self, table):
         self.table = table  # [V, V, V] logits for (previous, current) -> next
