@@ -295,3 +295,48 @@ def finish(result: dict, blocks: list[str], output: str | Path | None = None, no
     print("\n\n".join(blocks))
     print("\n" + (note + "\n" if note else "") + f"wrote {path}", file=sys.stderr)
     return 0
+
+
+# ---- child processes ----------------------------------------------------------------------------
+# Runs argv[2:] as a child of this small process and writes its exit status and rusage to argv[1]:
+# the child's ru_maxrss is its own peak RSS (a child forked from a big process would start from
+# the parent's high-water mark, which is why the benchmark process does not fork it directly).
+_RUSAGE_WRAPPER = """
+import json, os, sys, time
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"returncode": os.waitstatus_to_exitcode(status), "maxrss_kib": ru.ru_maxrss,
+               "wall_s": time.perf_counter() - t0, "user_s": ru.ru_utime, "sys_s": ru.ru_stime}, f)
+"""
+
+
+def run_measured(cmd: list[str], timeout: float | None = None, env: dict | None = None) -> dict:
+    """Run `cmd` (no shell) and return its returncode, stdout, stderr, wall seconds, CPU seconds and
+    peak RSS in bytes (the child's ru_maxrss, from a small wrapper process that forks it: Linux).
+    Past `timeout` seconds the child is killed and returncode is None, with `error` saying so."""
+    import signal
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="edgecpm-run-") as tmp:
+        usage_path = Path(tmp) / "rusage.json"
+        p = subprocess.Popen([sys.executable, "-c", _RUSAGE_WRAPPER, str(usage_path), *map(str, cmd)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             start_new_session=True)  # its own process group: a timeout kills the child too
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            stdout, stderr = p.communicate()
+            return {"returncode": None, "error": f"timed out after {timeout} s", "stdout": stdout,
+                    "stderr": stderr, "wall_s": None, "cpu_s": None, "peak_rss_bytes": None}
+        usage = json.loads(usage_path.read_text()) if usage_path.exists() else {}
+    return {"returncode": usage.get("returncode", p.returncode), "stdout": stdout, "stderr": stderr,
+            "wall_s": usage.get("wall_s"), "cpu_s": (usage.get("user_s", 0) + usage.get("sys_s", 0)) or None,
+            "peak_rss_bytes": usage["maxrss_kib"] * 1024 if "maxrss_kib" in usage else None}
