@@ -428,7 +428,7 @@ def main(argv=None) -> int:
                   for x in lr["runs"] if "facts" in x), {})
     result = {
         **common.result_header("quantized", argv, threads=args.threads, edgecpm_kernel=kernel_isa,
-                               git_modified_files=dirty["stdout"].split("\n") if dirty["stdout"] else [],
+                               git_modified_files=dirty["stdout"].splitlines(),
                                loadavg_before=load_before,
                                loadavg_after=load_after),
         "model": {"shape": "MiniCPM4-0.5B", "config": source, "params": cfg.n_params(),
