@@ -73,27 +73,32 @@ TERNARY = {
 }
 
 
-def register_schemas() -> None:
-    """Register the ops with onnx so the checker accepts the nodes (idempotent)."""
-    if not onnx.defs.has(TERNARY["op_type"], DOMAIN):
-        onnx.defs.register_schema(ternary_schema())
-    if onnx.defs.has(INFLLMV2["op_type"], DOMAIN):
-        return
-    ins = [onnx.defs.OpSchema.FormalParameter(n, "T" if n not in ("past_ck", "positions", "attn_mask")
-                                              else {"past_ck": "tensor(float)", "positions": "tensor(int64)",
-                                                    "attn_mask": "tensor(bool)"}[n]) for n in INFLLMV2["inputs"]]
-    outs = [onnx.defs.OpSchema.FormalParameter("out", "T"),
-            onnx.defs.OpSchema.FormalParameter("ck_new", "tensor(float)")]
-    attrs = [onnx.defs.OpSchema.Attribute(a, onnx.defs.OpSchema.AttrType.INT, "InfLLM v2 setting")
-             for a in INFLLMV2["attributes"]]
-    attrs += [onnx.defs.OpSchema.Attribute(a, onnx.defs.OpSchema.AttrType.STRING, "TensorRT plugin field")
+def op_schema(spec: dict, types: dict[str, str], what: str, doc: str) -> onnx.defs.OpSchema:
+    """The onnx schema of an edgecpm op from its spec: inputs and outputs in the model dtype "T"
+    unless `types` fixes them, the spec's INT attributes plus the TensorRT plugin fields."""
+    param = onnx.defs.OpSchema.FormalParameter
+    attr = onnx.defs.OpSchema.Attribute
+    attrs = [attr(a, onnx.defs.OpSchema.AttrType.INT, what) for a in spec["attributes"]]
+    attrs += [attr(a, onnx.defs.OpSchema.AttrType.STRING, "TensorRT plugin field")
               for a in ("plugin_version", "plugin_namespace")]
-    schema = onnx.defs.OpSchema(
-        INFLLMV2["op_type"], DOMAIN, 1, inputs=ins, outputs=outs, attributes=attrs,
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "model dtype")],
-        doc="InfLLM v2 sparse attention (see edgecpm/export/custom_ops.py)",
+    return onnx.defs.OpSchema(
+        spec["op_type"], DOMAIN, 1, inputs=[param(n, types.get(n, "T")) for n in spec["inputs"]],
+        outputs=[param(n, types.get(n, "T")) for n in spec["outputs"]], attributes=attrs,
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "model dtype")], doc=doc,
     )
-    onnx.defs.register_schema(schema)
+
+
+def register_schema(schema: onnx.defs.OpSchema) -> None:
+    """Register an op with onnx so the checker accepts its nodes (idempotent)."""
+    if not onnx.defs.has(schema.name, DOMAIN):
+        onnx.defs.register_schema(schema)
+
+
+def register_schemas() -> None:
+    register_schema(ternary_schema())
+    register_schema(op_schema(INFLLMV2, {"past_ck": "tensor(float)", "positions": "tensor(int64)",
+                                         "attn_mask": "tensor(bool)", "ck_new": "tensor(float)"},
+                              "InfLLM v2 setting", "InfLLM v2 sparse attention (see edgecpm/export/custom_ops.py)"))
 
 
 def infllmv2_node(g: GraphBuilder, q, k, v, past_k, past_v, past_ck, positions, attn_mask, cfg: SparseConfig):
@@ -293,18 +298,8 @@ def infllmv2_function() -> onnx.FunctionProto:
 
 # ---- TernaryMatMul -------------------------------------------------------------------------------
 def ternary_schema() -> onnx.defs.OpSchema:
-    param = onnx.defs.OpSchema.FormalParameter
-    attrs = [onnx.defs.OpSchema.Attribute(a, onnx.defs.OpSchema.AttrType.INT, "ternary layout")
-             for a in TERNARY["attributes"]]
-    attrs += [onnx.defs.OpSchema.Attribute(a, onnx.defs.OpSchema.AttrType.STRING, "TensorRT plugin field")
-              for a in ("plugin_version", "plugin_namespace")]
-    return onnx.defs.OpSchema(
-        TERNARY["op_type"], DOMAIN, 1,
-        inputs=[param("x", "T"), param("packed", "tensor(uint32)"), param("scales", "T")],
-        outputs=[param("y", "T")], attributes=attrs,
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "model dtype")],
-        doc="BitCPM4 ternary matmul (see edgecpm/export/custom_ops.py)",
-    )
+    return op_schema(TERNARY, {"packed": "tensor(uint32)"}, "ternary layout",
+                     "BitCPM4 ternary matmul (see edgecpm/export/custom_ops.py)")
 
 
 def ternary_node(g: GraphBuilder, x, packed, scales, in_features: int, group_size: int):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from edgecpm.export.custom_ops import DOMAIN, PLUGIN_VERSION
+from edgecpm.export.custom_ops import DOMAIN, PLUGIN_VERSION, op_schema, register_schema
 from edgecpm.export.onnx_builder import GraphBuilder
 
 QUANT = {
@@ -36,26 +36,9 @@ QUANT = {
 }
 
 
-def quant_schema() -> onnx.defs.OpSchema:
-    param = onnx.defs.OpSchema.FormalParameter
-    attrs = [onnx.defs.OpSchema.Attribute(a, onnx.defs.OpSchema.AttrType.INT, "quantized layout")
-             for a in QUANT["attributes"]]
-    attrs += [onnx.defs.OpSchema.Attribute(a, onnx.defs.OpSchema.AttrType.STRING, "TensorRT plugin field")
-              for a in ("plugin_version", "plugin_namespace")]
-    return onnx.defs.OpSchema(
-        QUANT["op_type"], DOMAIN, 1,
-        inputs=[param("x", "T"), param("codes", "tensor(uint8)"), param("scales", "T"),
-                param("zeros", "tensor(uint8)")],
-        outputs=[param("y", "T")], attributes=attrs,
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "model dtype")],
-        doc="int8 / int4 weight-only matmul (see edgecpm/export/quant_ops.py)",
-    )
-
-
 def register_quant_schema() -> None:
-    """Register the op with onnx so the checker accepts the nodes (idempotent)."""
-    if not onnx.defs.has(QUANT["op_type"], DOMAIN):
-        onnx.defs.register_schema(quant_schema())
+    register_schema(op_schema(QUANT, {"codes": "tensor(uint8)", "zeros": "tensor(uint8)"}, "quantized layout",
+                              "int8 / int4 weight-only matmul (see edgecpm/export/quant_ops.py)"))
 
 
 def quant_node(g: GraphBuilder, x, codes, scales, zeros, in_features: int, bits: int, block_size: int):
