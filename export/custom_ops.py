@@ -329,11 +329,16 @@ def ternary_function() -> onnx.FunctionProto:
     w = g.op("Sub", g.f32(_unpack_codes(g, packed, n, k)), g.const(1.0, np.float32))
     w = g.op("Reshape", w, g.op("Concat", n, g.const([-1]), group, axis=0))  # [N, K/g, g]
     w = g.op("Mul", w, g.op("Unsqueeze", g.f32(scales), g.const([2])))
-    w = g.op("Reshape", w, g.op("Concat", n, k, axis=0))
+    return dequantized_matmul(g, TERNARY, x, g.op("Reshape", w, g.op("Concat", n, k, axis=0)))
+
+
+def dequantized_matmul(g: GraphBuilder, spec: dict, x, w) -> onnx.FunctionProto:
+    """The end of a quantized matmul's reference body: one fp32 Gemm of x by the dequantized weight
+    w [N, K], cast back to x's dtype; the function of `spec`'s op."""
     y = g.op("Gemm", g.f32(x), w, transB=1)
-    g.nodes.append(helper.make_node("CastLike", [y, x], ["y"]))
+    g.nodes.append(helper.make_node("CastLike", [y, x], spec["outputs"]))
     return helper.make_function(
-        DOMAIN, TERNARY["op_type"], TERNARY["inputs"], TERNARY["outputs"], g.nodes,
+        DOMAIN, spec["op_type"], spec["inputs"], spec["outputs"], g.nodes,
         opset_imports=[helper.make_opsetid("", 17)],
-        attributes=TERNARY["attributes"] + ["plugin_version", "plugin_namespace"],
+        attributes=spec["attributes"] + ["plugin_version", "plugin_namespace"],
     )

@@ -23,9 +23,8 @@ QuantMatMul (plugin version "1")
 from __future__ import annotations
 
 import onnx
-from onnx import helper
 
-from edgecpm.export.custom_ops import DOMAIN, PLUGIN_VERSION, op_schema, register_schema
+from edgecpm.export.custom_ops import DOMAIN, PLUGIN_VERSION, dequantized_matmul, op_schema, register_schema
 from edgecpm.export.onnx_builder import GraphBuilder
 
 QUANT = {
@@ -70,12 +69,5 @@ def quant_function() -> onnx.FunctionProto:
     z = g.op("Slice", z, g.const([0]), nb, g.const([1]))  # [N, nb]: the padding field dropped
     w = g.op("Sub", g.f32(q), g.op("Unsqueeze", g.f32(z), g.const([2])))
     w = g.op("Mul", w, g.op("Unsqueeze", g.f32(scales), g.const([2])))
-    w = g.op("Reshape", w, g.op("Concat", n, k, axis=0))
-    y = g.op("Gemm", g.f32(x), w, transB=1)
-    g.nodes.append(helper.make_node("CastLike", [y, x], ["y"]))
-    return helper.make_function(
-        DOMAIN, QUANT["op_type"], QUANT["inputs"], QUANT["outputs"], g.nodes,
-        opset_imports=[helper.make_opsetid("", 17)],
-        attributes=QUANT["attributes"] + ["plugin_version", "plugin_namespace"],
-    )
+    return dequantized_matmul(g, QUANT, x, g.op("Reshape", w, g.op("Concat", n, k, axis=0)))
 
