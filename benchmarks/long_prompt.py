@@ -135,29 +135,13 @@ def main(argv=None) -> int:
     if args.edgecpm_worker is not None:
         return edgecpm_worker(args)
 
-    try:
-        peer = quantized.find_peer(args)
-        tok = quantized.tokenizer_sources()
-    except PeerUnavailable as e:
-        print(f"long_prompt.py: cannot measure against llama.cpp: {e}", file=sys.stderr)
-        return 2
-    from edgecpm.errors import BackendUnavailable
-    from edgecpm.runtimes import onnxruntime_ops
-
-    try:  # edgecpm's fused attention kernel is what is measured
-        kernel_isa = onnxruntime_ops.isa(onnxruntime_ops.library())
-    except BackendUnavailable as e:
-        print(f"long_prompt.py: edgecpm's onnxruntime kernels cannot be built, so edgecpm would be measured without "
-              f"its fused attention: {e}", file=sys.stderr)
-        return 2
-
+    peer, tok, kernel_isa, dirty = quantized.preflight(args, "long_prompt.py")  # the fused attention is measured
     from edgecpm.config import ModelConfig
 
     config, source = common.minicpm4_config("MiniCPM4-0.5B")
     config = {k: v for k, v in config.items() if k != "auto_map"}  # no remote code for a random checkpoint
     cfg = ModelConfig.from_dict(config, source=source)
     linear_elements = common.decode_weight_bytes(cfg, 4)["linear_elements"]
-    dirty = common.run_measured(["git", "-C", common.ROOT, "status", "--porcelain", "--untracked-files=no"], timeout=60)
     load_before = os.getloadavg()
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgecpm-long-prompt-") as tmp:

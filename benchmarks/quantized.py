@@ -315,6 +315,29 @@ def table_row(precision: str, engine: str, weights: str, lm_head: str, r: dict, 
             "linear bits/weight": r.get("linear_bits_per_weight", ""), "peak RSS MiB": mib(r.get("peak_rss_bytes"))}
 
 
+def preflight(args, name: str):
+    """What a benchmark against llama.cpp checks before it measures anything: the peer build, the
+    tokenizer files, and that edgecpm's own onnxruntime kernels (ternary linears, fused attention)
+    build, since they are what is measured. Exits with status 2 and the reason otherwise. Returns
+    (peer, tokenizer sources, kernel ISA, `git status` of the tree being measured)."""
+    from edgecpm.errors import BackendUnavailable
+    from edgecpm.runtimes import onnxruntime_ops
+
+    try:
+        peer, tok = find_peer(args), tokenizer_sources()
+    except PeerUnavailable as e:
+        print(f"{name}: cannot measure against llama.cpp: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        kernel_isa = onnxruntime_ops.isa(onnxruntime_ops.library())
+    except BackendUnavailable as e:
+        print(f"{name}: edgecpm's onnxruntime kernels cannot be built, so edgecpm would be measured without them: "
+              f"{e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    dirty = common.run_measured(["git", "-C", common.ROOT, "status", "--porcelain", "--untracked-files=no"], timeout=60)
+    return peer, tok, kernel_isa, dirty
+
+
 def main(argv=None) -> int:
     p = common.arg_parser(__doc__, "quantized", prompt_len=256, new_tokens=128)
     p.add_argument("--rounds", type=int, default=3, help="runs of every configuration, interleaved (default: 3)")
@@ -334,28 +357,12 @@ def main(argv=None) -> int:
     if args.edgecpm_worker is not None:
         return edgecpm_worker(args)
 
-    try:
-        peer = find_peer(args)
-        tokenizer_sources()
-    except PeerUnavailable as e:
-        print(f"quantized.py: cannot measure against llama.cpp: {e}", file=sys.stderr)
-        return 2
-    from edgecpm.errors import BackendUnavailable
-    from edgecpm.runtimes import onnxruntime_ops
-
-    try:  # edgecpm's own CPU kernels (ternary linears, fused attention) must be what is measured
-        kernel_isa = onnxruntime_ops.isa(onnxruntime_ops.library())
-    except BackendUnavailable as e:
-        print(f"quantized.py: edgecpm's onnxruntime kernels cannot be built, so edgecpm would be measured without "
-              f"them: {e}", file=sys.stderr)
-        return 2
-
+    peer, _, kernel_isa, dirty = preflight(args, "quantized.py")
     from edgecpm.config import ModelConfig
 
     config, source = common.minicpm4_config("MiniCPM4-0.5B")
     cfg = ModelConfig.from_dict(config, source=source)
     linear_elements = common.decode_weight_bytes(cfg, 4)["linear_elements"]
-    dirty = common.run_measured(["git", "-C", common.ROOT, "status", "--porcelain", "--untracked-files=no"], timeout=60)
     load_before = os.getloadavg()
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgecpm-quantized-") as tmp:
