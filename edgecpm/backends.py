@@ -86,16 +86,23 @@ def open_draft_backend(draft, target, threads: int | None):
     return open_eagle_backend(path, target, threads) if is_eagle(path) else open_backend(path, threads=threads)
 
 
+def folder_config(path: Path) -> ModelConfig | None:
+    """The model config of a bundle, checkpoint or EAGLE head folder, from its manifest or
+    config.json alone (no weights loaded); None for a folder that is neither."""
+    path = Path(path)
+    if is_bundle(path):
+        return check_manifest(read_manifest(path), manifest_path(path))
+    if not (path / "config.json").is_file():
+        return None
+    raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    return ModelConfig.for_eagle(raw, str(path)) if is_eagle(path) else ModelConfig.from_dict(raw, str(path))
+
+
 def check_draft(path: Path, vocab_size: int) -> None:
     """Refuse a draft folder that cannot draft for a target of `vocab_size`, reading only its
     config (bench validates every drafter this way before measuring any)."""
-    path = Path(path)
-    if is_bundle(path):
-        cfg = check_manifest(read_manifest(path), manifest_path(path))
-    elif (path / "config.json").is_file():
-        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        cfg = ModelConfig.for_eagle(raw, str(path)) if is_eagle(path) else ModelConfig.from_dict(raw, str(path))
-    else:
+    cfg = folder_config(path)
+    if cfg is None:
         raise ConfigError(f"draft={str(path)!r}: expected 'ngram' or a draft bundle/checkpoint folder")
     if cfg.vocab_size != vocab_size:
         raise ConfigError(f"{path}: draft vocabulary {cfg.vocab_size} differs from the target's {vocab_size}; a "

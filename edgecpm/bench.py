@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecpm.backends import check_draft
+from edgecpm.backends import check_draft, folder_config
 from edgecpm.drafters import SpecConfig
 from edgecpm.session import Session
 
@@ -66,12 +66,11 @@ def run_bench(path, backend="auto", kv_budget="1GiB", threads=None, dtype=None, 
               new_tokens=64, repeats=3, drafts=(), kv_policy="error") -> dict:
     """Plain decoding, then each drafter in `drafts` (SpecConfig or its draft argument), same prompts."""
     results = {}
-    s = Session(path, backend=backend, kv_budget=kv_budget, dtype=dtype, threads=threads, kv_policy=kv_policy)
-    for draft in drafts:  # every drafter is checked before any is measured
+    target = folder_config(path)  # its config only: every drafter is checked before any model loads
+    for draft in drafts:
         named = draft.draft if isinstance(draft, SpecConfig) else draft
-        if isinstance(named, (str, Path)) and named != "ngram":
-            check_draft(Path(named), s.config.vocab_size)
-    del s
+        if target is not None and isinstance(named, (str, Path)) and named != "ngram":
+            check_draft(Path(named), target.vocab_size)
     for draft in (None, *drafts):
         s = Session(path, backend=backend, kv_budget=kv_budget, draft=draft, dtype=dtype, threads=threads,
                     kv_policy=kv_policy)
