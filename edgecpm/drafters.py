@@ -271,17 +271,10 @@ class EagleDrafter:
         self.backend, self.cache, self.spec, self.id_map = backend, cache, spec, id_map
         self.features = FeatureLog(target_backend, target_cache)
 
-    def _valid_rows(self, context: np.ndarray) -> int:
-        """Head rows still valid for `context`: those whose ids (context[1:]) it shares."""
-        held, ids = self.cache.ids, context[1:]
-        n = min(len(held), len(ids))
-        differ = np.flatnonzero(held[:n] != ids[:n])
-        return int(differ[0]) if len(differ) else n
-
     def first_needed_row(self, ids) -> int:
         """The first target row whose feature the head will read for a context starting with `ids`;
         the session re-runs the target from there when the log no longer holds it."""
-        need = self._valid_rows(np.asarray(ids, dtype=np.int64))
+        need = self.cache.shared_prefix(np.asarray(ids, dtype=np.int64)[1:])  # head rows still valid
         return need if need < self.features.start else len(ids)
 
     def propose(self, context) -> DraftTree:
@@ -290,7 +283,7 @@ class EagleDrafter:
         n = len(context) - 1  # target rows: the root context[-1] is verified next
         if cache.capacity - n < spec.depth + 1:
             return DraftTree.chain([])
-        first = min(self._valid_rows(context), n - 1)
+        first = min(cache.shared_prefix(context[1:]), n - 1)  # head rows still valid: they pair ids[1:]
         cache.truncate(first)
         logits, root_out = self._catch_up(context[first + 1 :], self.features.take(first, n), first)
         self.features.drop_before(n)

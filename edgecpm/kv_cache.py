@@ -170,15 +170,19 @@ class KVCache:
         for hook in self.commit_hooks:
             hook(self.length - n_tokens, n_tokens)
 
+    def shared_prefix(self, ids: np.ndarray) -> int:
+        """How many leading ids of `ids` the context holds (compared in numpy)."""
+        held = self.ids
+        n = min(len(held), len(ids))
+        differ = np.flatnonzero(held[:n] != ids[:n])
+        return int(differ[0]) if len(differ) else n
+
     def reuse_prefix(self, ids: np.ndarray, limit: int | None = None) -> int:
         """Roll back to the longest prefix of the context that `ids` starts with, leaving at least
         the last id to run (its logits are wanted) and at most `limit` rows; returns the number
         of ids kept. After the window policy dropped rows only a continuation is reused."""
         ids = np.asarray(ids, dtype=np.int64)
-        held = self.ids
-        n = min(len(held), len(ids) - 1, len(held) if limit is None else limit)
-        differ = np.flatnonzero(held[:n] != ids[:n])
-        keep = int(differ[0]) if len(differ) else n
+        keep = self.shared_prefix(ids[: len(ids) - 1 if limit is None else min(len(ids) - 1, limit)])
         if self.evicted and keep < self.position:
             keep = 0
         self.truncate(keep - self.evicted if keep else 0)
