@@ -13,6 +13,8 @@ weights at load, and the 4-bit format would save nothing.
 
 from __future__ import annotations
 
+import math
+
 import onnx
 from onnx import helper
 
@@ -37,9 +39,7 @@ def lower_quant(model: onnx.ModelProto, accuracy_level: int = ACCURACY_LEVEL) ->
         for name in (scales, zeros):
             if name not in flat:  # [N, blocks] -> [N * blocks]
                 t = inits[name]
-                size = 1
-                for d in t.dims:
-                    size *= d
+                size = math.prod(t.dims)
                 del t.dims[:]
                 t.dims.append(size)
                 flat.add(name)
