@@ -18,6 +18,9 @@ of DESIGN.md §6, with a leading batch dimension that the exported graph drops:
   without any cache state inside the graph).
 - hidden [B, T, H]: the LM head's input for every new row (rmsnorm(h, norm) / (hidden_size /
   dim_model_base)), the feature an EAGLE head drafts from.
+- past_valid (keyword, dense attention only, never exported) [P] bool: the past rows to attend
+  to. A CUDA graph replays fixed shapes, so the torch backend's captured decode step passes a fixed
+  span of its arena and masks the rows past the cache length (runtimes/decode_graphs.py).
 
 Parameter names match the Hugging Face checkpoint, so `load_state_dict` takes its tensors as is.
 """
@@ -83,10 +86,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos[:, :, None] + rotated * sin[:, :, None]).to(x.dtype)
 
 
-def dense_attention(q, k, v, past_k, past_v, attn_mask):
+def dense_attention(q, k, v, past_k, past_v, attn_mask, past_valid=None):
     """GQA attention of the new queries over past + new keys, without concatenating the cache.
 
-    q [B, T, Hq, D]; k, v [B, T, Hkv, D]; past_k, past_v [B, P, Hkv, D]; attn_mask [T, T] bool.
+    q [B, T, Hq, D]; k, v [B, T, Hkv, D]; past_k, past_v [B, P, Hkv, D]; attn_mask [T, T] bool;
+    past_valid [P] bool or None (every past row).
     The past and the new score blocks are computed separately and share one fp32 softmax, so a
     decode step reads the cache once and never copies it (DESIGN.md §6). Query heads are grouped
     per kv head as [Hkv, G*T] rows, so K/V are never repeated G times either.
@@ -98,6 +102,8 @@ def dense_attention(q, k, v, past_k, past_v, attn_mask):
     qg = q.reshape(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)
     scale = 1.0 / math.sqrt(D)
     s_past = torch.matmul(qg, past_k.permute(0, 2, 3, 1)).float() * scale  # [B, Hkv, G*T, P]
+    if past_valid is not None:
+        s_past = s_past.masked_fill(~past_valid, float("-inf"))
     s_new = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [B, Hkv, G*T, T]
     s_new = s_new.reshape(B, Hkv, G, T, T).masked_fill(~attn_mask, float("-inf")).reshape(B, Hkv, G * T, T)
     probs = torch.softmax(torch.cat([s_past, s_new], dim=-1), dim=-1).to(q.dtype)
@@ -142,16 +148,18 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_attention_heads * d, h, bias=False)
         self.sparse = cfg.sparse
 
-    def forward(self, x, cos, sin, attn_mask, past_k, past_v, positions, past_ck):
+    def forward(self, x, cos, sin, attn_mask, past_k, past_v, positions, past_ck, past_valid=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.sparse is None:
-            return self.o_proj(dense_attention(q, k, v, past_k, past_v, attn_mask)), k, v, None
+            return self.o_proj(dense_attention(q, k, v, past_k, past_v, attn_mask, past_valid)), k, v, None
         if B != 1:
             raise ValueError("InfLLM v2 sparse attention runs batch 1 (one sequence per KV arena)")
+        if past_valid is not None:  # its kernels take the past length by value: no masked span
+            raise ValueError("past_valid: InfLLM v2 sparse attention reads exactly the past it is given")
         out, ck = sparse_attention(q[0], k[0], v[0], past_k[0], past_v[0], past_ck[0], positions[0], attn_mask,
                                    self.sparse)
         return self.o_proj(out.reshape(1, T, -1)), k, v, ck[None]
@@ -177,8 +185,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.residual_scale = cfg.residual_scale  # muP depth scaling: scale_depth / sqrt(L)
 
-    def forward(self, h, cos, sin, attn_mask, past_k, past_v, positions, past_ck):
-        a, k, v, ck = self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, past_k, past_v, positions, past_ck)
+    def forward(self, h, cos, sin, attn_mask, past_k, past_v, positions, past_ck, past_valid=None):
+        a, k, v, ck = self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, past_k, past_v, positions, past_ck,
+                                     past_valid)
         h = h + a * self.residual_scale
         h = h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
         return h, k, v, ck
@@ -208,7 +217,7 @@ class MiniCPMForCausalLM(nn.Module):
         return self.lm_head.weight
 
     def forward(self, input_ids, position_ids=None, attn_mask=None, past_keys=None, past_values=None,
-                logit_index=None, past_ckeys=None) -> ModelOutput:
+                logit_index=None, past_ckeys=None, *, past_valid=None) -> ModelOutput:
         cfg = self.config
         B, T = input_ids.shape
         if position_ids is None:
@@ -226,7 +235,7 @@ class MiniCPMForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids) * cfg.scale_emb
         keys, values, ckeys = [], [], []
         for layer, pk, pv, pck in zip(self.model.layers, past_keys, past_values, past_ckeys, strict=True):
-            h, k, v, ck = layer(h, cos, sin, attn_mask, pk, pv, position_ids, pck)
+            h, k, v, ck = layer(h, cos, sin, attn_mask, pk, pv, position_ids, pck, past_valid)
             keys.append(k)
             values.append(v)
             if ck is not None:

@@ -1,7 +1,14 @@
 """The torch backend: the reference MiniCPM4 model on CPU or CUDA, straight from a checkpoint.
 
-The KV arena is numpy memory shared with torch through `torch.from_numpy` (no copy); the model
-returns the new keys/values and they are written into the arena's next rows.
+CPU: the KV arena is KVCache's numpy memory shared with torch through `torch.from_numpy` (no
+copy); the model returns the new keys/values and they are written into the arena's next rows.
+
+CUDA (`TorchBackend(path, device="cuda")`, fp16 unless told otherwise): the arena is a
+DeviceArena on the GPU with the cache's capacity (the same byte budget), read as views and written
+in place; only the step's ids, positions and mask go up and its logits (and `hidden` rows) come
+back. A dense model's decode step is a CUDA graph (runtimes/decode_graphs.py). InfLLM v2 and
+ternary linears run edgecpm's CUDA kernels (runtimes/cuda_kernels.py, fp16/fp32). Sampling,
+speculative decoding and the cache's bookkeeping are the device-independent code of edgecpm.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from edgecpm import dtypes
 from edgecpm.config import ModelConfig
 from edgecpm.export.checkpoint import load_model, torch_dtype
 from edgecpm.kv_cache import KVCache
+from edgecpm.runtimes.decode_graphs import DecodeGraphs
+from edgecpm.runtimes.device_arena import DeviceArena
 from edgecpm.tokenizer import Tokenizer
 
 
@@ -27,6 +36,13 @@ def _as_torch(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
+def _uses_kernels(model) -> bool:
+    """InfLLM v2 or ternary linears: ops that run edgecpm's kernels on CUDA."""
+    from edgecpm.export.modeling_minicpm import TernaryLinear
+
+    return model.config.sparse is not None or any(isinstance(m, TernaryLinear) for m in model.modules())
+
+
 class TorchBackend:
     name = "torch"
     bundle = None  # runs checkpoints
@@ -38,24 +54,99 @@ class TorchBackend:
                  device: str | None = None):
         if threads:
             torch.set_num_threads(threads)
-        dtype = torch_dtype(dtype or "fp32")
-        self._attach(load_model(checkpoint, dtype), torch.device(device or "cpu"), dtype)
+        device = torch.device(device or "cpu")
+        dtype = torch_dtype(dtype or ("fp16" if device.type == "cuda" else "fp32"))
+        self._attach(load_model(checkpoint, dtype), device, dtype, decode_graphs=device.type == "cuda")
 
-    def _attach(self, model, device: torch.device, dtype: torch.dtype) -> None:
+    def _attach(self, model, device: torch.device, dtype: torch.dtype, resident: bool | None = None,
+                decode_graphs: bool = False, capture=None) -> None:
+        """resident: the arena lives on `device` (default: any device but the CPU). decode_graphs:
+        capture dense decode steps (capture: the mechanism, CUDA graphs unless a test's stand-in)."""
         self.device, self.dtype = device, dtype
-        self.model = model.to(device)
         self.config: ModelConfig = model.config
+        if device.type == "cuda" and _uses_kernels(model):
+            if dtype == torch.bfloat16:
+                raise ValueError("dtype bf16: edgecpm's CUDA kernels (InfLLM v2, ternary) compute fp16 or fp32; "
+                                 "run dtype='fp16'")
+            from edgecpm.runtimes.cuda_kernels import register
+
+            register()  # loads (or builds) libedgecpm_kernels.so, or says why it cannot
+        self.model = model.to(device)
         self.kv_dtype = _kv_numpy_dtype(dtype)
         # Parameters and buffers: packed ternary weights are buffers (their 2-bit size counts).
         self.weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         self.last_hidden: np.ndarray | None = None  # [T, H] float32: the last step's `hidden` rows
+        self.resident = device.type != "cpu" if resident is None else resident
+        self.arena: DeviceArena | None = None  # allocated on the first step, for that cache's capacity
+        self._arena_cache: KVCache | None = None
+        # The sparse op's kernels take the past length by value: only dense decode steps are captured.
+        self.decode_graphs = decode_graphs and self.config.sparse is None
+        self._capture = capture
+        self.graphs: DecodeGraphs | None = None
 
     def on_keep(self, start: int, rows) -> None:
-        """The arena is numpy memory shared with torch: nothing of it is kept here."""
+        """KVCache.keep/_compact: the numpy arena is torch's too; a device arena moves its own rows."""
+        if self.arena is not None:
+            self.arena.keep(start, rows)
+
+    def _arena_for(self, cache: KVCache) -> DeviceArena:
+        if self._arena_cache is not cache:
+            if cache.length:
+                raise RuntimeError(f"the torch backend's device arena was made for another KVCache; this one holds "
+                                   f"{cache.length} rows it never saw (one backend serves one session)")
+            self.arena = DeviceArena(self.config, cache.capacity, self.dtype, self.device)
+            self._arena_cache, self.graphs = cache, None
+        return self.arena
 
     @torch.inference_mode()
     def forward(self, input_ids, position_ids, attn_mask, cache: KVCache, logit_index, hidden_in=None):
         """hidden_in [T, H] float32: an EAGLE head's input features."""
+        if not self.resident:
+            return self._forward_host(input_ids, position_ids, attn_mask, cache, logit_index, hidden_in)
+        arena = self._arena_for(cache)
+        if self.decode_graphs and len(input_ids) == 1 and len(logit_index) == 1 and hidden_in is None:
+            return self._decode_graph(int(input_ids[0]), int(position_ids[0]), cache)
+        dev, P = self.device, cache.length
+        layers = range(self.config.num_hidden_layers)
+        extra = {}
+        if hidden_in is not None:
+            extra["hidden_in"] = torch.from_numpy(np.ascontiguousarray(hidden_in, np.float32))[None].to(dev)
+        past = [arena.past(i, P) for i in layers]
+        out = self.model(
+            torch.from_numpy(input_ids).to(dev)[None],
+            torch.from_numpy(position_ids).to(dev)[None],
+            torch.from_numpy(attn_mask).to(dev),
+            [k[None] for k, _ in past],
+            [v[None] for _, v in past],
+            torch.from_numpy(logit_index).to(dev),
+            [arena.past_ck(i, P)[None] for i in layers] if self.config.sparse else None,
+            **extra,
+        )
+        arena.write(P, [k[0] for k in out.keys], [v[0] for v in out.values], [c[0] for c in out.ckeys])
+        self.last_hidden = out.hidden[0].float().cpu().numpy()
+        return out.logits[0].float().cpu().numpy()
+
+    def _decode_graph(self, token: int, position: int, cache: KVCache) -> np.ndarray:
+        if self.graphs is None:
+            self.graphs = DecodeGraphs(self._graph_step, self.device, self._capture)
+        logits, hidden = self.graphs.run(token, position, cache.length, cache.capacity)
+        self.last_hidden = hidden.float().cpu().numpy()
+        return logits.float().cpu().numpy()
+
+    def _graph_step(self, span: int, ids, positions, length):
+        """One decode step over arena rows [0, span), rows >= length masked; writes its row at
+        `length` (ids, positions, length: DecodeGraphs' static buffers)."""
+        kv = self.arena.kv
+        valid = torch.arange(span, device=kv.device) < length
+        out = self.model(ids, positions, torch.ones(1, 1, dtype=torch.bool, device=kv.device),
+                         [kv[i, 0, :span][None] for i in range(len(kv))],
+                         [kv[i, 1, :span][None] for i in range(len(kv))], past_valid=valid)
+        for i in range(len(kv)):
+            kv[i, 0].index_copy_(0, length, out.keys[i][0])
+            kv[i, 1].index_copy_(0, length, out.values[i][0])
+        return out.logits[0], out.hidden[0]
+
+    def _forward_host(self, input_ids, position_ids, attn_mask, cache: KVCache, logit_index, hidden_in=None):
         dev, dt = self.device, self.dtype
         layers = range(self.config.num_hidden_layers)
         past = [cache.past(i) for i in layers]
