@@ -2,7 +2,8 @@
 CUDA implementations of the torch ops edgecpm::infllmv2_attention and edgecpm::ternary_matmul.
 
 The ops' CPU implementations (export/infllmv2.py, export/ternary.py) stay the reference; on a CUDA
-tensor torch dispatches to the kernels registered here (register()). The library is
+tensor torch dispatches to these kernels (registered by runtimes/torch.py, the one device-side
+module that may import the export side). The library is
 libedgecpm_kernels.so: $EDGECPM_KERNELS_LIB, else build/plugins/ of this source tree, built on
 first use by plugins/build_kernels.sh for this GPU's architecture. Missing nvcc or GPU is a
 KernelsUnavailable error that says which.
@@ -204,30 +205,3 @@ class Kernels:
         self._call("ecpm_ternary_matmul", DTYPES[x.dtype], _ptr(x), _ptr(packed), _ptr(scales), _ptr(y), M, N, K,
                    group_size, _stream(x))
         return y
-
-
-_registered: Kernels | None = None
-
-
-def register(path: Path | None = None) -> Kernels:
-    """Load the library (building it if needed) and make it the ops' CUDA implementation; once."""
-    global _registered
-    if _registered is None:
-        kernels = Kernels(load(path))
-        from edgecpm.export.infllmv2 import infllmv2_attention
-        from edgecpm.export.ternary import _torch_op as ternary_op
-
-        def infllmv2_cuda(q, k, v, past_k, past_v, past_ck, position_ids, attn_mask, kernel_size, kernel_stride,
-                          block_size, init_blocks, window_size, topk, dense_len, semantics):
-            cfg = SparseConfig(kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size,
-                               init_blocks=init_blocks, window_size=window_size, topk=topk, dense_len=dense_len,
-                               semantics=f"v{semantics}")
-            return kernels.infllmv2(q.contiguous(), k.contiguous(), v.contiguous(), past_k, past_v, past_ck,
-                                    position_ids, attn_mask, cfg)
-
-        infllmv2_attention.register_kernel("cuda")(infllmv2_cuda)
-        ternary_op()  # defines edgecpm::ternary_matmul
-        torch.library.register_kernel("edgecpm::ternary_matmul", "cuda",
-                                      lambda x, w, s, k, g: kernels.ternary(x.contiguous(), w, s, k, g))
-        _registered = kernels
-    return _registered

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from edgecpm import dtypes
-from edgecpm.config import ModelConfig
+from edgecpm.config import ModelConfig, SparseConfig
 from edgecpm.export.checkpoint import load_model, torch_dtype
 from edgecpm.kv_cache import KVCache
 from edgecpm.runtimes.decode_graphs import DecodeGraphs
@@ -41,6 +41,36 @@ def _uses_kernels(model) -> bool:
     from edgecpm.export.modeling_minicpm import TernaryLinear
 
     return model.config.sparse is not None or any(isinstance(m, TernaryLinear) for m in model.modules())
+
+
+_kernels = None
+
+
+def use_cuda_kernels():
+    """edgecpm's CUDA kernels (runtimes/cuda_kernels.py) as the CUDA implementations of the model's
+    two custom ops; once per process."""
+    global _kernels
+    if _kernels is None:
+        from edgecpm.export.infllmv2 import infllmv2_attention
+        from edgecpm.export.ternary import _torch_op as ternary_op
+        from edgecpm.runtimes import cuda_kernels
+
+        kernels = cuda_kernels.Kernels(cuda_kernels.load())
+
+        def infllmv2_cuda(q, k, v, past_k, past_v, past_ck, position_ids, attn_mask, kernel_size, kernel_stride,
+                          block_size, init_blocks, window_size, topk, dense_len, semantics):
+            cfg = SparseConfig(kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size,
+                               init_blocks=init_blocks, window_size=window_size, topk=topk, dense_len=dense_len,
+                               semantics=f"v{semantics}")
+            return kernels.infllmv2(q.contiguous(), k.contiguous(), v.contiguous(), past_k, past_v, past_ck,
+                                    position_ids, attn_mask, cfg)
+
+        infllmv2_attention.register_kernel("cuda")(infllmv2_cuda)
+        ternary_op()  # defines edgecpm::ternary_matmul
+        torch.library.register_kernel("edgecpm::ternary_matmul", "cuda",
+                                      lambda x, w, s, k, g: kernels.ternary(x.contiguous(), w, s, k, g))
+        _kernels = kernels
+    return _kernels
 
 
 class TorchBackend:
@@ -68,9 +98,7 @@ class TorchBackend:
             if dtype == torch.bfloat16:
                 raise ValueError("dtype bf16: edgecpm's CUDA kernels (InfLLM v2, ternary) compute fp16 or fp32; "
                                  "run dtype='fp16'")
-            from edgecpm.runtimes.cuda_kernels import register
-
-            register()  # loads (or builds) libedgecpm_kernels.so, or says why it cannot
+            use_cuda_kernels()  # loads (or builds) libedgecpm_kernels.so, or says why it cannot
         self.model = model.to(device)
         self.kv_dtype = _kv_numpy_dtype(dtype)
         # Parameters and buffers: packed ternary weights are buffers (their 2-bit size counts).

@@ -24,6 +24,7 @@ from edgecpm.errors import BackendUnavailable
 from edgecpm.export.checkpoint import load_model
 from edgecpm.kv_cache import KVCache
 from edgecpm.runtimes import cuda_kernels, decode_graphs
+from edgecpm.runtimes import torch as torch_runtime
 from edgecpm.runtimes.device_arena import DeviceArena
 from edgecpm.runtimes.torch import TorchBackend
 
@@ -334,7 +335,7 @@ def test_build_without_nvcc_says_so(monkeypatch, tmp_path):
 
 
 def test_bf16_with_kernels_is_refused_before_loading(make_checkpoint, monkeypatch):
-    monkeypatch.setattr(cuda_kernels, "register", lambda: pytest.fail("must refuse before loading"))
+    monkeypatch.setattr(torch_runtime, "use_cuda_kernels", lambda: pytest.fail("must refuse before loading"))
     model = load_model(make_checkpoint(sparse_config=SPARSE), torch.bfloat16)
     b = TorchBackend.__new__(TorchBackend)
     with pytest.raises(ValueError, match="run dtype='fp16'"):
