@@ -1,4 +1,4 @@
-"""The `edgecpm` command line (DESIGN.md §3): export, build, run, chat, bench, freq, inspect, demo.
+"""The `edgecpm` command line (DESIGN.md §3): export, build, run, chat, bench, freq, inspect, serve, demo.
 
 Each subcommand is one `cmd_<name>(args) -> int` function registered in `build_parser()`;
 options shared by several subcommands come from `add_session_options` (backend, KV budget, dtype,
@@ -19,6 +19,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from edgecpm.backends import AUTO_RULE, BACKENDS
 from edgecpm.cli_options import (
     add_quantize_options,
     add_sampling_options,
@@ -216,6 +217,18 @@ def cmd_freq(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from edgecpm.serve.app import serve
+    except ImportError as e:
+        raise BackendUnavailable(f"serve needs fastapi and uvicorn ({e}); pip install 'edgecpm[serve]'") from None
+    serve(args.path, host=args.host, port=args.port, backend=args.backend, kv_budget=args.kv_budget,
+          draft=args.draft, threads=args.threads, max_sessions=args.max_sessions, max_queue=args.max_queue,
+          queue_timeout=args.queue_timeout, api_key=args.api_key or os.environ.get("EDGECPM_API_KEY"),
+          max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from edgecpm.demo import BUILTIN, run_demo
 
@@ -341,6 +354,40 @@ errors print "edgecpm: error: ..." and exit with status 2; add --debug for a tra
     add_session_options(p)
     add_sampling_options(p)
     p.set_defaults(func=cmd_chat)
+
+    p = _sub(subs, "serve", "an OpenAI-compatible HTTP server: many clients, one model, one KV budget",
+             "Serve a model on /v1/chat/completions, /v1/completions (SSE streaming or not), /v1/models and\n"
+             "/health with one copy of the weights. Every request's KV cache comes out of --kv-budget;\n"
+             "a continued conversation reuses its cached prefix. When the budget is held, requests wait\n"
+             "(at most --max-queue of them, --queue-timeout seconds) and are then refused with 429/503.\n"
+             "response_format json_object / json_schema constrains the output (llguidance). Binds\n"
+             "127.0.0.1 unless --host says otherwise. Needs the serve extra: pip install 'edgecpm[serve]'.",
+             """examples:
+  edgecpm serve bundle-0.5B/
+  edgecpm serve bundle-0.5B/ --port 8080 --kv-budget 4GiB --max-sessions 16 --api-key s3cret
+  curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "bundle-0.5B", "messages": [{"role": "user", "content": "hi"}]}'""", [common])
+    p.add_argument("path", metavar="PATH", help="checkpoint or bundle folder; its folder name is the model id")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default: 8000")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help=f"runtime to use (default: auto: {AUTO_RULE})")
+    p.add_argument("--kv-budget", default="2GiB", metavar="SIZE",
+                   help="the KV cache bytes of all requests together, e.g. 512MiB, 2GB (default: 2GiB)")
+    p.add_argument("--draft", default=None, choices=["ngram"],
+                   help="speculative decoding with the n-gram drafter (json requests decode without it)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for the backend")
+    p.add_argument("--max-sessions", type=int, default=8, metavar="N", help="requests decoding at once (default: 8)")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="requests waiting for KV budget; more get 429 (default: 64)")
+    p.add_argument("--queue-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds a request may wait before it gets 503 (default: 30)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $EDGECPM_API_KEY, else none)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
+                   help="larger request bodies get 413 (default: 1 MiB)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
+                   help="longer prompts get 413 (default: what one request's KV can hold)")
+    p.set_defaults(func=cmd_serve)
 
     p = _sub(subs, "bench", "measure prefill/decode speed, memory and speculative decoding",
              "Measure prefill and decode tokens/s, tokens per verification step, KV use and peak RSS.\n"

@@ -223,9 +223,12 @@ def speculative_tokens(backend, cache: KVCache, logits: np.ndarray, sampler: Sam
 
 
 def generate_text(backend, cache: KVCache, tokenizer, prompt_ids, max_new_tokens: int, params: SamplingParams,
-                  stop: list[str], eos_ids: set[int], drafter=None, reuse_limit=None):
+                  stop: list[str], eos_ids: set[int], drafter=None, reuse_limit=None, constraint=None):
     """The whole loop: prefill (reusing the cached prefix), then plain or speculative decoding;
     yields UTF-8-safe text pieces and returns the Generation.
+
+    A `constraint` (structured output) masks every sampled token; such a request decodes without
+    the drafter (drafted tokens are not checked against the mask).
 
     Stop strings: text that could still become the start of a stop string is held back, so a
     streamed stop string is never shown; the text ends right before it.
@@ -234,8 +237,8 @@ def generate_text(backend, cache: KVCache, tokenizer, prompt_ids, max_new_tokens
     t0 = time.perf_counter()
     logits = prefill(backend, cache, prompt_ids, timer=timer,
                      reuse_limit=reuse_limit(prompt_ids) if reuse_limit else None)
-    sampler = Sampler(params, backend.config.vocab_size, prompt_ids)
-    if drafter is None:
+    sampler = Sampler(params, backend.config.vocab_size, prompt_ids, constraint)
+    if drafter is None or constraint is not None:
         tokens = decode_tokens(backend, cache, logits, sampler, max_new_tokens, eos_ids, timer)
     else:
         tokens = speculative_tokens(backend, cache, logits, sampler, max_new_tokens, eos_ids, timer, drafter)

@@ -35,16 +35,23 @@ class SamplingParams:
 
 class Sampler:
     """Turns a logits row into a token id. Keeps the set of seen ids for the repetition penalty
-    as a boolean mask so each step costs O(vocab) numpy work, not O(history) Python work."""
+    as a boolean mask so each step costs O(vocab) numpy work, not O(history) Python work.
 
-    def __init__(self, params: SamplingParams, vocab_size: int, history: list[int] | np.ndarray = ()):
+    `constraint` (structured output, e.g. edgecpm.structured.JsonConstraint): only the tokens it
+    allows can be drawn, and every observed token advances it."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, history: list[int] | np.ndarray = (),
+                 constraint=None):
         self.params = params
+        self.constraint = constraint
         self.rng = np.random.default_rng(params.seed)
         self.seen = np.zeros(vocab_size, dtype=bool)
         if params.repetition_penalty != 1.0:
             self.seen[np.asarray(history, dtype=np.int64)] = True
 
     def observe(self, token: int) -> None:
+        if self.constraint is not None:
+            self.constraint.advance(token)
         if self.params.repetition_penalty != 1.0:
             self.seen[token] = True
 
@@ -76,6 +83,8 @@ class Sampler:
         return int(self.rng.choice(probs.size, p=probs))
 
     def _penalized(self, logits: np.ndarray) -> np.ndarray:
+        if self.constraint is not None:
+            logits = np.where(self.constraint.allowed(), logits, -np.inf)
         rp = self.params.repetition_penalty
         if rp == 1.0:
             return logits

@@ -106,18 +106,22 @@ class Session:
     # ---- public API ------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop: list[str] | str | None = None, ignore_eos: bool = False) -> Generation:
+                 stop: list[str] | str | None = None, ignore_eos: bool = False,
+                 json_schema: dict | str | None = None) -> Generation:
+        """json_schema: the output is JSON valid under this schema ({"type": "object"}: any JSON
+        object) when it ends with finish_reason "eos"; decodes without the drafter (needs the
+        serve extra: llguidance)."""
         run = self._request(self._encode(prompt), max_new_tokens, SamplingParams(
-            temperature, top_p, top_k, repetition_penalty, seed), stop, ignore_eos)
+            temperature, top_p, top_k, repetition_penalty, seed), stop, ignore_eos, json_schema)
         return drain(self._serve(run))
 
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
-               stop: list[str] | str | None = None, ignore_eos: bool = False):
+               stop: list[str] | str | None = None, ignore_eos: bool = False, json_schema: dict | str | None = None):
         """Yield text pieces as they are generated (never half a UTF-8 character). The finished
         Generation is available afterwards as `s.last`."""
         run = self._request(self._encode(prompt), max_new_tokens, SamplingParams(
-            temperature, top_p, top_k, repetition_penalty, seed), stop, ignore_eos)
+            temperature, top_p, top_k, repetition_penalty, seed), stop, ignore_eos, json_schema)
         return self._serve(run)
 
     def chat(self, system: str | None = None) -> Chat:
@@ -165,7 +169,7 @@ class Session:
                              f"got {bad[:5]}")
         return ids
 
-    def _request(self, ids: list[int], max_new_tokens, params: SamplingParams, stop, ignore_eos):
+    def _request(self, ids: list[int], max_new_tokens, params: SamplingParams, stop, ignore_eos, json_schema=None):
         """Check a request's arguments now; return the generator function that runs it."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
@@ -173,11 +177,16 @@ class Session:
         if any(not isinstance(x, str) or not x for x in stops):
             raise ValueError(f"stop={stop!r}: must be non-empty strings")
         eos = set() if ignore_eos else self.eos_ids
+        constraint = None
+        if json_schema is not None:
+            from edgecpm.structured import JsonConstraint  # llguidance, only when asked for
+
+            constraint = JsonConstraint(self.tokenizer, json_schema, self.config.vocab_size, eos)
         # An EAGLE head reads the target's features of the rows it has not seen: keep those rows
         # in the cache's reusable prefix only while it still has them.
         reuse_limit = self.drafter.first_needed_row if isinstance(self.drafter, EagleDrafter) else None
         return lambda: generate_text(self.backend, self.cache, self.tokenizer, ids, max_new_tokens, params, stops,
-                                     eos, self.drafter, reuse_limit)
+                                     eos, self.drafter, reuse_limit, constraint)
 
     def _serve(self, run):
         """The pieces of one request, holding the session while it runs; sets `last` at the end."""
