@@ -59,6 +59,10 @@ class Engine:
         if spec is not None and spec.draft != "ngram":
             # A draft model would need a second KV pool in step with the first; not built yet.
             raise ConfigError(f"serve: draft={spec.draft!r}: the server drafts with 'ngram' only")
+        if backend.name == "tensorrt" or getattr(backend, "resident", False):
+            # Such a backend mirrors one KVCache in device memory; the pool's caches take turns.
+            raise ConfigError(f"serve: the {backend.name} backend keeps one request's KV on the device; serve "
+                              f"runs on onnxruntime or on torch on the CPU for now")
         if max_sessions < 1 or max_queue < 1 or queue_timeout <= 0:
             raise ValueError("max_sessions and max_queue must be >= 1 and queue_timeout > 0")
         self.backend, self.tokenizer, self.spec = backend, tokenizer, spec
