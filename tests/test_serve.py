@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
@@ -298,3 +299,69 @@ def test_shuts_down_cleanly_on_signal(bundle, sig):
             proc.kill()
     assert proc.returncode == 0, out
     assert "Traceback" not in out and "Finished server process" in out
+
+
+# ---- the KV pool and the engine without HTTP ----------------------------------------------------
+def tiny_pool(budget_tokens: int):
+    from conftest import tiny_config
+
+    from edgecpm.config import ModelConfig
+    from edgecpm.serve.kv_pool import KVPool
+
+    cfg = ModelConfig.from_dict(tiny_config())
+    per_token = cfg.kv_bytes_per_token(4)
+    return KVPool(cfg, np.float32, budget_tokens * per_token)
+
+
+def fill(cache, ids):
+    cache.commit(np.asarray(ids, np.int64))  # stands for a prefill: the rows' values do not matter here
+
+
+def test_pool_reuses_continuations_copies_shared_prefixes_and_keeps_the_budget():
+    pool = tiny_pool(100)
+    a = pool.acquire([1, 5, 6, 7], 40)
+    fill(a, [1, 5, 6, 7, 8, 9])
+    a.arena[:, :, :6] = 3.0
+    pool.release(a, keep=True)
+    assert pool.acquire([1, 5, 6, 7, 8, 9, 10, 11], 40) is a  # a continuation takes the idle cache itself
+    pool.release(a, keep=True)
+    b = pool.acquire([1, 5, 6, 99, 98], 40)  # shares 3 tokens: a copy of them, `a` stays for its conversation
+    assert b is not a and b.ids.tolist() == [1, 5, 6] and np.all(b.arena[:, :, :3] == 3.0)
+    assert pool.idle == [a]
+    c = pool.acquire([2, 3], 40)  # 40 + 40 + 40 > 100: the idle cache is evicted to make room
+    assert pool.idle == [] and pool.bytes_of(pool.active) <= pool.budget
+    assert pool.acquire([2, 3], 30) is None  # running requests hold the budget: wait
+    pool.release(c, keep=False)
+    assert pool.acquire([2, 3], 30) is not None
+    assert pool.bytes_of(pool.active + pool.idle) <= pool.budget
+    assert pool.cache_bytes(40) == b.bytes_allocated
+
+
+def run_job(engine, ids, max_tokens=24):
+    from edgecpm.serve.engine import Job
+
+    events, done = [], threading.Event()
+
+    def sink(event):
+        events.append(event)
+        if event[0] in ("done", "error"):
+            done.set()
+
+    engine.submit(Job(ids, max_tokens, edgecpm.SamplingParams(), sink))
+    assert done.wait(60)
+    return events[-1][1]
+
+
+def test_engine_with_ngram_drafting_equals_plain_greedy(bundle, session):
+    backend = open_backend(bundle)
+    engine = Engine(backend, open_tokenizer(bundle, backend), kv_budget="16MiB", draft="ngram")
+    try:
+        for prompt in ("import os\nimport sys\nimport os\n", "def f(x):\n    return x\n\ndef g(x):\n"):
+            ids = session.tokenizer.encode(prompt)
+            want = session.generate(ids, max_new_tokens=32)
+            got = run_job(engine, ids, 32)
+            assert got.token_ids == want.token_ids and got.stats["accepted_per_step"] > 1.0
+    finally:
+        engine.close()
+    with pytest.raises(edgecpm.ConfigError, match="ngram"):
+        Engine(backend, None, draft=str(TARGET))
