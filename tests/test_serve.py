@@ -242,7 +242,7 @@ def test_size_limits_model_ids_and_bad_requests(server):
     assert r.status_code == 413
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="../../etc/passwd", prompt="x", max_tokens=4)
-    for bad in ({"n": 2}, {"temperature": -1}, {"max_tokens": 0}, {"stop": [""]},
+    for bad in ({"n": 2}, {"logprobs": 2}, {"temperature": -1}, {"max_tokens": 0}, {"stop": [""]},
                 {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}):
         r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", **bad})
         assert r.status_code == 400, (bad, r.text)

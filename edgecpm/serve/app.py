@@ -153,6 +153,8 @@ def _job(engine: Engine, body: dict, ids: list[int], max_prompt_tokens: int | No
         raise Refused(413, f"prompt has {len(ids)} tokens; this server accepts at most {max_prompt_tokens}")
     if body.get("n", 1) != 1:
         raise Refused(400, "only n=1 is supported")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise Refused(400, "logprobs are not supported")
     requested = body.get("max_completion_tokens", body.get("max_tokens"))
     if requested is not None and (type(requested) is not int or requested < 1):
         raise Refused(400, f"max_tokens={requested!r}: must be an integer >= 1")
