@@ -167,7 +167,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_bundle(args.path, args.output, dtype=args.dtype, force=args.force,
                         progress=sys.stderr.isatty(), sparse=args.sparse, frspec=args.frspec,
                         quantize=args.quantize, quantize_group_size=args.group_size, eagle_of=args.eagle_of,
-                        ternary_activations=args.ternary_activations)
+                        ternary_activations=args.ternary_activations, lm_head=args.lm_head)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

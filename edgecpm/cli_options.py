@@ -118,9 +118,13 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
                         "bits and any other stays dense; 'ternary' also ternarizes non-ternary linears (lossy: "
                         "only for a QAT-trained model), 'none' keeps every linear dense; 'int8' / 'int4' store "
                         "every decoder linear as 8 / 4-bit codes (round to nearest, asymmetric; a 4-bit GPTQ / AWQ "
-                        "checkpoint keeps its own codes under int4), run on onnxruntime's MatMulNBits with fp32 "
-                        "activations")
+                        "checkpoint keeps its own codes under int4), run with fp32 activations on edgecpm's kernel "
+                        "(x86-64 AVX-512) or onnxruntime's MatMulNBits")
     p.add_argument("--group-size", type=int, default=None, metavar="G",
                    help="inputs sharing one scale (and zero) under --quantize int8/int4/ternary: a multiple of 16 "
                         "dividing every linear's inputs, or -1 for one per row (default: int4 128, int8 and "
                         "ternary per row)")
+    p.add_argument("--lm-head", default=None, choices=("dense", "int8", "int4"),
+                   help="how the embedding / LM head matrix is stored: int8 or int4 codes (one scale and zero per "
+                        "128 inputs; the tied matrix once) or dense in --dtype (default: int8 when the linears are "
+                        "int8, int4 or ternary, else dense); `edgecpm inspect` reports its logit error")

@@ -40,8 +40,9 @@ def inspect_info(path: str | Path, kv_budget: int | str = "1GiB") -> dict:
     else:
         cfg = ModelConfig.from_file(path)
 
-    quantization = bundle_quant = None
+    quantization = bundle_quant = head = None
     if manifest is not None:
+        head = manifest.get("lm_head") or {"mode": "dense", "dtype": manifest.get("dtype", "fp32")}
         weights, notes = _bundle_weights(folder, manifest)
         section = manifest.get("ternary")
         ternary = {"ternary": bool(section), **{k: v for k, v in (section or {}).items() if k != "tensors"}}
@@ -72,6 +73,7 @@ def inspect_info(path: str | Path, kv_budget: int | str = "1GiB") -> dict:
         "ternary": ternary,
         "quantization": quantization,
         "weight_quantization": bundle_quant,
+        "lm_head": head,
         "notes": notes,
     }
 
@@ -263,6 +265,8 @@ def sections(info: dict) -> list[tuple[str, list[tuple[str, str]]]]:
         result.append((f"quantization ({q['method'].upper()})", _quantization_rows(q)))
     if info.get("weight_quantization"):
         result.append(("weight quantization (int8 / int4)", _bundle_quant_rows(info["weight_quantization"])))
+    if info.get("lm_head"):
+        result.append(("embedding / LM head", _head_rows(info["lm_head"])))
     if info["notes"]:
         result.append(("notes", [("!", n) for n in info["notes"]]))
     return result
@@ -300,10 +304,22 @@ def _bundle_quant_rows(q: dict) -> list[tuple[str, str]]:
             ("codes", f"{'/'.join(map(str, q['bits']))}-bit, {'symmetric' if q['sym'] else 'asymmetric'}, "
                       f"{groups} (blocks of {', '.join(map(str, q['block_sizes']))}), from {sources}"),
             ("stored bytes", (f"{q['code_bytes']:,} codes + {q['scale_bytes']:,} scales + {q['zero_bytes']:,} zeros "
-                              f"for {q['weights']:,} weights ({q['bits_per_weight']:.3f} bits per weight)")),
-            ("embedding / lm_head", q.get("lm_head", "dense"))]
+                              f"for {q['weights']:,} weights ({q['bits_per_weight']:.3f} bits per weight)"))]
     if q.get("act_order"):
         rows.append(("act-order", f"{q['act_order']} linears gather their inputs in group order (GPTQ g_idx)"))
+    return rows
+
+
+def _head_rows(h: dict) -> list[tuple[str, str]]:
+    if h["mode"] == "dense":
+        return [("stored", f"dense, {h['dtype']}")]
+    rows = [("stored", f"{h['mode']} codes, asymmetric, group {h['group_size']}: {h['bits_per_weight']:.3f} bits "
+                       f"per weight; the LM head is a QuantMatMul, the embedding dequantizes the rows it gathers")]
+    for name, t in h["tensors"].items():
+        rows.append((name, f"{' x '.join(map(str, t['shape']))}: weights {t['weight_rel_error']:.2e} relative error; "
+                           f"logits on {t['probes']} probe rows (its own rows as hidden states) "
+                           f"{t['probe_logit_rel_error']:.2e} relative, top-1 agrees "
+                           f"{100 * t['probe_top1_agreement']:.1f}%"))
     return rows
 
 

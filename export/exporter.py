@@ -25,7 +25,7 @@ from edgecpm.errors import BundleError
 from edgecpm.export.checkpoint import Checkpoint
 from edgecpm.export.custom_ops import DOMAIN
 from edgecpm.export.onnx_graph import NUMPY_DTYPE, build_decoder, graph_io
-from edgecpm.export.quantize import MODES, QuantPlan
+from edgecpm.export.quantize import MODES, HeadQuant, QuantPlan, head_mode
 from edgecpm.export.quantize import summary as quant_summary
 from edgecpm.export.ternary import TernaryInfo, linear_names, plan, summary
 from edgecpm.export.tokenizer_convert import load_tokenizer
@@ -65,7 +65,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
                   progress: bool = True, sparse: bool | dict = False, frspec: str | Path | None = None,
                   quantize: str | None = None, quantize_group_size: int | None = None,
                   eagle_of: str | Path | None = None,
-                  ternary_activations: str = "exact") -> Path:
+                  ternary_activations: str = "exact", lm_head: str | None = None) -> Path:
     """sparse: True (or a dict of overrides) switches InfLLM v2 on with DESIGN.md §7's defaults.
     frspec: a freq.npy of r ids (from `edgecpm freq -r R`) for a draft model: those rows become the
     draft's LM head and the table is copied into the bundle.
@@ -84,7 +84,10 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     lossy: ~1e-3). The TensorRT plugin ignores it and computes in the model dtype.
     eagle_of: `checkpoint` is an EAGLE head (export/modeling_eagle.py) drafting for this target
     checkpoint, which supplies the embedding / LM head the head lacks; frspec restricts the head's
-    LM head the same way. Its bundle runs as `Session(target, draft=BUNDLE)`."""
+    LM head the same way. Its bundle runs as `Session(target, draft=BUNDLE)`.
+    lm_head: how the embedding / LM head matrix is stored (export/quantize.py's HeadQuant): "dense"
+    (the bundle's dtype), "int8" or "int4" (round to nearest, one scale and zero per 128 inputs);
+    default int8 when the linears are int8, int4 or ternary, dense otherwise."""
     checkpoint, out = Path(checkpoint), Path(out)
     if ternary_activations not in ACTIVATION_DIGITS:
         raise ValueError(f"ternary_activations={ternary_activations!r}: expected one of {', '.join(ACTIVATION_DIGITS)}")
@@ -114,6 +117,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     else:
         ternary = plan(linear_names(ckpt.config.num_hidden_layers),
                        lambda name: ckpt.tensor(name, torch.float32).numpy(), quantize, quantize_group_size)
+    head = head_mode(lm_head, bool(quant or ternary))
+    scale_dtype = NUMPY_DTYPE.get(dtype, np.float32)
+    head_quant = None if head == "dense" else HeadQuant(head, ckpt.config.hidden_size, scale_dtype)
     if ternary_activations != "exact" and not ternary:
         raise ValueError(f"{checkpoint}: ternary_activations={ternary_activations!r} applies to ternary linear "
                          f"weights, and this export has none")
@@ -125,7 +131,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     if frspec is not None:
         head_ids = load_freq_table(frspec, ckpt.config.vocab_size, ckpt.config.eos_token_ids)
     try:
-        _write_bundle(ckpt, tmp, dtype, progress, head_ids, ternary, ternary_activations, quant)
+        _write_bundle(ckpt, tmp, dtype, progress, head_ids, ternary, ternary_activations, quant, head_quant)
         old = out.parent / f".{out.name}.replaced-{os.getpid()}"
         if out.exists():  # an earlier bundle (check_destination): kept until the new one is in place
             out.rename(old)
@@ -186,7 +192,8 @@ def _alive(pid: int) -> bool:
 
 
 def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, head_ids: np.ndarray | None,
-                  ternary: dict[str, TernaryInfo], ternary_activations: str, quant: QuantPlan | None = None) -> None:
+                  ternary: dict[str, TernaryInfo], ternary_activations: str, quant: QuantPlan | None = None,
+                  head_quant: HeadQuant | None = None) -> None:
     from rich.progress import Progress
 
     cfg = ckpt.config
@@ -204,6 +211,7 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, he
             ternary=ternary,
             eagle=eagle,
             quant=quant,
+            head_quant=head_quant,
         )
     writer.close()
     onnx.save(model, folder / "decoder.onnx")
@@ -216,6 +224,7 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, he
         tokenizer_files = ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
 
     inputs, outputs = graph_io(cfg, dtype, None if head_ids is None else len(head_ids), eagle)
+    scale_bytes = 2 if dtype == "fp16" else 4
     files = ["decoder.onnx", "decoder.onnx.data", *tokenizer_files]
     spec = None
     if head_ids is not None:
@@ -235,9 +244,9 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, dtype: str, progress: bool, he
         "custom_ops": sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN}),
         "sparse": cfg.to_dict().get("sparse_config"),
         "ternary": {"op": "TernaryMatMul", "activations": ternary_activations,
-                    **summary(ternary, 2 if dtype == "fp16" else 4)} if ternary else None,
-        "quantization": {"mode": quant.mode, "lm_head": "dense",
-                         **quant_summary(quant.infos, 2 if dtype == "fp16" else 4)} if quant else None,
+                    **summary(ternary, scale_bytes)} if ternary else None,
+        "quantization": {"mode": quant.mode, **quant_summary(quant.infos, scale_bytes)} if quant else None,
+        "lm_head": head_quant.summary(scale_bytes) if head_quant else None,
         "spec": spec,
         "eagle": {"target": str(ckpt.target.folder.resolve())} if eagle else None,
         "tokenizer": {"files": tokenizer_files, "eos_token_ids": sorted(cfg.eos_token_ids)},

@@ -27,7 +27,7 @@ from edgecpm.export.custom_ops import (
     ternary_node,
 )
 from edgecpm.export.onnx_builder import GraphBuilder, attend
-from edgecpm.export.quant_ops import QUANT, quant_function, quant_node, register_quant_schema
+from edgecpm.export.quant_ops import QUANT, dequantize_rows, quant_function, quant_node, register_quant_schema
 from edgecpm.export.ternary import (
     TernaryInfo,
     pack,
@@ -73,7 +73,7 @@ _IO_TYPES = {"int64": TensorProto.INT64, "bool": TensorProto.BOOL, "float32": Te
 
 def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=None,
                   head_ids: np.ndarray | None = None, ternary: dict[str, TernaryInfo] | None = None,
-                  eagle: bool = False, quant=None) -> onnx.ModelProto:
+                  eagle: bool = False, quant=None, head_quant=None) -> onnx.ModelProto:
     """The decoder graph. `tensor(name)` returns a checkpoint tensor as float32 numpy;
     `weight_sink(name, array)` stores it (external data) and returns its TensorProto.
     head_ids: FR-Spec — the LM head keeps only these rows, a separate [r, H] weight, so the last
@@ -86,6 +86,8 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
     quant: an export.quantize.QuantPlan: its linears stored as int8 / int4 codes (MatMulNBits'
     layout) as QuantMatMul nodes (onnxruntime rewrites them to MatMulNBits at load:
     runtimes/quant_lowering.py); a GPTQ act-order linear first gathers its inputs in group order.
+    head_quant: an export.quantize.HeadQuant: the embedding and LM head stored as int8 / int4 codes
+    (a tied matrix once); the LM head is a QuantMatMul, the embedding dequantizes the rows it gathers.
     Every graph outputs `hidden` [T, H] float32, the LM head's input for every row."""
     ternary = ternary or {}
     if dtype not in ONNX_DTYPE:
@@ -186,9 +188,34 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
         act = g.op("Mul", gate, g.op("Sigmoid", gate))  # silu
         return linear(g.op("Mul", act, linear(x, p + "up_proj.weight")), p + "down_proj.weight")
 
+    def quantized_matrix(name, w=None):  # (codes, scales, zeros) of a vocabulary-sized matrix, named after it
+        c = head_quant.quantize(name, tensor(name) if w is None else w)
+        base = name.removesuffix(".weight")
+        return (g.weight(base + ".codes", c.codes), g.weight(base + ".scales", c.scales.astype(npdt)),
+                g.weight(base + ".zeros", c.zeros))
+
+    def embedding(ids):
+        if head_quant is None:
+            return g.op("Gather", embed, ids, axis=0)
+        codes, scales, zeros = embed
+        # The scales and zeros read back as [V, ...] whatever their stored dims (onnxruntime's
+        # MatMulNBits rewrite declares them 1-D).
+        rows = [g.op("Gather", codes, ids, axis=0),
+                g.op("Gather", g.op("Reshape", scales, g.const([cfg.vocab_size, -1])), ids, axis=0),
+                g.op("Gather", g.op("Reshape", zeros, g.const([cfg.vocab_size, -1])), ids, axis=0)]
+        return to_dt(dequantize_rows(g, *rows, g.const([cfg.hidden_size]), g.const([head_quant.bits])))
+
+    def lm_head(h, head):  # [N, H] x [V, H]^T: a tied matrix is shared with the embedding
+        if head_quant is None:
+            return g.op("Gemm", h, head, transB=1)
+        return quant_node(g, h, *head, cfg.hidden_size, head_quant.bits, head_quant.block_size)
+
     # ---- the forward of DESIGN.md §4 ----------------------------------------------------------
-    embed = g.weight("model.embed_tokens.weight", tensor("model.embed_tokens.weight").astype(npdt))
-    h = g.op("Mul", g.op("Gather", embed, ids, axis=0), scalar(cfg.scale_emb))
+    if head_quant is None:
+        embed = g.weight("model.embed_tokens.weight", tensor("model.embed_tokens.weight").astype(npdt))
+    else:
+        embed = quantized_matrix("model.embed_tokens.weight")
+    h = g.op("Mul", embedding(ids), scalar(cfg.scale_emb))
     if eagle:
         tokens, features = rms_norm(h, "model.input_norm1.weight"), rms_norm("hidden_in", "model.input_norm2.weight")
         both = g.op("Concat", tokens, features,
@@ -206,12 +233,18 @@ def build_decoder(cfg: ModelConfig, dtype: str, tensor, weight_sink, progress=No
     h = g.op("Gather", hidden, "logit_index", axis=0)
     head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     if head_ids is not None:
-        head = g.weight("lm_head.frspec", tensor(head_name)[head_ids].astype(npdt))
+        rows = tensor(head_name)[head_ids]
+        if head_quant is None:
+            head = g.weight("lm_head.frspec", rows.astype(npdt))
+        else:
+            head = quantized_matrix("lm_head.frspec", rows)
     elif cfg.tie_word_embeddings:
         head = embed
-    else:
+    elif head_quant is None:
         head = g.weight("lm_head.weight", tensor("lm_head.weight").astype(npdt))
-    logits = to_f32(g.op("Gemm", h, head, transB=1))  # [N, H] x [V, H]^T: the tied matrix is shared
+    else:
+        head = quantized_matrix("lm_head.weight")
+    logits = to_f32(lm_head(h, head))
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
 
     inputs, outputs = graph_io(cfg, dtype, None if head_ids is None else len(head_ids), eagle)

@@ -51,12 +51,10 @@ def _unpack(g: GraphBuilder, packed, left, right):
     return g.op("BitShift", top, right, direction="RIGHT")
 
 
-def quant_function() -> onnx.FunctionProto:
-    """The reference body of QuantMatMul with standard ops (opset 17): unpack codes and zeros,
-    dequantize to fp32, one fp32 Gemm, cast to x's dtype."""
-    g = GraphBuilder(prefix="q_")
-    x, codes, scales, zeros = QUANT["inputs"]
-    k, bits = g.attr("in_features"), g.attr("bits")
+def dequantize_rows(g: GraphBuilder, codes, scales, zeros, k, bits):
+    """float32 [N, K] of N stored rows (codes [N, K/block, blob], scales [N, K/block], zeros [N, zb]),
+    with standard ops: W = (q - z) * s. k, bits: int64 [1] tensors (the op's attributes inside its
+    function, constants in a graph: a quantized embedding dequantizes only its gathered rows)."""
     eight = g.const([8])
     right = g.op("Sub", eight, bits)  # [1]: 4 or 0
     slots = g.op("Div", eight, bits)  # fields per byte: 2 or 1
@@ -69,5 +67,13 @@ def quant_function() -> onnx.FunctionProto:
     z = g.op("Slice", z, g.const([0]), nb, g.const([1]))  # [N, nb]: the padding field dropped
     w = g.op("Sub", g.f32(q), g.op("Unsqueeze", g.f32(z), g.const([2])))
     w = g.op("Mul", w, g.op("Unsqueeze", g.f32(scales), g.const([2])))
-    return dequantized_matmul(g, QUANT, x, g.op("Reshape", w, g.op("Concat", n, k, axis=0)))
+    return g.op("Reshape", w, g.op("Concat", n, k, axis=0))
 
+
+def quant_function() -> onnx.FunctionProto:
+    """The reference body of QuantMatMul with standard ops (opset 17): unpack codes and zeros,
+    dequantize to fp32, one fp32 Gemm, cast to x's dtype."""
+    g = GraphBuilder(prefix="q_")
+    x, codes, scales, zeros = QUANT["inputs"]
+    w = dequantize_rows(g, codes, scales, zeros, g.attr("in_features"), g.attr("bits"))
+    return dequantized_matmul(g, QUANT, x, w)

@@ -243,3 +243,61 @@ def summary(infos: dict[str, QuantInfo], scale_itemsize: int) -> dict:
                            "shape": list(i.shape), "source": i.source, "act_order": i.permuted}
                     for name, i in infos.items()},
     }
+
+
+# ---- the embedding / LM head (--lm-head) -----------------------------------------------------------
+HEAD_MODES = ("dense", "int8", "int4")
+HEAD_GROUP = 128  # inputs per scale: finer than one per row for the same cost as the body's int4 groups
+_PROBES = 256  # embedding rows used as hidden states to measure the head's logit error at export
+_CHUNK = 8192  # rows quantized at a time: an 8B head is 300M weights
+
+
+def head_mode(lm_head: str | None, quantized_body: bool) -> str:
+    """--lm-head: int8 where the linears are quantized (int8, int4, ternary) — the tied 73448 x H
+    matrix is then most of the bytes a token reads — else dense (the bundle's dtype)."""
+    if lm_head is None:
+        return "int8" if quantized_body else "dense"
+    if lm_head not in HEAD_MODES:
+        raise ValueError(f"--lm-head {lm_head}: expected one of {', '.join(HEAD_MODES)}")
+    return lm_head
+
+
+class HeadQuant:
+    """The embedding and LM head stored as int8 / int4 codes in the QuantMatMul layout: the head is a
+    QuantMatMul, the embedding a gather of dequantized rows, and a tied matrix is stored once.
+    `quantize` records each matrix's error for the manifest (`summary`)."""
+
+    def __init__(self, mode: str, hidden: int, scale_dtype=np.float32):
+        self.mode, self.bits = mode, MODES[mode]
+        self.group_size = HEAD_GROUP if hidden % HEAD_GROUP == 0 else hidden
+        self.block_size = block_for(self.group_size)
+        if self.block_size is None:
+            raise ValueError(f"--lm-head {mode}: hidden size {hidden} is not a multiple of 16 (onnxruntime's "
+                             f"MatMulNBits blocks); use --lm-head dense")
+        self.scale_dtype = scale_dtype
+        self.tensors: dict[str, dict] = {}
+
+    def quantize(self, name: str, w: np.ndarray) -> QuantCodes:
+        parts = [layout(*rtn(w[i:i + _CHUNK], self.bits, self.group_size, self.scale_dtype), self.bits,
+                        self.group_size) for i in range(0, len(w), _CHUNK)]
+        c = QuantCodes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("codes", "scales", "zeros")))
+        self.tensors[name] = {"shape": list(w.shape), **self._errors(w, dequantize(c, self.bits, w.shape[1]))}
+        return c
+
+    @staticmethod
+    def _errors(w: np.ndarray, wq: np.ndarray) -> dict:
+        """Relative error of the weights, and of the logits of _PROBES rows of w used as hidden states
+        (a tied head's hidden states live in the embedding's space), with their top-1 agreement."""
+        probes = w[np.random.default_rng(0).choice(len(w), min(_PROBES, len(w)), replace=False)]
+        ref, got = probes @ w.T, probes @ wq.T
+        return {"probes": len(probes), "weight_rel_error": float(np.linalg.norm(wq - w) / np.linalg.norm(w)),
+                "probe_logit_rel_error": float(np.linalg.norm(got - ref) / np.linalg.norm(ref)),
+                "probe_top1_agreement": float(np.mean(got.argmax(1) == ref.argmax(1)))}
+
+    def summary(self, scale_itemsize: int) -> dict:
+        info = [QuantInfo(self.bits, self.group_size, self.block_size, tuple(t["shape"]))
+                for t in self.tensors.values()]
+        weights = sum(i.shape[0] * i.shape[1] for i in info)
+        stored = sum(i.code_bytes + i.scale_bytes(scale_itemsize) + i.zero_bytes for i in info)
+        return {"mode": self.mode, "bits": self.bits, "group_size": self.group_size, "block_size": self.block_size,
+                "bits_per_weight": 8 * stored / weights, "tensors": self.tensors}

@@ -24,6 +24,9 @@ from edgecpm.kv_cache import KVCache
 TERNARY_KERNELS = ("auto", "edgecpm", "matmulnbits", "reference")
 # What runs the dense attention (OnnxRuntimeBackend's `attention`; default $EDGECPM_ORT_ATTENTION, else auto).
 ATTENTION_KERNELS = ("auto", "edgecpm", "reference")
+# What runs an int8 / int4 bundle's QuantMatMul nodes (OnnxRuntimeBackend's `quant`; default
+# $EDGECPM_ORT_QUANT, else auto). "matmulnbits-int8act" rounds activations to int8: faster, lossy, opt-in.
+QUANT_KERNELS = ("auto", "edgecpm", "matmulnbits", "matmulnbits-int8act")
 # Prefill tokens per step when edgecpm's fused attention runs: no [T, P] scores exist, so the chunk
 # is sized for the linears' GEMMs, not bounded by the context.
 FUSED_PREFILL_CHUNK = 512
@@ -43,7 +46,7 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, threads: int | None = None, providers: list[str] | None = None,
-                 ternary: str = "auto", attention: str | None = None):
+                 ternary: str = "auto", attention: str | None = None, quant: str | None = None):
         """ternary: what runs a ternary bundle's TernaryMatMul nodes (runtimes/ternary_lowering.py):
         "edgecpm", the exact fp32 kernel of runtimes/onnxruntime_ops.cpp (built on first use);
         "matmulnbits", onnxruntime's 2-bit kernel on the bundle's `ternary_activations` digits;
@@ -57,7 +60,14 @@ class OnnxRuntimeBackend:
         "auto" (default, or $EDGECPM_ORT_ATTENTION), that kernel for an fp32 bundle on CPU where the
         library builds and has a vector path here, else the graph as exported; "reference", the graph
         as exported. `attention_kernel` says which runs (None: the exported graph), and
-        `max_prefill_chunk` the prefill step size it suits (None: the context bounds it)."""
+        `max_prefill_chunk` the prefill step size it suits (None: the context bounds it).
+        quant: what runs an int8 / int4 bundle's QuantMatMul nodes (also a quantized LM head):
+        "edgecpm", the fp32-activation kernel of runtimes/onnxruntime_ops.cpp; "matmulnbits",
+        onnxruntime's MatMulNBits with fp32 activations (runtimes/quant_lowering.py);
+        "matmulnbits-int8act", MatMulNBits rounding the activations to int8 (accuracy_level 4: lossy);
+        "auto" (default, or $EDGECPM_ORT_QUANT), edgecpm's kernel for an fp32 bundle on CPU where the
+        library builds and has an AVX-512 path here, else MatMulNBits with fp32 activations.
+        `quant_kernel` says which runs (None: no QuantMatMul nodes)."""
         ort = _import_ort()
         self.bundle, self.config = bundle, bundle.config
         graph = bundle.graph("decoder")
@@ -73,8 +83,8 @@ class OnnxRuntimeBackend:
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        model, self.ternary_kernel, self.attention_kernel = self._decoder_model(graph, ternary, attention, opts,
-                                                                                providers)
+        model, self.ternary_kernel, self.attention_kernel, self.quant_kernel = self._decoder_model(
+            graph, ternary, attention, quant, opts, providers)
         self.max_prefill_chunk = FUSED_PREFILL_CHUNK if self.attention_kernel else None
         self.session = ort.InferenceSession(model, opts, providers=providers)
         self.providers = self.session.get_providers()
@@ -93,11 +103,11 @@ class OnnxRuntimeBackend:
     def on_keep(self, start: int, rows) -> None:
         """The arena is bound by pointer at every step: nothing of it is kept here."""
 
-    def _decoder_model(self, graph: dict, ternary: str, attention: str | None, opts,
-                       providers: list[str]) -> tuple[str | bytes, str | None, str | None]:
+    def _decoder_model(self, graph: dict, ternary: str, attention: str | None, quant: str | None, opts,
+                       providers: list[str]) -> tuple[str | bytes, str | None, str | None, str | None]:
         """The decoder graph to load — its path, or the graph rewritten in memory (its weights still
         read from the bundle's external data file) — what runs the ternary linears (None: there are
-        none) and what runs attention (None: the graph's own ops)."""
+        none), what runs attention (None: the graph's own ops) and what runs the QuantMatMul nodes."""
         import os
 
         if ternary not in TERNARY_KERNELS:
@@ -105,27 +115,30 @@ class OnnxRuntimeBackend:
         attention = attention or os.environ.get("EDGECPM_ORT_ATTENTION") or "auto"
         if attention not in ATTENTION_KERNELS:
             raise ValueError(f"attention={attention!r}: expected one of {', '.join(ATTENTION_KERNELS)}")
+        quant = quant or os.environ.get("EDGECPM_ORT_QUANT") or "auto"
+        if quant not in QUANT_KERNELS:
+            raise ValueError(f"quant={quant!r}: expected one of {', '.join(QUANT_KERNELS)}")
         path = self.bundle.file(graph["file"])
         is_ternary = "TernaryMatMul" in self.bundle.manifest.get("custom_ops", [])
-        is_quant = "QuantMatMul" in self.bundle.manifest.get("custom_ops", [])  # --quantize int8 / int4
+        # --quantize int8 / int4, or a quantized LM head
+        is_quant = "QuantMatMul" in self.bundle.manifest.get("custom_ops", [])
         attention_library = self._attention_library(attention, providers)
         if attention_library is None and (not is_ternary or ternary == "reference") and not is_quant:
-            return str(path), ("reference function" if is_ternary else None), None
+            return str(path), ("reference function" if is_ternary else None), None, None
         import onnx
 
         from edgecpm.runtimes import onnxruntime_ops
 
         model = onnx.load(str(path), load_external_data=False)
-        ternary_kernel = attention_kernel = None
-        if is_quant:  # QuantMatMul -> MatMulNBits over the same bytes, fp32 activations
-            from edgecpm.runtimes.quant_lowering import lower_quant
-
-            lower_quant(model)
+        ternary_kernel = attention_kernel = quant_kernel = None
         if is_ternary:
             ternary_kernel = self._rewrite_ternary(model, path, ternary, opts)
         # The library also holds a TernaryMatMul kernel: registered, it would run the nodes left to the
-        # reference function or MatMulNBits, so there the attention is left as exported too.
+        # reference function or MatMulNBits, so there the rest is left as exported too.
         library_loaded = ternary_kernel is not None and ternary_kernel.startswith("edgecpm")
+        if is_quant:
+            quant_kernel = self._rewrite_quant(model, quant, providers, library_loaded, is_ternary, opts)
+            library_loaded = library_loaded or quant_kernel.startswith("edgecpm")
         if attention_library is not None and (library_loaded or not is_ternary):
             from edgecpm.runtimes.attention_lowering import fuse_attention
 
@@ -136,7 +149,40 @@ class OnnxRuntimeBackend:
             elif attention == "edgecpm":
                 raise BackendUnavailable(f"{path}: no dense attention subgraph edgecpm's kernel can replace")
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-        return model.SerializeToString(), ternary_kernel, attention_kernel
+        return model.SerializeToString(), ternary_kernel, attention_kernel, quant_kernel
+
+    def _rewrite_quant(self, model, quant: str, providers: list[str], loaded: bool, is_ternary: bool, opts) -> str:
+        """Leave the QuantMatMul nodes to edgecpm's kernel (registering its library unless `loaded`)
+        or rewrite them to MatMulNBits over the same bytes; returns what runs them. "auto" registers
+        the library in a ternary bundle only where the ternary nodes run on it already."""
+        from edgecpm.runtimes import onnxruntime_ops
+        from edgecpm.runtimes.quant_lowering import lower_quant
+
+        dtype = self.bundle.manifest.get("dtype", "fp32")
+        library = None
+        if quant == "edgecpm":
+            if dtype != "fp32":
+                raise BackendUnavailable(f"edgecpm's QuantMatMul kernel computes in fp32; {self.bundle.path} is "
+                                         f"{dtype}")
+            library = onnxruntime_ops.library()
+        elif (quant == "auto" and (loaded or not is_ternary) and dtype == "fp32" and platform.machine() == "x86_64"
+              and providers[:1] == ["CPUExecutionProvider"]):
+            try:
+                library = onnxruntime_ops.library()
+            except BackendUnavailable:
+                library = None
+            # Its only vector path is AVX-512's; elsewhere MatMulNBits is the faster of the two.
+            if library is not None and onnxruntime_ops.isa(library) != "avx512":
+                library = None
+        if library is not None:
+            if not loaded:
+                opts.register_custom_ops_library(str(library))
+            return f"edgecpm ({onnxruntime_ops.isa(library)})"
+        if quant == "matmulnbits-int8act":
+            lower_quant(model, accuracy_level=4)
+            return "MatMulNBits (int8 activations)"
+        lower_quant(model)
+        return "MatMulNBits (fp32 activations)"
 
     def _attention_library(self, attention: str, providers: list[str]) -> Path | None:
         """The kernel library where edgecpm's fused attention is to run, else None."""

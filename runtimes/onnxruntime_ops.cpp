@@ -1,5 +1,6 @@
-// edgecpm's onnxruntime custom-op library: the exact CPU kernels of `edgecpm::TernaryMatMul` and of
-// `edgecpm::Attention` (fused GQA attention over the KV arena, further down).
+// edgecpm's onnxruntime custom-op library: the exact CPU kernels of `edgecpm::TernaryMatMul`, of
+// `edgecpm::QuantMatMul` (int8 / int4 weights) and of `edgecpm::Attention` (fused GQA attention over
+// the KV arena), in that order.
 //
 // y[m, n] = sum_k x[m, k] * W[n, k], W[n, k] = (code - 1) * scales[n, k / group_size], with the
 // codes read straight from the bundle's 2-bit words (edgecpm.export.ternary: 16 codes per uint32,
@@ -248,6 +249,209 @@ struct TernaryMatMul {
   const OrtApi* api_;
   std::string isa_;
   int64_t in_features_ = 0, group_size_ = 0;
+};
+
+// ---- QuantMatMul: int8 / int4 weight-only linears in MatMulNBits' layout ---------------------
+//
+// y[m, n] = sum_k x[m, k] * W[n, k], W[n, k] = (q[n, k] - z[n, b]) * s[n, b], b = k / block: the
+// bundle's codes, scales and zero points (export/quant_ops.py) read in place. Each weight is
+// dequantized exactly as the op's reference function does it ((q - z) in fp32, times the scale),
+// then multiplied by the fp32 activations: the result differs from the reference's dense fp32 matmul
+// only in summation order. (onnxruntime's MatMulNBits takes fp32 activations too at
+// accuracy_level 0, but its 8-bit path then runs at a fraction of memory speed; measured in
+// benchmarks/quantized.py.)
+//
+// int4 per 32 weights (16 bytes): widen the bytes to 16 lanes, look the low nibbles up in a 16-entry
+// table of the block's dequantized values (vpermps reads the low four bits of each lane), shift and
+// look the high nibbles up, two FMAs. The low nibble holds the even input, so each token's inputs
+// are first split into even and odd halves per 32 (once per call, K floats a token).
+// int8 per 16 weights: widen, subtract the zero point, convert, scale, FMA.
+// Tiles of R rows x MT tokens as TernaryMatMul's. AVX-512F, else portable C++ (int4 blocks of 16
+// take it too).
+
+struct QProblem {
+  const float* x;         // [M, K]; for int4 the inputs of each 32 as 16 even then 16 odd
+  const uint8_t* codes;   // [N, nb, blob]
+  const float* scales;    // [N, nb]
+  const uint8_t* zeros;   // [N, zstride]
+  float* y;               // [M, N]
+  int64_t M, K, N, nb, block, bits, blob, zstride;
+  bool split;  // int4 with blocks of 32s: x's inputs split even / odd per 32 (the vector path's order)
+};
+
+inline int zero_point(const QProblem& p, int64_t n, int64_t b) {
+  const uint8_t* z = p.zeros + n * p.zstride;
+  return p.bits == 8 ? z[b] : (z[b / 2] >> (4 * (b & 1))) & 15;
+}
+
+// Where input k sits in p.x.
+inline int64_t input_of(const QProblem& p, int64_t k) {
+  if (!p.split) return k;
+  const int64_t i = k % 32;
+  return k - i + (i % 2) * 16 + i / 2;
+}
+
+void qrows_scalar(const QProblem& p, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < p.M; ++m) {
+      const float* x = p.x + m * p.K;
+      float y = 0.f;
+      for (int64_t b = 0; b < p.nb; ++b) {
+        const uint8_t* c = p.codes + (n * p.nb + b) * p.blob;
+        const float s = p.scales[n * p.nb + b], z = float(zero_point(p, n, b));
+        for (int64_t i = 0; i < p.block; ++i) {
+          const int q = p.bits == 8 ? c[i] : (c[i / 2] >> (4 * (i & 1))) & 15;
+          y += ((float(q) - z) * s) * x[input_of(p, b * p.block + i)];
+        }
+      }
+      p.y[m * p.N + n] = y;
+    }
+}
+
+#if defined(__x86_64__)
+template <int R, int MT>
+__attribute__((target("avx512f"))) void qtile_int4_avx512(const QProblem& p, int64_t n, int64_t m0) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 acc[R][MT];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm512_setzero_ps();
+  for (int64_t b = 0; b < p.nb; ++b) {
+    __m512 table[R];  // table[r][q] = (q - z) * s: the dequantized value of code q in this block
+    const uint8_t* c[R];
+    for (int r = 0; r < R; ++r) {
+      const float s = p.scales[(n + r) * p.nb + b];
+      table[r] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(float(zero_point(p, n + r, b)))),
+                               _mm512_set1_ps(s));
+      c[r] = p.codes + ((n + r) * p.nb + b) * p.blob;
+    }
+    for (int64_t i = 0; i < p.block; i += 32) {
+      __m512 lo[R], hi[R];
+      for (int r = 0; r < R; ++r) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c[r] + i / 2)));
+        lo[r] = _mm512_permutexvar_ps(v, table[r]);
+        hi[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table[r]);
+      }
+      for (int t = 0; t < MT; ++t) {
+        const float* x = p.x + (m0 + t) * p.K + b * p.block + i;
+        const __m512 even = _mm512_loadu_ps(x), odd = _mm512_loadu_ps(x + 16);
+        for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(hi[r], odd, _mm512_fmadd_ps(lo[r], even, acc[r][t]));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < MT; ++t) p.y[(m0 + t) * p.N + n + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+template <int R, int MT>
+__attribute__((target("avx512f"))) void qtile_int8_avx512(const QProblem& p, int64_t n, int64_t m0) {
+  __m512 acc[R][MT];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm512_setzero_ps();
+  for (int64_t b = 0; b < p.nb; ++b) {
+    __m512i z[R];
+    __m512 s[R];
+    const uint8_t* c[R];
+    for (int r = 0; r < R; ++r) {
+      z[r] = _mm512_set1_epi32(zero_point(p, n + r, b));
+      s[r] = _mm512_set1_ps(p.scales[(n + r) * p.nb + b]);
+      c[r] = p.codes + ((n + r) * p.nb + b) * p.blob;
+    }
+    for (int64_t i = 0; i < p.block; i += 16) {
+      __m512 w[R];
+      for (int r = 0; r < R; ++r) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c[r] + i)));
+        w[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v, z[r])), s[r]);
+      }
+      for (int t = 0; t < MT; ++t) {
+        const __m512 x = _mm512_loadu_ps(p.x + (m0 + t) * p.K + b * p.block + i);
+        for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(w[r], x, acc[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < MT; ++t) p.y[(m0 + t) * p.N + n + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+template <int R, int MT>
+__attribute__((target("avx512f"))) void qtile_avx512(const QProblem& p, int64_t n, int64_t m0) {
+  if (p.bits == 4)
+    qtile_int4_avx512<R, MT>(p, n, m0);
+  else
+    qtile_int8_avx512<R, MT>(p, n, m0);
+}
+
+template <int R>
+__attribute__((target("avx512f"))) void qtokens_avx512(const QProblem& p, int64_t n) {
+  int64_t m = 0;
+  for (; m + 4 <= p.M; m += 4) qtile_avx512<R, 4>(p, n, m);
+  for (; m < p.M; ++m) qtile_avx512<R, 1>(p, n, m);
+}
+
+__attribute__((target("avx512f"))) void qrows_avx512(const QProblem& p, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) qtokens_avx512<4>(p, n);
+  for (; n < n1; ++n) qtokens_avx512<1>(p, n);
+}
+#endif
+
+using QRowsFn = void (*)(const QProblem&, int64_t, int64_t);
+
+QRowsFn qrows_fn(const std::string& path, const QProblem& p) {
+#if defined(__x86_64__)
+  if (path == "avx512" && (p.bits == 8 || p.split)) return qrows_avx512;
+#endif
+  return qrows_scalar;
+}
+
+struct QuantMatMul {
+  QuantMatMul(const OrtApi* api, const OrtKernelInfo* info) : api_(api), isa_(isa()) {
+    Ort::ConstKernelInfo ki(info);
+    in_features_ = ki.GetAttribute<int64_t>("in_features");
+    bits_ = ki.GetAttribute<int64_t>("bits");
+    block_ = ki.GetAttribute<int64_t>("block_size");
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& x,
+                      const Ort::Custom::Tensor<uint8_t>& codes, const Ort::Custom::Tensor<float>& scales,
+                      const Ort::Custom::Tensor<uint8_t>& zeros, Ort::Custom::Tensor<float>& y) {
+    const std::vector<int64_t>& xs = x.Shape();
+    const std::vector<int64_t>& cs = codes.Shape();
+    const int64_t K = in_features_;
+    const bool layout = (bits_ == 4 || bits_ == 8) && block_ >= 16 && block_ % 16 == 0 && K % block_ == 0;
+    const int64_t nb = layout ? K / block_ : 0, blob = block_ * bits_ / 8, zstride = (nb * bits_ + 7) / 8;
+    if (!layout || xs.empty() || xs.back() != K || cs.size() != 3 || cs[1] != nb || cs[2] != blob ||
+        scales.NumberOfElement() != cs[0] * nb || zeros.NumberOfElement() != cs[0] * zstride)
+      return Ort::Status("QuantMatMul: x [.., K], codes [N, K/block, block*bits/8], scales [N, K/block] and zeros "
+                         "[N, ceil(K/block*bits/8)] do not agree with in_features / bits / block_size",
+                         ORT_INVALID_ARGUMENT);
+    std::vector<int64_t> ys(xs);
+    ys.back() = cs[0];
+    const int64_t M = x.NumberOfElement() / K;
+    QProblem p{x.Data(), codes.Data(), scales.Data(), zeros.Data(), y.Allocate(ys), M, K, cs[0], nb, block_,
+               bits_, blob, zstride, bits_ == 4 && block_ % 32 == 0};
+    std::vector<float> split;
+    if (p.split) {  // each 32 inputs as 16 even then 16 odd: the nibble order of a code byte
+      split.resize(size_t(M * K));
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < K; ++k) split[size_t(m * K + input_of(p, k))] = p.x[m * K + k];
+      p.x = split.data();
+    }
+    struct Job {
+      const QProblem* p;
+      QRowsFn fn;
+    } job{&p, qrows_fn(isa_, p)};
+    auto run = [](void* data, size_t task) {
+      const Job& j = *static_cast<const Job*>(data);
+      const int64_t n0 = int64_t(task) * kRowsPerTask;
+      j.fn(*j.p, n0, std::min(n0 + kRowsPerTask, j.p->N));
+    };
+    const size_t tasks = size_t((p.N + kRowsPerTask - 1) / kRowsPerTask);
+    return Ort::Status(api_->KernelContext_ParallelFor(ctx, run, tasks, 0, &job));
+  }
+
+  const OrtApi* api_;
+  std::string isa_;
+  int64_t in_features_ = 0, bits_ = 0, block_ = 0;
 };
 
 // ---- Attention: GQA attention over the token-major KV arena, without a score matrix ------------
@@ -601,7 +805,9 @@ EDGECPM_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
       Ort::Custom::CreateLiteCustomOp<TernaryMatMul>("TernaryMatMul", "CPUExecutionProvider")};
   static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> attention{
       Ort::Custom::CreateLiteCustomOp<Attention>("Attention", "CPUExecutionProvider")};
-  static bool added = (domain.Add(op.get()), domain.Add(attention.get()), true);
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> quant{
+      Ort::Custom::CreateLiteCustomOp<QuantMatMul>("QuantMatMul", "CPUExecutionProvider")};
+  static bool added = (domain.Add(op.get()), domain.Add(attention.get()), domain.Add(quant.get()), true);
   (void)added;
   try {
     Ort::UnownedSessionOptions(options).Add(domain);

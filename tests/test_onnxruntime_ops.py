@@ -267,3 +267,55 @@ def test_unwritable_cache_is_a_clear_error(fresh_build, ort_ops, monkeypatch, tm
     fresh_build.library.cache_clear()
     with pytest.raises(BackendUnavailable, match="set EDGECPM_CACHE to a writable folder"):
         fresh_build.library()
+
+
+def quant_graph(n, k, bits, block, c):
+    """A model of one QuantMatMul node reading x [M, k] (codes in the bundle's layout `c`)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from edgecpm.export import custom_ops
+    from edgecpm.export.onnx_builder import GraphBuilder
+    from edgecpm.export.quant_ops import quant_function, quant_node, register_quant_schema
+
+    b = GraphBuilder(lambda name, a: numpy_helper.from_array(a, name))
+    y = quant_node(b, "x", b.weight("codes", c.codes), b.weight("scales", c.scales), b.weight("zeros", c.zeros),
+                   k, bits, block)
+    b.nodes.append(helper.make_node("Identity", [y], ["y"]))
+    f = onnx.TensorProto.FLOAT
+    graph = helper.make_graph(b.nodes, "g", [helper.make_tensor_value_info("x", f, ["M", k])],
+                              [helper.make_tensor_value_info("y", f, ["M", n])], initializer=b.initializers)
+    custom_ops.register_schemas()
+    register_quant_schema()
+    model = helper.make_model(graph, functions=[quant_function()], opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid("edgecpm", 1)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("isa", ["avx512", "scalar"])
+@pytest.mark.parametrize(("bits", "n", "k", "group", "m"), [
+    (4, 37, 128, 32, 1), (4, 20, 256, 128, 5), (4, 9, 96, 16, 3), (4, 16, 64, 64, 9),
+    (8, 37, 128, -1, 1), (8, 20, 256, 32, 6), (8, 5, 48, 16, 4)])
+def test_quant_kernel_matches_dequantized_matmul(isa, bits, n, k, group, m, ort_ops, monkeypatch):
+    """Rows and tokens on and off the 4 x 4 tiles, one and several blocks a row, int4 blocks of 16
+    (the portable path), zero points in both nibbles."""
+    from edgecpm.export.quantize import dequantize, layout, rtn
+    from edgecpm.runtimes.onnxruntime_ops import isa as isa_of
+
+    monkeypatch.setenv("EDGECPM_ORT_ISA", isa)  # read when onnxruntime creates the kernel
+    if isa_of(ort_ops) != isa:
+        pytest.skip(f"this CPU has no {isa}")
+    rng = np.random.default_rng(n * k + m)
+    g = k if group == -1 else group
+    c = layout(*rtn(rng.standard_normal((n, k)).astype(np.float32) * 0.02, bits, g), bits, g)
+    s = session(quant_graph(n, k, bits, c.codes.shape[2] * 8 // bits, c), ort_ops)
+    w = dequantize(c, bits, k)
+    # One-hot rows read the dequantized weight back exactly: (q - z) * s times 1, summed with zeros.
+    assert np.array_equal(s.run(None, {"x": np.eye(k, dtype=np.float32)})[0], w.T)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[0, 3] = 300  # an outlier, as LLM activations have
+    y = s.run(None, {"x": x})[0]
+    assert y.shape == (m, n)
+    assert rel_err(y, x.astype(np.float64) @ w.T) <= 1e-6  # fp32 summation, no activation rounding

@@ -19,16 +19,18 @@ PROMPT = [1, 17, 300, 5, 42, 99, 7, 250]
 PARITY = 1e-4  # measured: ~1e-6 (MatMulNBits at accuracy_level 0 computes in fp32)
 
 
-def dequantized_twin(ckpt_folder, out, mode, group_size):
-    """A float32 checkpoint whose linears are what the bundle's codes stand for."""
+def dequantized_twin(ckpt_folder, out, mode, group_size, lm_head="int8"):
+    """A float32 checkpoint whose linears and embedding / LM head (`lm_head`, the export's default)
+    are what the bundle's codes stand for."""
     import torch
     from safetensors.torch import save_file
 
     from edgecpm.export.checkpoint import Checkpoint, expected_shapes
-    from edgecpm.export.quantize import MODES, QuantPlan, dequantize
+    from edgecpm.export.quantize import MODES, HeadQuant, QuantPlan, dequantize
 
     ck = Checkpoint(ckpt_folder)
     plan = QuantPlan(ck, mode, group_size)
+    head = None if lm_head == "dense" else HeadQuant(lm_head, ck.config.hidden_size)
 
     def tensor(name):
         return ck.tensor(name, torch.float32).numpy()
@@ -38,6 +40,8 @@ def dequantized_twin(ckpt_folder, out, mode, group_size):
         w = tensor(name)
         if name in plan.infos:
             w = dequantize(plan.codes(name, tensor), MODES[mode], w.shape[1])
+        elif head is not None and name in ("model.embed_tokens.weight", "lm_head.weight"):
+            w = dequantize(head.quantize(name, w), head.bits, w.shape[1])
         tensors[name] = torch.from_numpy(np.ascontiguousarray(w, np.float32))
     out.mkdir()
     cfg = json.loads((ckpt_folder / "config.json").read_text())
@@ -68,7 +72,11 @@ def test_bundle_matches_the_dequantized_model(make_checkpoint, tmp_path, mode, g
     m = json.loads((bundle / "manifest.json").read_text())
     q = m["quantization"]
     assert m["custom_ops"] == ["QuantMatMul"] and q["mode"] == mode and q["sources"] == ["rtn"]
-    assert q["count"] == 14 and q["sym"] is False and q["lm_head"] == "dense"
+    assert q["count"] == 14 and q["sym"] is False
+    head = m["lm_head"]  # int8 by default, one scale and zero per 128 inputs (the tiny model: per row)
+    assert head["mode"] == "int8" and head["group_size"] == 64 and head["bits_per_weight"] == 8 + 40 / 64
+    assert list(head["tensors"]) == ["model.embed_tokens.weight"]  # tied: stored once
+    assert head["tensors"]["model.embed_tokens.weight"]["probe_top1_agreement"] > 0.9
     bits = int(mode[3:])
     k = 64  # the tiny model: the smallest input count (hidden size); down_proj has 128
     assert bits < q["bits_per_weight"] <= bits + (32 + bits) / (32 if group == 32 else k)
@@ -115,7 +123,7 @@ def test_lowering_matches_the_reference_function(make_checkpoint, tmp_path):
         feeds[f"past_key.{i}"] = feeds[f"past_value.{i}"] = np.zeros((0, 2, 16), np.float32)
     ref = ort.InferenceSession(str(bundle / "decoder.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], feeds)
     model = onnx.load(str(bundle / "decoder.onnx"), load_external_data=False)
-    assert lower_quant(model) == 14
+    assert lower_quant(model) == 15  # the decoder's linears and the int8 LM head
     assert not any(n.domain == "edgecpm" for n in model.graph.node) and not model.functions
     opts = ort.SessionOptions()
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(bundle))
@@ -123,6 +131,42 @@ def test_lowering_matches_the_reference_function(make_checkpoint, tmp_path):
         ["logits"], feeds)
     assert rel_err(ours[0], ref[0]) <= PARITY
     assert rel_err(edgecpm.Session(bundle, backend="onnxruntime").logits(PROMPT), ref[0]) <= PARITY
+
+
+@pytest.mark.parametrize(("kernel", "label", "bound"), [
+    ("edgecpm", "edgecpm (", PARITY), ("matmulnbits", "MatMulNBits (fp32 activations)", PARITY),
+    ("matmulnbits-int8act", "MatMulNBits (int8 activations)", 0.05)])
+def test_each_quant_kernel_against_the_reference_function(make_checkpoint, tmp_path, monkeypatch, kernel, label,
+                                                          bound):
+    """What runs QuantMatMul on onnxruntime (EDGECPM_ORT_QUANT): edgecpm's kernel and MatMulNBits with
+    fp32 activations equal the op's reference function; the int8-activation path is lossy (bounded
+    loosely, and it must differ)."""
+    import onnxruntime as ort
+
+    from edgecpm.backends import open_backend
+    from edgecpm.export.exporter import export_bundle
+
+    bundle = export_bundle(make_checkpoint(), tmp_path / "b", quantize="int4", quantize_group_size=32,
+                           progress=False)
+    feeds = {"input_ids": np.array([PROMPT]), "position_ids": np.arange(len(PROMPT))[None],
+             "attn_mask": np.tril(np.ones((len(PROMPT),) * 2, bool)), "logit_index": np.arange(len(PROMPT))}
+    for i in range(2):
+        feeds[f"past_key.{i}"] = feeds[f"past_value.{i}"] = np.zeros((0, 2, 16), np.float32)
+    ref = ort.InferenceSession(str(bundle / "decoder.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], feeds)
+    monkeypatch.setenv("EDGECPM_ORT_QUANT", kernel)
+    if kernel == "edgecpm":
+        from edgecpm.errors import BackendUnavailable
+        from edgecpm.runtimes import onnxruntime_ops
+
+        try:
+            onnxruntime_ops.library()
+        except BackendUnavailable as e:
+            pytest.skip(f"edgecpm's onnxruntime kernel cannot be built here: {e}")
+    assert open_backend(bundle, "onnxruntime").quant_kernel.startswith(label)
+    err = rel_err(edgecpm.Session(bundle, backend="onnxruntime").logits(PROMPT), ref[0])
+    assert err <= bound
+    if kernel == "matmulnbits-int8act":
+        assert err > 1e-6
 
 
 @pytest.mark.parametrize(("method", "group", "kw"), [("gptq", 32, {"sym": False, "desc_act": True}),
@@ -139,7 +183,7 @@ def test_gptq_awq_codes_kept_exactly(tmp_path, method, group, kw):
         assert info.source == method and info.permuted == kw.get("desc_act", False)
         w = dequantize(plan.codes(name, None), 4, info.shape[1])
         assert np.array_equal(w, ck.dequantized(name)), name  # bit-exact: no re-quantization
-    bundle = export_bundle(q, tmp_path / "b", quantize="int4", progress=False)
+    bundle = export_bundle(q, tmp_path / "b", quantize="int4", lm_head="dense", progress=False)
     m = json.loads((bundle / "manifest.json").read_text())["quantization"]
     assert m["sources"] == [method] and m["act_order"] == (14 if kw.get("desc_act") else 0)
     err = _parity(bundle, ref)

@@ -250,7 +250,7 @@ def test_ternary_checkpoint_to_bundle_parity(granularity, ternary_checkpoints, t
 
     on_torch = edgecpm.Session(ckpt, backend="torch")
     assert isinstance(on_torch.backend.model.model.layers[1].mlp.down_proj, TernaryLinear)
-    bundle = export_bundle(ckpt, tmp_path / "b", progress=False)
+    bundle = export_bundle(ckpt, tmp_path / "b", progress=False, lm_head="dense")  # the int8 head: below
     # onnxruntime: edgecpm's kernel where it can be built (runtimes/onnxruntime_ops.cpp), MatMulNBits
     # on 3 int8 digits of the activations (runtimes/ternary_lowering.py), the op's reference function.
     on_ort = [edgecpm.Session.from_backend(OnnxRuntimeBackend(load_bundle(bundle), ternary=kernel))
@@ -279,6 +279,34 @@ def test_ternary_checkpoint_to_bundle_parity(granularity, ternary_checkpoints, t
     assert on_torch.memory()["weights_bytes"] == full - dense_linear + t["packed_bytes"] + t["scale_bytes"]
 
 
+@pytest.mark.parametrize("head", ["int8", "int4"])
+def test_ternary_bundle_quantizes_embedding_and_lm_head(head, ternary_checkpoints, tmp_path):
+    """int8 by default (--lm-head): an untied checkpoint's embedding and LM head each stored as codes;
+    the bundle equals the model whose two matrices are the dequantized codes."""
+    import edgecpm
+    from edgecpm.export.checkpoint import load_model
+    from edgecpm.export.exporter import export_bundle
+    from edgecpm.export.quantize import HeadQuant, dequantize
+
+    ckpt = ternary_checkpoints["row"]
+    ids = [1, *range(7, 40, 3)]
+    b = export_bundle(ckpt, tmp_path / "b", progress=False, lm_head=None if head == "int8" else head)
+    m = json.loads((b / "manifest.json").read_text())
+    assert m["custom_ops"] == ["QuantMatMul", "TernaryMatMul"] and m["lm_head"]["mode"] == head
+    assert sorted(m["lm_head"]["tensors"]) == ["lm_head.weight", "model.embed_tokens.weight"]
+    model = load_model(ckpt, ternary=False)
+    state = model.state_dict()
+    hq = HeadQuant(head, state["lm_head.weight"].shape[1])
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        w = state[name].numpy()
+        state[name].copy_(torch.from_numpy(dequantize(hq.quantize(name, w), hq.bits, w.shape[1])))
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    s = edgecpm.Session(b)
+    assert rel_err(s.logits(ids), ref) <= 1e-4
+    assert s.generate(ids, max_new_tokens=8, ignore_eos=True).token_ids == greedy(model, ids, 8)
+
+
 def test_fp16_ternary_bundle(ternary_checkpoints, tmp_path):
     import edgecpm
     from edgecpm.export.checkpoint import load_model
@@ -288,7 +316,7 @@ def test_fp16_ternary_bundle(ternary_checkpoints, tmp_path):
     ids = [1, *range(7, 40, 3)]
     with torch.no_grad():
         ref = load_model(ckpt, ternary=False)(torch.tensor([ids])).logits[0].numpy()
-    b = export_bundle(ckpt, tmp_path / "b", dtype="fp16", progress=False)
+    b = export_bundle(ckpt, tmp_path / "b", dtype="fp16", progress=False, lm_head="dense")
     # 2 layers x 512 output rows (q 64, k 32, v 32, o 64, gate 128, up 128, down 64) x one fp16 scale
     assert json.loads((b / "manifest.json").read_text())["ternary"]["scale_bytes"] == 2 * 512 * 2
     assert rel_err(edgecpm.Session(b).logits(ids), ref) <= 2e-3  # fp16 activations
@@ -327,7 +355,8 @@ def test_quantize_ternary_export_equals_quantized_reference(make_checkpoint, tmp
     from edgecpm.export.exporter import export_bundle
 
     ckpt = make_checkpoint(tie=False)
-    b = export_bundle(ckpt, tmp_path / "b", progress=False, quantize="ternary", quantize_group_size=32)
+    b = export_bundle(ckpt, tmp_path / "b", progress=False, quantize="ternary", quantize_group_size=32,
+                      lm_head="dense")
     t = json.loads((b / "manifest.json").read_text())["ternary"]
     assert t["group_sizes"] == [32] and all(x["lossy"] for x in t["tensors"].values())
     with pytest.raises(CheckpointError, match=r"ternary=True, but .* distinct nonzero magnitudes"):
