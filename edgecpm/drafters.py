@@ -34,6 +34,9 @@ class SpecConfig:
     branch: int = 1  # children per expanded node (1 = a chain)
     ngram_max: int = 4  # longest suffix the n-gram drafter matches
     ngram_min: int = 2  # shortest (a single-token match guesses too often to pay for its verification)
+    # Ouroboros phrase reuse (PhrasePool): a chain-drafting model checks guessed phrases in one call
+    # and may extend its chain past `depth` with a phrase, up to tree_size tokens.
+    phrases: bool = False
 
     def __post_init__(self):
         for name in ("tree_size", "depth", "branch", "ngram_max", "ngram_min"):
@@ -104,7 +107,7 @@ class NgramDrafter:
         self.indexed = np.zeros(0, np.int64)  # the context the table was built from
         self.follow: dict[tuple, dict[int, list[int]]] = {}  # n-gram -> {next token: [count, last position]}
 
-    def _index(self, context: np.ndarray) -> None:
+    def index(self, context: np.ndarray) -> None:
         start = len(self.indexed)
         if start > len(context) or not np.array_equal(context[:start], self.indexed):  # a new prompt
             self.follow, start = {}, 0
@@ -125,17 +128,77 @@ class NgramDrafter:
                 return max(stats, key=stats.__getitem__)  # [count, last position]: most often, then latest
         return None
 
-    def propose(self, context) -> DraftTree:
-        context = np.asarray(context, dtype=np.int64)
-        self._index(context)
-        seq, draft = context[-self.spec.ngram_max :].tolist(), []
-        while len(draft) < min(self.spec.tree_size, self.spec.depth):
+    def continuation(self, seq: list[int], limit: int) -> list[int]:
+        """Up to `limit` tokens that follow `seq` (the context's tail + a draft so far)."""
+        seq, out = seq[-self.spec.ngram_max :], []
+        while len(out) < limit:
             token = self._next(seq)
             if token is None:
                 break
-            draft.append(token)
+            out.append(token)
             seq.append(token)
-        return DraftTree.chain(draft)
+        return out
+
+    def propose(self, context) -> DraftTree:
+        context = np.asarray(context, dtype=np.int64)
+        self.index(context)
+        return DraftTree.chain(self.continuation(context[-self.spec.ngram_max :].tolist(),
+                                                 min(self.spec.tree_size, self.spec.depth)))
+
+
+POOL_PHRASES = 4096  # rejected phrases kept
+
+
+class PhrasePool:
+    """Ouroboros phrase reuse (Zhao et al., 2024) for chain drafts: phrases a draft may go on with.
+
+    Two sources: the generated text (the context's n-gram table, as NgramDrafter) and the tails of
+    earlier drafts that verification rejected. A draft the target cut at token i may still be
+    right later on: its tokens after i are kept under the n-gram that precedes them in the draft,
+    and come back whole when a later draft ends in that n-gram. The pool learns the cut itself: the
+    next context is the old one + the accepted tokens + the new root, so no help from the
+    verifier is needed. Whatever a phrase proposes, the target still decides every token.
+    """
+
+    def __init__(self, spec: SpecConfig):
+        self.spec = spec
+        self.text = NgramDrafter(spec)
+        self.rejected: dict[tuple, list[int]] = {}  # n-gram -> the rejected draft tokens that followed it
+        self.last: tuple[np.ndarray, list[int]] | None = None  # the last draft's context and tokens
+
+    def update(self, context: np.ndarray) -> None:
+        """Index the new context; file the rejected tail of the last draft."""
+        self.text.index(context)
+        if self.last is None:
+            return
+        before, draft = self.last
+        n = len(before)
+        accepted = len(context) - n - 1
+        if 0 <= accepted < len(draft) and np.array_equal(context[:n], before):
+            k = self.spec.ngram_min
+            seq = before[-k:].tolist() + draft
+            for i in range(accepted + 1, len(draft)):  # from after the cut: its key holds the rejected token
+                self.rejected[tuple(seq[i : i + k])] = draft[i:]
+            while len(self.rejected) > POOL_PHRASES:  # the oldest go first
+                del self.rejected[next(iter(self.rejected))]
+        self.last = None
+
+    def remember(self, context: np.ndarray, draft: list[int]) -> None:
+        self.last = (context, list(draft))
+
+    def guess(self, seq: list[int], limit: int) -> list[int]:
+        """Up to `limit` tokens after `seq`: the context table's continuation, else (or after it)
+        a whole rejected phrase keyed by the last ngram_min tokens, repeated while either knows more."""
+        out: list[int] = []
+        k = self.spec.ngram_min
+        while len(out) < limit:
+            more = self.text.continuation(seq + out, limit - len(out))
+            if not more:
+                more = self.rejected.get(tuple((seq + out)[-k:]), [])[: limit - len(out)]
+                if not more:
+                    break
+            out += more
+        return out
 
 
 def log_probs(logits: np.ndarray) -> np.ndarray:
@@ -182,22 +245,34 @@ def tree_positions(base: int, tree: DraftTree) -> np.ndarray:
 
 
 class ModelDrafter:
-    """A smaller model drafting an EAGLE-2-style tree (grow_tree) on its own backend and KV cache.
+    """A smaller model drafting on its own backend and KV cache.
 
-    Each level runs the whole tree drafted so far after the context with the ancestor mask (the
-    cache is rolled back to the context between levels), so every node sees exactly its
-    ancestors. The number of draft forward passes is `depth`, whatever the branching.
+    A chain (branch 1) is the draft model's greedy continuation, run incrementally: one call per
+    new token, and with `spec.phrases` one call checks a guessed phrase (PhrasePool) at once and
+    keeps its prefix the draft model agrees with, so repetitive text costs fewer calls. The chain's
+    rows stay in the cache: the next step's prefill reuses the accepted ones and runs only the new
+    tokens. With phrases, the chain may then go on past `depth` with a phrase (no draft call) up
+    to tree_size tokens.
+
+    A tree (branch > 1) grows EAGLE-2-style (grow_tree): each level runs the whole tree drafted so
+    far after the context with the ancestor mask (the cache is rolled back to the context between
+    levels), so every node sees exactly its ancestors; `depth` draft calls, whatever the branching.
     """
 
     def __init__(self, backend, cache, spec: SpecConfig, id_map: np.ndarray | None):
         self.backend, self.cache, self.spec = backend, cache, spec
         self.id_map = id_map  # FR-Spec: draft logit column -> full-vocabulary id
+        self.phrases = PhrasePool(spec) if spec.phrases else None
+        self.eos = set(backend.config.eos_token_ids)  # verification stops there: a chain need not go on
 
     def propose(self, context) -> DraftTree:
         backend, cache, spec = self.backend, self.cache, self.spec
-        if cache.capacity - len(context) < spec.depth + 1:
+        context = np.asarray(context, dtype=np.int64)
+        if cache.capacity - len(context) < max(spec.depth, spec.tree_size) + 1:
             return DraftTree.chain([])
         logits = prefill(backend, cache, context)  # next-token logits after the root
+        if spec.branch == 1:
+            return DraftTree.chain(self._chain(context, logits))
         base = cache.length
 
         def run_level(tree: DraftTree, rows: np.ndarray) -> np.ndarray:
@@ -208,6 +283,33 @@ class ModelDrafter:
         tree = grow_tree(spec, logits, self.id_map, run_level)
         cache.truncate(base)
         return tree
+
+    def _ids(self, logits: np.ndarray) -> np.ndarray:
+        """Greedy token ids of logit rows [N, V'] (FR-Spec columns mapped to ids)."""
+        cols = logits.argmax(axis=-1)
+        return self.id_map[cols] if self.id_map is not None else cols
+
+    def _chain(self, context: np.ndarray, logits: np.ndarray) -> list[int]:
+        spec, pool = self.spec, self.phrases
+        length = min(spec.depth, spec.tree_size)
+        if pool:
+            pool.update(context)
+        tail = context[-spec.ngram_max :].tolist()
+        draft = [int(self._ids(logits[None])[0])]
+        while len(draft) < length and draft[-1] not in self.eos:
+            guess = pool.guess(tail + draft, length - len(draft) - 1) if pool else []
+            out = run_step(self.backend, self.cache, np.array([draft[-1], *guess], dtype=np.int64), None,
+                           np.arange(len(guess) + 1, dtype=np.int64))
+            says = self._ids(out).tolist()  # the draft model's next token after each fed token
+            agree = 0
+            while agree < len(guess) and guess[agree] == says[agree]:
+                agree += 1
+            self.cache.truncate(self.cache.length - (len(guess) - agree))  # drop the rows it disagreed with
+            draft += guess[:agree] + [says[agree]]
+        if pool and draft[-1] not in self.eos:
+            draft += pool.guess(tail + draft, spec.tree_size - len(draft))  # the phrase's tail: no draft call
+            pool.remember(context, draft)
+        return draft
 
 
 # ---- EAGLE heads ----------------------------------------------------------------------------------
@@ -256,6 +358,9 @@ class FeatureLog:
         self.start = row
 
 
+_ROW0 = np.zeros(1, dtype=np.int64)
+
+
 class EagleDrafter:
     """An EAGLE head drafting from the target's features (standard EAGLE pairing).
 
@@ -270,6 +375,7 @@ class EagleDrafter:
     def __init__(self, backend, cache, target_backend, target_cache, spec: SpecConfig, id_map: np.ndarray | None):
         self.backend, self.cache, self.spec, self.id_map = backend, cache, spec, id_map
         self.features = FeatureLog(target_backend, target_cache)
+        self.eos = set(backend.config.eos_token_ids)  # verification stops there: a chain need not go on
 
     def first_needed_row(self, ids) -> int:
         """The first target row whose feature the head will read for a context starting with `ids`;
@@ -288,6 +394,10 @@ class EagleDrafter:
         logits, root_out = self._catch_up(context[first + 1 :], self.features.take(first, n), first)
         self.features.drop_before(n)
         base = cache.length
+        if spec.branch == 1:
+            tree = DraftTree.chain(self._chain(logits, root_out, base))
+            cache.truncate(base)  # the chain's rows hold the head's own features, not the target's
+            return tree
         outs = np.zeros((0, root_out.shape[0]), np.float32)  # the head's `out` of each tree node
 
         def run_level(tree: DraftTree, rows: np.ndarray) -> np.ndarray:
@@ -301,6 +411,21 @@ class EagleDrafter:
         tree = grow_tree(spec, logits, self.id_map, run_level)
         cache.truncate(base)
         return tree
+
+    def _chain(self, logits: np.ndarray, root_out: np.ndarray, base: int) -> list[int]:
+        """The head's greedy chain, one call per token: each feeds the newest token with the head's
+        `out` of its parent (grow_tree with branch 1 drafts the same tokens, re-running the whole
+        chain at every level)."""
+        draft, feature = [self._id(logits)], root_out
+        while len(draft) < min(self.spec.depth, self.spec.tree_size) and draft[-1] not in self.eos:
+            logits = self._run([draft[-1]], feature[None], None, [base + len(draft) - 1], _ROW0)[0]
+            feature = self.backend.last_hidden[0]
+            draft.append(self._id(logits))
+        return draft
+
+    def _id(self, logits: np.ndarray) -> int:
+        col = int(logits.argmax())
+        return int(self.id_map[col]) if self.id_map is not None else col
 
     def _catch_up(self, tokens: np.ndarray, features: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
         """Run the head on new context rows in prefill-sized chunks; the last row's logits and out."""
