@@ -197,6 +197,13 @@ def test_disconnect_frees_kv_at_once(server):
     assert after["cancelled"] == before["cancelled"] + 1 and after["completed"] == before["completed"]
     assert after["kv_idle_bytes"] <= before["kv_idle_bytes"]  # freed, not kept as a cached prefix
 
+    # A client waiting for a whole (non-streamed) answer that gives up cancels its request too.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", timeout=1.0, json={
+            "model": MODEL, "prompt": "import os", "max_tokens": 3000, "temperature": 0, **LONG})
+    gone = wait_for(url, lambda h: h["running"] == 0, timeout=2.0)
+    assert gone["cancelled"] == after["cancelled"] + 1 and gone["kv_active_bytes"] == 0
+
 
 def test_budget_exhaustion_gives_429_and_503(bundle):
     per_token = 4096  # wind-tunnel target: 8 layers x 2 kv heads x 32 dims x K,V x fp32

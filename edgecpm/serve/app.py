@@ -17,7 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from edgecpm.sampling import SamplingParams
@@ -26,6 +26,7 @@ from edgecpm.serve.engine import Engine, Job, Refused
 
 DEFAULT_MAX_TOKENS = 256  # when a request names none (capped by the KV budget either way)
 MAX_BODY_BYTES = 1 << 20
+DISCONNECT_CHECK_S = 0.25  # how often a handler waiting on its job checks that its client is still there
 
 
 def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
@@ -40,28 +41,29 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
         return JSONResponse({"error": {"message": str(e), "type": kind, "param": None, "code": e.status}},
                             status_code=e.status)
 
-    @app.middleware("http")
-    async def bearer_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return await refused(request, Refused(401, "missing or wrong API key (Authorization: Bearer KEY)"))
-        return await call_next(request)
+    async def bearer_key(request: Request):
+        given = request.headers.get("authorization", "")
+        if api_key and not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise Refused(401, "missing or wrong API key (Authorization: Bearer KEY)")
+
+    # A dependency, not an HTTP middleware: Starlette's middleware wrapper hides a client's
+    # disconnect from the handler, which needs to see it to cancel the request.
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(bearer_key)])
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_id, **engine.stats()}
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models():
         return {"object": "list", "data": [_model_card(model_id)]}
 
-    @app.get("/v1/models/{name:path}")
+    @v1.get("/models/{name:path}")
     async def model(name: str):
         _check_model(name, model_id)
         return _model_card(model_id)
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         body = await _read_body(request, max_body_bytes)
         _check_model(body.get("model"), model_id)
@@ -70,32 +72,35 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
         messages = _or_400(normalize, body.get("messages"))
         ids = chats.ids(messages)
         job = _job(engine, body, ids, max_prompt_tokens)
-        stream = await _start(engine, job, body)
 
         def finished(g):
             chats.remember(messages, ids, g)
 
-        if body.get("stream"):
-            return _sse(engine, job, stream, _ChatChunks(model_id), body, finished)
-        g = await _collect(engine, job, stream)
+        async with _cancel_if_client_leaves(engine, job, request):
+            events = await _start(engine, job)
+            if body.get("stream"):
+                return _sse(engine, job, events, _ChatChunks(model_id), body, finished)
+            g = await _collect(events)
         finished(g)
         return {**_head("chat.completion", model_id), "choices": [{
             "index": 0, "message": {"role": "assistant", "content": g.text}, "logprobs": None,
             "finish_reason": _finish(g)}], "usage": _usage(job, g)}
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(request: Request):
         body = await _read_body(request, max_body_bytes)
         _check_model(body.get("model"), model_id)
         ids = _prompt_ids(engine, body.get("prompt"))
         job = _job(engine, body, ids, max_prompt_tokens)
-        stream = await _start(engine, job, body)
-        if body.get("stream"):
-            return _sse(engine, job, stream, _TextChunks(model_id), body, None)
-        g = await _collect(engine, job, stream)
+        async with _cancel_if_client_leaves(engine, job, request):
+            events = await _start(engine, job)
+            if body.get("stream"):
+                return _sse(engine, job, events, _TextChunks(model_id), body, None)
+            g = await _collect(events)
         return {**_head("text_completion", model_id), "choices": [{
             "index": 0, "text": g.text, "logprobs": None, "finish_reason": _finish(g)}], "usage": _usage(job, g)}
 
+    app.include_router(v1)
     return app
 
 
@@ -193,7 +198,7 @@ def _constraint(engine: Engine, fmt, ignore_eos: bool):
     return _or_400(JsonConstraint, engine.tokenizer, schema, engine.config.vocab_size, eos)
 
 
-async def _start(engine: Engine, job: Job, body: dict) -> asyncio.Queue:
+async def _start(engine: Engine, job: Job) -> asyncio.Queue:
     """Queue the job; return its event queue once it runs (Refused when it never will)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
@@ -204,26 +209,36 @@ async def _start(engine: Engine, job: Job, body: dict) -> asyncio.Queue:
 
     job.sink = sink
     engine.submit(job)
-    try:
-        first = await events.get()
-    except asyncio.CancelledError:
-        engine.cancel(job)
-        raise
+    first = await events.get()
     if first[0] == "error":
         raise Refused(first[1], first[2])
     return events
 
 
-async def _collect(engine: Engine, job: Job, events: asyncio.Queue):
+async def _collect(events: asyncio.Queue):
+    while True:
+        event = await events.get()
+        if event[0] == "done":
+            return event[1]
+        if event[0] == "error":
+            raise Refused(event[1], event[2])
+
+
+@contextlib.asynccontextmanager
+async def _cancel_if_client_leaves(engine: Engine, job: Job, request: Request):
+    """While a handler waits on its job (queued, or generating a whole answer), a client that
+    disconnects cancels the job: its KV is freed and the handler gets the job's last event."""
+
+    async def watch():
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_CHECK_S)
+        engine.cancel(job)
+
+    watcher = asyncio.create_task(watch())
     try:
-        while True:
-            event = await events.get()
-            if event[0] == "done":
-                return event[1]
-            if event[0] == "error":
-                raise Refused(event[1], event[2])
+        yield
     finally:
-        engine.cancel(job)  # a no-op once the job ended; frees its KV when the client went away
+        watcher.cancel()
 
 
 # ---- responses ----------------------------------------------------------------------------
@@ -282,29 +297,43 @@ def _sse(engine: Engine, job: Job, events: asyncio.Queue, chunks, body: dict, fi
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     async def lines():
-        try:
-            if (first := chunks.first()) is not None:
-                yield data(first)
-            while True:
-                event = await events.get()
-                if event[0] == "piece":
-                    yield data(chunks.piece(event[1]))
-                elif event[0] == "done":
-                    g = event[1]
-                    if finished:
-                        finished(g)
-                    yield data(chunks.last(_finish(g)))
-                    if include_usage:
-                        yield data({**chunks.head, "choices": [], "usage": _usage(job, g)})
-                    break
-                else:  # the status line is sent already: the error goes in the stream
-                    yield data({"error": {"message": event[2], "type": "server_error", "code": event[1]}})
-                    break
-            yield "data: [DONE]\n\n"
-        finally:
-            engine.cancel(job)  # the client disconnected (or the job ended: then a no-op)
+        if (first := chunks.first()) is not None:
+            yield data(first)
+        while True:
+            event = await events.get()
+            if event[0] == "piece":
+                yield data(chunks.piece(event[1]))
+            elif event[0] == "done":
+                g = event[1]
+                if finished:
+                    finished(g)
+                yield data(chunks.last(_finish(g)))
+                if include_usage:
+                    yield data({**chunks.head, "choices": [], "usage": _usage(job, g)})
+                break
+            else:  # the status line is sent already: the error goes in the stream
+                yield data({"error": {"message": event[2], "type": "server_error", "code": event[1]}})
+                break
+        yield "data: [DONE]\n\n"
 
-    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _JobStream(lambda: engine.cancel(job), lines(), media_type="text/event-stream",
+                      headers={"Cache-Control": "no-cache"})
+
+
+class _JobStream(StreamingResponse):
+    """A streaming response that cancels its job when it ends for any reason: a client that
+    disconnects (Starlette cancels the response, possibly before the body started) frees its KV
+    at once; after a finished job, cancelling is a no-op."""
+
+    def __init__(self, on_close, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 def serve(path, host: str = "127.0.0.1", port: int = 8000, backend: str = "auto", kv_budget="2GiB", draft=None,

@@ -2,8 +2,8 @@
 
     engine = Engine(backend, tokenizer, kv_budget="2GiB")
     job = Job(ids, max_tokens=64, params=SamplingParams(), sink=events.append)
-    engine.submit(job)            # events: ("admitted",), ("piece", text)..., ("done", Generation)
-                                  #      or ("error", http status, message)
+    engine.submit(job)            # events: ("admitted",), ("piece", text)..., ("done", Generation);
+                                  # or, at any point, a last ("error", http status, message)
     engine.cancel(job)            # the client went away: its KV cache is freed at once
 
 One scheduler thread owns the backend. Each running request is a `generate_text` generator (the
@@ -27,6 +27,8 @@ from edgecpm.generate import generate_text
 from edgecpm.kv_cache import parse_bytes
 from edgecpm.sampling import SamplingParams
 from edgecpm.serve.kv_pool import KVPool
+
+CANCELLED = ("error", 499, "cancelled: the client went away")
 
 
 class Refused(EdgeCPMError):
@@ -158,6 +160,7 @@ class Engine:
             self.waiting.remove(job)
             if job.cancelled:
                 self.counts["cancelled"] += 1
+                job.sink(CANCELLED)
             else:
                 self.counts["rejected"] += 1
                 job.sink(("error", 503, f"server busy: no KV budget freed up within {self.queue_timeout:g} s "
@@ -179,6 +182,7 @@ class Engine:
 
     def _step(self, job: Job) -> None:
         if job.cancelled:
+            job.sink(CANCELLED)
             self._end(job, "cancelled", keep=False)
             return
         try:
