@@ -1,16 +1,23 @@
 """Speculative decoding on the wind-tunnel pair, onnxruntime CPU, all drafters in the same run.
 
-    python samples/wind_tunnel/make_corpus.py          # once: the corpus (train + held-out split)
-    python benchmarks/speculative.py                   # plain vs draft vs FR-Spec draft vs n-gram vs EAGLE head
+    python samples/wind_tunnel/make_corpus.py          # once: the corpus (train split: FR-Spec tables)
+    python benchmarks/speculative.py                   # plain vs n-gram vs draft (+ phrases, FR-Spec) vs EAGLE head
 
-Prompts: the first --prompt-tokens tokens of --prompts held-out documents (the wind-tunnel
-corpus's held-out split: files the models never saw). The FR-Spec table is built from the train
-split with r = V/4 (`edgecpm freq` rules). The EAGLE head (samples/wind_tunnel/eagle, sharing the
-target's embedding and LM head) is exported with `--eagle-of` the target, with and without that
-table. Every configuration decodes the same prompts greedily, so all produce the same text
-(checked for every prompt); the sessions take turns prompt by prompt, so a change of machine
-load hits all configurations alike. Reported: tokens/s, tokens per
-target step (mean accepted length + 1), and ratios to plain decoding. Writes benchmarks/results/speculative.json.
+Prompts (--prompts-from): "package" (default), --prompt-tokens-long slices of --prompts files of a
+third-party package's sources (samples/wind_tunnel/heldout_prompts.py: rich; code the models never
+saw, not the standard library they were trained on), or "heldout", the first tokens of held-out
+documents of the wind-tunnel corpus (standard-library files left out of training). The FR-Spec
+table is built from the train split with r = V/4 (`edgecpm freq` rules). The EAGLE head
+(samples/wind_tunnel/eagle, sharing the target's embedding and LM head) is exported with `--eagle-
+of` the target, with and without that table. "draft model + phrases" is the draft model with
+Ouroboros phrase reuse (SpecConfig.phrases: phrase checks in one draft call, rejected draft tails
+kept, chains extended by phrases up to --phrase-tree tokens). Every configuration decodes the same
+prompts greedily, so all produce the same text (checked for every prompt); the sessions take turns
+prompt by prompt, so a change of machine load hits all configurations alike. Reported: tokens/s,
+tokens per target step (mean accepted length + 1), ratios to plain decoding, and the acceptance by
+draft position (the share of steps that accepted at least i+1 draft tokens among those that drafted
+i+1), and the load average.
+Writes benchmarks/results/speculative.json.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "samples" / "wind_tunnel"))
 import common
+from heldout_prompts import package_prompts
 
 MODELS = common.ROOT / "samples" / "wind_tunnel"
 CORPUS = Path("~/.cache/edgecpm/wind_tunnel/corpus").expanduser()
@@ -40,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=8, help="held-out documents used as prompts (default: 8)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--depth", type=int, default=4, help="draft depth (default: 4)")
+    p.add_argument("--phrase-tree", type=int, default=8, help="chain length with phrases (default: 8)")
+    p.add_argument("--prompts-from", choices=["package", "heldout"], default="package")
     p.add_argument("--corpus", type=Path, default=CORPUS)
     args = p.parse_args(argv)
 
@@ -49,8 +60,8 @@ def main(argv=None) -> int:
     from edgecpm.export.exporter import export_bundle
     from edgecpm.frspec import build_freq_table, count_tokens
 
-    if not (args.corpus / "heldout.txt").exists():
-        sys.exit(f"{args.corpus}/heldout.txt not found: run python samples/wind_tunnel/make_corpus.py first")
+    if not (args.corpus / "train.txt").exists():
+        sys.exit(f"{args.corpus}/train.txt not found: run python samples/wind_tunnel/make_corpus.py first")
     with tempfile.TemporaryDirectory(prefix="edgecpm-spec-") as tmp:
         tmp = Path(tmp)
         tok = edgecpm.Tokenizer.from_pretrained(MODELS / "target")
@@ -66,18 +77,26 @@ def main(argv=None) -> int:
         configs = {
             "plain": None,
             "draft model": SpecConfig(draft=str(draft), depth=args.depth, tree_size=args.depth),
+            "draft model + phrases": SpecConfig(draft=str(draft), depth=args.depth, tree_size=args.phrase_tree,
+                                                phrases=True),
             f"FR-Spec draft (r={r})": SpecConfig(draft=str(frspec), depth=args.depth, tree_size=args.depth),
             "n-gram": SpecConfig(draft="ngram", depth=args.depth, tree_size=args.depth),
             "EAGLE head": SpecConfig(draft=str(eagle), depth=args.depth, tree_size=args.depth),
             f"EAGLE head + FR-Spec (r={r})": SpecConfig(draft=str(eagle_frspec), depth=args.depth,
                                                          tree_size=args.depth),
         }
-        prompts = heldout_prompts(tok, args.corpus / "heldout.txt", args.prompts, args.prompt_tokens)
+        if args.prompts_from == "package":
+            prompts, prompt_record = package_prompts(tok, n=args.prompts, n_tokens=args.prompt_tokens)
+        else:
+            prompts = heldout_prompts(tok, args.corpus / "heldout.txt", args.prompts, args.prompt_tokens)
+            prompt_record = {"corpus": str(args.corpus / "heldout.txt")}
         sessions = {name: edgecpm.Session(target, kv_budget="64MiB", draft=spec, threads=args.threads)
                     for name, spec in configs.items()}
+        load_before = common.load_average()
         results = measure_many(sessions, prompts, args.new_tokens)
         rows = [{"config": name, "decode tok/s": m["decode_tok_s"], "tokens/step": m["tokens_per_step"],
-                 "prefill tok/s": m["prefill_tok_s"]} for name, m in results.items()]
+                 "prefill tok/s": m["prefill_tok_s"], "acceptance_by_position": m["acceptance_by_position"]}
+                for name, m in results.items()]
         texts = {name: m["token_ids"] for name, m in results.items()}
         del sessions
     plain = rows[0]["decode tok/s"]
@@ -88,6 +107,8 @@ def main(argv=None) -> int:
         **common.result_header("speculative", argv, threads=args.threads),
         "settings": vars(args) | {"corpus": str(args.corpus), "output": str(args.output), "frspec_r": r,
                                   "vocab": tok.vocab_size},
+        "prompts": prompt_record,
+        "load_average": {"before": load_before, "after": common.load_average()},
         "identical_outputs": same,
         "rows": rows,
     }

@@ -57,6 +57,7 @@ def _summary(runs: list[dict]) -> dict:
         "prefill_tok_s": med("prefill_tok_s"),
         "decode_tok_s": med("decode_tok_s"),
         "tokens_per_step": med("accepted_per_step"),
+        "acceptance_by_position": mean_by_position([r.get("acceptance_by_position") or [] for r in runs]),
         "kv_bytes_in_use": max(r["kv_bytes_in_use"] for r in runs),
         "runs": len(runs),
     }
@@ -85,6 +86,13 @@ def run_bench(path, backend="auto", kv_budget="1GiB", threads=None, dtype=None, 
     for r in results.values():
         r["decode_speedup"] = r["decode_tok_s"] / plain if plain else 0.0
     return {"path": str(path), "new_tokens": new_tokens, "configs": results, "peak_rss_bytes": peak_rss_bytes()}
+
+
+def mean_by_position(lists: list[list[float]]) -> list[float]:
+    """Position by position, the mean over the runs that drafted that far (speculative decoding:
+    the acceptance rate of draft position i; empty for plain decoding)."""
+    depth = max(map(len, lists), default=0)
+    return [statistics.mean(x[i] for x in lists if len(x) > i) for i in range(depth)]
 
 
 def print_results(result: dict, file=None) -> None:
