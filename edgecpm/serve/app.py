@@ -71,7 +71,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
             raise Refused(400, f"model {model_id!r} has no tokenizer files: chat needs them")
         messages = _or_400(normalize, body.get("messages"))
         ids = chats.ids(messages)
-        job = _job(engine, body, ids, max_prompt_tokens)
+        job = await asyncio.to_thread(_job, engine, body, ids, max_prompt_tokens)  # a grammar may take a while
 
         def finished(g):
             chats.remember(messages, ids, g)
@@ -91,7 +91,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_bo
         body = await _read_body(request, max_body_bytes)
         _check_model(body.get("model"), model_id)
         ids = _prompt_ids(engine, body.get("prompt"))
-        job = _job(engine, body, ids, max_prompt_tokens)
+        job = await asyncio.to_thread(_job, engine, body, ids, max_prompt_tokens)  # a grammar may take a while
         async with _cancel_if_client_leaves(engine, job, request):
             events = await _start(engine, job)
             if body.get("stream"):
