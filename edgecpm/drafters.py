@@ -62,8 +62,13 @@ class DraftTree:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def is_chain(self) -> bool:
+        return bool(np.array_equal(self.parents, np.arange(-1, len(self) - 1)))
+
     def depths(self) -> np.ndarray:
         """Depth of each row of [root, *tokens] (root = 0)."""
+        if self.is_chain():  # every step of a chain drafter: no per-node Python
+            return np.arange(len(self) + 1, dtype=np.int64)
         d = np.zeros(len(self) + 1, dtype=np.int64)
         for i, p in enumerate(self.parents):
             d[i + 1] = d[p + 1] + 1
@@ -72,6 +77,8 @@ class DraftTree:
     def ancestor_mask(self) -> np.ndarray:
         """bool [m+1, m+1]: row i sees itself and its ancestors (the root is row 0)."""
         m = len(self)
+        if self.is_chain():
+            return np.tri(m + 1, dtype=bool)
         mask = np.eye(m + 1, dtype=bool)
         mask[:, 0] = True
         for i, p in enumerate(self.parents):
@@ -80,6 +87,8 @@ class DraftTree:
 
     def children(self) -> list[dict[int, int]]:
         """For each row, {token: row} of its children."""
+        if self.is_chain():
+            return [{t: i + 1} for i, t in enumerate(self.tokens.tolist())] + [{}]
         kids: list[dict[int, int]] = [{} for _ in range(len(self) + 1)]
         for i, (t, p) in enumerate(zip(self.tokens.tolist(), self.parents.tolist(), strict=True)):
             kids[p + 1].setdefault(t, i + 1)

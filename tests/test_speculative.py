@@ -296,3 +296,16 @@ def test_speculative_sampling_is_lossless():
     # The test has power: the draft's own distribution is far from the target's.
     draft_p1 = softmax(drafter.table[1, 2])
     assert ((draft_p1 * n - p1 * n) ** 2 / (p1 * n)).sum() > 10 * chi2_critical(V - 1)
+
+
+@pytest.mark.parametrize("m", [0, 1, 4])
+def test_chain_fast_path_equals_the_tree_walk(m):
+    """A chain's depths, mask and children come from numpy directly; the per-node walk every other
+    tree takes gives the same (a repeated token included)."""
+    chain = DraftTree.chain([5, 7, 5, 5][:m])
+    walked = DraftTree(chain.tokens, chain.parents)
+    walked.is_chain = lambda: False
+    assert chain.is_chain()
+    np.testing.assert_array_equal(chain.depths(), walked.depths())
+    np.testing.assert_array_equal(chain.ancestor_mask(), walked.ancestor_mask())
+    assert chain.children() == walked.children()
