@@ -372,3 +372,30 @@ def test_engine_with_ngram_drafting_equals_plain_greedy(bundle, session):
         engine.close()
     with pytest.raises(edgecpm.ConfigError, match="ngram"):
         Engine(backend, None, draft=str(TARGET))
+
+
+def test_a_long_prompt_is_prefilled_in_turns_with_other_requests(bundle):
+    """A 1300-token prompt runs one prefill chunk (512 tokens here) per scheduler turn: a short
+    request submitted with it finishes before the long one yields its first piece."""
+    from edgecpm.serve.engine import Job
+
+    backend = open_backend(bundle)
+    engine = Engine(backend, open_tokenizer(bundle, backend), kv_budget="64MiB")
+    events, ended = [], threading.Semaphore(0)
+
+    def sink(name):
+        def put(event):
+            events.append((name, event[0]))
+            if event[0] in ("done", "error"):
+                ended.release()
+        return put
+
+    long_ids = [1, *np.random.default_rng(0).integers(10, 8000, 1300).tolist()]
+    try:
+        engine.submit(Job(long_ids, 4, edgecpm.SamplingParams(), sink("long"), ignore_eos=True))
+        engine.submit(Job([1, 500, 600], 1, edgecpm.SamplingParams(), sink("short"), ignore_eos=True))  # 2 turns
+        assert ended.acquire(timeout=60) and ended.acquire(timeout=60)
+        assert engine.stats()["prefill_tokens"] == len(long_ids) + 3  # every prompt token ran once
+    finally:
+        engine.close()
+    assert events.index(("short", "done")) < events.index(("long", "piece")), events

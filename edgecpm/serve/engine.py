@@ -8,10 +8,10 @@
 
 One scheduler thread owns the backend. Each running request is a `generate_text` generator (the
 same loop Session runs) over its own KVCache from the pool; the thread advances them in turn, one
-`next()` each (a prefill, or a decode step up to the next text piece), so requests progress
-together. Requests wait in a bounded FIFO until the pool can hold them: a full queue is refused at
-once (429), a wait longer than `queue_timeout` ends with 503. Nothing a request does can take the
-server down: a request's error ends that request only.
+`next()` each (a decode step up to the next text piece; a long prompt is prefilled one chunk
+per turn), so requests progress together. Requests wait in a bounded FIFO until the pool can
+hold them: a full queue is refused at once (429), a wait longer than `queue_timeout` ends with
+503. Nothing a request does can take the server down: a request's error ends that request only.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from edgecpm.drafters import NgramDrafter, SpecConfig
 from edgecpm.errors import ConfigError, EdgeCPMError
-from edgecpm.generate import generate_text
+from edgecpm.generate import generate_text, prefill, prefill_chunk
 from edgecpm.kv_cache import parse_bytes
 from edgecpm.sampling import SamplingParams
 from edgecpm.serve.kv_pool import KVPool
@@ -52,6 +54,7 @@ class Job:
     enqueued: float = 0.0
     cache: object = None
     run: object = None  # the generate_text generator while it runs
+    started: bool = False  # run has been stepped (the prompt's chunks before its last one are done)
 
 
 class Engine:
@@ -186,6 +189,9 @@ class Engine:
             self._end(job, "cancelled", keep=False)
             return
         try:
+            if not job.started and self._prefill_chunk(job):
+                return
+            job.started = True
             job.sink(("piece", next(job.run)))
         except StopIteration as end:
             job.sink(("done", end.value))
@@ -194,6 +200,19 @@ class Engine:
         except Exception as e:  # one request's failure must not stop the others
             job.sink(("error", 500, f"generation failed: {type(e).__name__}: {e}"))
             self._end(job, "failed", keep=False)
+
+    def _prefill_chunk(self, job: Job) -> bool:
+        """Run one prefill chunk of a prompt that needs more than one (True), so that a long prompt
+        does not stall the other requests. generate_text then keeps these rows (the cached-prefix
+        rule) and prefills only the last chunk."""
+        ids = np.asarray(job.ids, dtype=np.int64)
+        held = job.cache.shared_prefix(ids[:-1])
+        size = prefill_chunk(self.backend, held)
+        if len(ids) - held <= size:
+            return False
+        prefill(self.backend, job.cache, ids[: held + size])
+        self.counts["prefill_tokens"] += size
+        return True
 
     def _end(self, job: Job, outcome: str, keep: bool) -> None:
         job.run.close()
