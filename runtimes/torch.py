@@ -13,6 +13,8 @@ speculative decoding and the cache's bookkeeping are the device-independent code
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -22,7 +24,9 @@ from edgecpm.export.checkpoint import load_model, torch_dtype
 from edgecpm.kv_cache import KVCache
 from edgecpm.runtimes.decode_graphs import DecodeGraphs
 from edgecpm.runtimes.device_arena import DeviceArena
-from edgecpm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the GPU check imports this module where tokenizers may be absent
+    from edgecpm.tokenizer import Tokenizer
 
 
 def _kv_numpy_dtype(dtype: torch.dtype) -> np.dtype:
@@ -158,8 +162,10 @@ class TorchBackend:
         if self.graphs is None:
             self.graphs = DecodeGraphs(self._graph_step, self.device, self._capture)
         logits, hidden = self.graphs.run(token, position, cache.length, cache.capacity)
-        self.last_hidden = hidden.float().cpu().numpy()
-        return logits.float().cpu().numpy()
+        # Copies: the next replay overwrites the graph's static outputs (on a CPU stand-in,
+        # .cpu().numpy() would alias them).
+        self.last_hidden = hidden.to("cpu", torch.float32, copy=True).numpy()
+        return logits.to("cpu", torch.float32, copy=True).numpy()
 
     def _graph_step(self, span: int, ids, positions, length):
         """One decode step over arena rows [0, span), rows >= length masked; writes its row at

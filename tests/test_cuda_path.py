@@ -155,6 +155,20 @@ def test_arena_mirrors_keep_and_window_compaction():
         assert arena.nbytes == cache.bytes_allocated
 
 
+def test_decode_graph_logits_survive_the_next_replay(dense_ckpt):
+    """A step's logits are a copy of the graph's static output, not a view the next replay rewrites."""
+    from edgecpm.generate import decode_one_token, prefill
+
+    backend = resident_backend(dense_ckpt, EagerCapture())
+    cache = KVCache(backend.config, 64, backend.kv_dtype)
+    prefill(backend, cache, [1, 5, 7])
+    first = decode_one_token(backend, cache, 9)
+    kept = first.copy()
+    second = decode_one_token(backend, cache, 11)
+    assert np.array_equal(first, kept) and not np.array_equal(first, second)
+    assert backend.last_hidden.shape == (1, backend.config.hidden_size)
+
+
 def test_arena_is_bound_to_one_cache(dense_ckpt):
     backend = resident_backend(dense_ckpt)
     s = edgecpm.Session.from_backend(backend, kv_budget="1MiB")
