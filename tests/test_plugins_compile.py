@@ -108,7 +108,7 @@ def test_gpu_check_dry_run_checks_references_and_harness_not_kernels(tmp_path, r
     checks."""
     pytest.importorskip("torch")
     out = tmp_path / "gpu_check.json"
-    cmd = [sys.executable, str(GPU_CHECK), "--dry-run", "--out", str(out)]
+    cmd = [sys.executable, str(GPU_CHECK), "--dry-run", "--out-dir", str(tmp_path)]
     if NVCC is not None:
         cmd += ["--lib", str(request.getfixturevalue("kernels_lib"))]
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -142,8 +142,58 @@ def test_gpu_check_dry_run_checks_references_and_harness_not_kernels(tmp_path, r
     trees = [c for c in checks if c["kernel"] == "infllmv2 reference: output = brute force" and "tree" in c["case"]]
     assert trees and all(c["ok"] for c in trees)  # tree nodes against their paths decoded by the brute force
     assert "ternary packing: pack_codes = ternary_format.pack = contract" in by_scope["host"]
+    # The shipped sparse settings: the reference side at the planned contexts, against the brute force.
+    shipped = {c["case"].split(" (")[0] for c in checks if c["kernel"] == "infllmv2 reference: output = brute force"}
+    assert {f"shipped settings decode P={P}" for P in (32768, 65536, 131072)} <= shipped
+    assert {"plugin helper convert_index", "plugin helper convert_mask", "plugin helper gather_rows"} <= \
+        by_scope["harness"]
+    # e2e: the CUDA path's host logic (device arena, eager decode graphs) on CPU gives the reference's tokens.
+    e2e = [c for c in checks if c["kernel"].startswith("e2e tokens")]
+    assert len(e2e) == 6 and all(c["ok"] and c["scope"] == "host" for c in e2e)  # tokens + logits, 3 models
+    assert all(c["value"] == c["limit"] == 16 for c in e2e if c["metric"] == "steps equal to the CPU reference")
+    assert set(data["facts"]["stage_seconds"]) == {"infllmv2 correctness", "ternary correctness", "plugin helpers",
+                                                   "e2e tokens"}
+    assert (tmp_path / "gpu_check.md").read_text().startswith("| kernel | case |")
     if NVCC is not None:
         assert {"C ABI", "C ABI argument check"} <= by_scope["host"]
+
+
+def test_gpu_check_plan_lists_the_cases_of_a_gpu_run():
+    """--plan: one line per case with its shape; the case list of issue 19."""
+    res = subprocess.run([sys.executable, str(GPU_CHECK), "--plan"], check=False, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    cases = lines[:-1]
+    assert lines[-1] == f"{len(cases)} cases (GPU run)" and all(": " in line for line in cases)
+    text = res.stdout
+    for P in (32768, 65536, 131072):  # shipped settings, correctness (both dtypes) and timing
+        assert f"infllmv2 shipped settings decode P={P} fp32: T=1 P={P} " in text
+        assert f"infllmv2 shipped settings decode P={P} fp16: T=1 P={P} " in text
+        assert "window=2048 topk=64 dense_len=8192" in text
+    infllmv2 = [line for line in cases if line.startswith("infllmv2 ")]
+    assert {int(line.split(" G=")[1].split()[0]) for line in infllmv2} >= {1, 2, 16, 32}
+    assert {int(line.split(" D=")[1].split()[0]) for line in infllmv2} >= {64, 128}
+    assert max(int(line.split(" nb=")[1].split()[0]) for line in infllmv2) > 256  # multi-chunk selection
+    assert "decode split 300 blocks" in text and "tree = dense, decode path" in text
+    assert {int(line.split("M=")[1].split()[0]) for line in cases if "ternary gemv" in line} >= {1, 2, 3, 4}
+    assert all(f"plugin helper {k}" in text for k in ("convert_index", "convert_mask", "gather_rows"))
+    e2e = [line for line in cases if line.startswith("e2e ")]
+    assert any("0.5B sparse" in line and "H=1024" in line and "steps=64" in line for line in e2e)
+    assert any("8B sparse" in line and "H=4096" in line and "steps=64" in line for line in e2e)
+    assert any("copy roofline" in line for line in e2e) and any("ternary decode vs fp16" in line for line in e2e)
+    assert {P for P in (65536, 131072) if any("sparse vs dense decode: 8B fp16" in line and f"P={P}" in line
+                                              for line in e2e)} == {65536, 131072}
+    dry = subprocess.run([sys.executable, str(GPU_CHECK), "--plan", "--dry-run"], check=False, capture_output=True,
+                         text=True, timeout=120)
+    assert dry.returncode == 0 and dry.stdout.strip().endswith("cases (dry run, CPU)")
+    assert "e2e tokens 8B sparse" in dry.stdout and "timing" not in dry.stdout
+
+
+def test_gpu_check_script_needs_an_output_folder():
+    res = subprocess.run([str(PLUGINS / "tests" / "gpu_check.sh")], check=False, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 2 and "usage:" in res.stderr and "OUT_DIR" in res.stderr
 
 
 def test_gpu_check_harness_rows_never_vouch_for_a_kernel():

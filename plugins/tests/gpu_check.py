@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
-"""GPU check of the edgecpm CUDA kernels (DESIGN.md §11): each kernel against the torch reference on
-fresh random inputs, then timings; prints one markdown table and writes JSON.
+"""GPU check of the edgecpm CUDA kernels and the torch backend's CUDA path (DESIGN.md §11): each
+kernel against the torch reference on fresh random inputs, the plugins' helper kernels, whole models
+on the CUDA path against the CPU reference (plugins/tests/gpu_e2e.py, the `e2e` rows), then
+timings; prints the seconds of each stage and one markdown table, and writes JSON (+ the table).
 
-    plugins/tests/gpu_check.sh                          # builds the kernels for this GPU, runs this
-    python3 plugins/tests/gpu_check.py --lib build/gpu_check/libedgecpm_kernels.so
+    plugins/tests/gpu_check.sh OUT_DIR                  # builds the kernels for this GPU, runs this
+    python3 plugins/tests/gpu_check.py --lib build/gpu_check/libedgecpm_kernels.so --out-dir OUT_DIR
+    python3 plugins/tests/gpu_check.py --plan           # every case a GPU run executes, one line each
     python3 plugins/tests/gpu_check.py --dry-run        # CPU only: references, host side, harness; no kernel
 
 Correctness (‖out − ref‖ / ‖ref‖, tolerance 1e-4 for fp32 results, 1e-2 for fp16 ones; block sets
@@ -46,6 +49,7 @@ import ctypes
 import importlib.util
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -293,7 +297,8 @@ def attn_cases(dry_run: bool) -> list[AttnCase]:
                 AttnCase("prefill", 40, 400, 4, 1, 16, {**s, "dense_len": 420, "semantics": "v2"}),
                 AttnCase("tree", 5, 300, 4, 2, 8, s, tree=True),
                 AttnCase("tree = dense", 7, 64 * 3 + 62, 4, 2, 16, ALL_BLOCKS, tree=True, parents=TREE,
-                         dense_tree=True)]
+                         dense_tree=True),
+                *shipped_cases()]  # the planned shapes: the CPU reference side runs them in seconds
     return [
         AttnCase("decode G16 v1", 1, 4095, 32, 2, 128, small),
         AttnCase("decode G16 v2", 1, 4095, 32, 2, 128, {**small, "semantics": "v2"}),
@@ -307,7 +312,35 @@ def attn_cases(dry_run: bool) -> list[AttnCase]:
         AttnCase("prefill G16 mixed dense/sparse", 256, 900, 32, 2, 128, small),
         AttnCase("prefill G1 v2", 100, 1333, 2, 2, 64, {**small, "semantics": "v2"}),
         AttnCase("first chunk P=0", 512, 0, 16, 2, 64, {"window_size": 128, "topk": 2, "dense_len": 200}),
+        # Group sizes 1, 2, 32 and head dims 64/128 beside the G16/G3 cases above.
+        AttnCase("decode G1 D128", 1, 3001, 4, 4, 128, small),
+        AttnCase("decode G2 D64", 3, 2500, 8, 4, 64, small),
+        AttnCase("decode G32 D64", 1, 3100, 32, 1, 64, small),
+        AttnCase("prefill G2 D128", 80, 1500, 4, 2, 128, {**small, "semantics": "v2"}),
+        # Multi-chunk selection: nb > 256 blocks, the top-k over several chunks of the block list.
+        AttnCase("select nb=314 prefill", 64, 20000, 32, 2, 128, small),
+        # Multi-block decode split: 300 blocks chosen, split over many CTAs.
+        AttnCase("decode split 300 blocks", 1, 64 * 300 - 1, 32, 2, 128, {"window_size": 128, "topk": 300,
+                                                                         "dense_len": 1}),
+        *shipped_cases(),
     ]
+
+
+SHIPPED_P = (32768, 65536, 131072)
+
+
+def shipped_cases(contexts=SHIPPED_P) -> list[AttnCase]:
+    """The shipped sparse settings (SparseConfig's defaults: window 2048, top-k 64, dense_len 8192),
+    MiniCPM4-8B's attention, one decode step after P tokens."""
+    return [AttnCase(f"shipped settings decode P={P}", 1, P, 32, 2, 128, {}) for P in contexts]
+
+
+def case_shape(case: AttnCase) -> str:
+    cfg = sparse_config(**case.cfg)
+    nb = -(-(case.P + case.T) // cfg.block_size)
+    return (f"T={case.T} P={case.P} Hq={case.Hq} Hkv={case.Hkv} G={case.Hq // case.Hkv} D={case.D} nb={nb} "
+            f"window={cfg.window_size} topk={cfg.topk} dense_len={cfg.dense_len} {cfg.semantics}"
+            + (" tree" if case.tree else ""))
 
 
 def stage1_reference(torch, q, ck, pos, cfg, path=None):
@@ -700,6 +733,61 @@ def ternary_host_and_reference_checks(torch, rep: Report, label, dtype, x, codes
                   what="rel err, must exceed", ok=err > TOL[dtype], scope="harness")
 
 
+# ---- the plugins' converter and gather kernels ----------------------------------------------------
+HELPER_CASES = [  # (kernel, case)
+    ("convert_index", "int64 -> int32 n=100000"), ("convert_index", "int32 -> int32 n=100000"),
+    ("convert_mask", "bool -> uint8 n=65536"), ("convert_mask", "int32 -> uint8 n=65536"),
+    ("gather_rows", "fp16 slabs=48 rows=4096 row_bytes=512 start=4000 n_rows=60"),
+]
+
+
+def run_helper_cases(torch, dev: Device, rep: Report, seed: int):
+    """ecpm_convert_index / ecpm_convert_mask / ecpm_gather_rows against torch on the same inputs."""
+    g = torch.Generator().manual_seed(seed)
+    scope = "harness" if dev.dry else "kernel"
+    for kernel, case in HELPER_CASES:
+        if kernel == "convert_index":
+            src = torch.randint(-(2**31), 2**31 - 1, (100000,), generator=g)
+            src = src if case.startswith("int64") else src.to(torch.int32)
+            want = src.to(torch.int32)
+            got = want if dev.dry else device_helper(torch, dev, kernel, src, torch.int32)
+        elif kernel == "convert_mask":
+            src = torch.randint(0, 3, (65536,), generator=g)
+            src = src.bool() if case.startswith("bool") else src.to(torch.int32)
+            want = (src != 0).to(torch.uint8)
+            got = want if dev.dry else device_helper(torch, dev, kernel, src, torch.uint8)
+        else:
+            base = torch.randn(48, 4096, 2, 128, generator=g).half()
+            rows = torch.sort(torch.randperm(96, generator=g)[:60]).values + 4000
+            want = base.clone()
+            want[:, 4000 : 4000 + len(rows)] = base[:, rows]
+            got = want if dev.dry else device_gather(torch, dev, base, 4000, rows)
+        bad = int((got.cpu() != want).sum())
+        rep.check(f"plugin helper {kernel}", case, "-", bad, 0, what="elements differing", ok=bad == 0, scope=scope)
+    if dev.dry:  # the comparison must flag a gather that forgot the start offset
+        wrong = base.clone()
+        wrong[:, : len(rows)] = base[:, rows]
+        bad = int((wrong != want).sum())
+        rep.check("harness negative control: gather_rows without the start offset", HELPER_CASES[-1][1], "-", bad, 1,
+                  what="elements differing, must be >=", ok=bad > 0, scope="harness")
+
+
+def device_helper(torch, dev: Device, kernel: str, src, out_dtype):
+    s, d = src.cuda(), torch.empty(src.numel(), dtype=out_dtype, device="cuda")
+    dev.call(f"ecpm_{kernel}", dev.ptr(s), s.element_size(), dev.ptr(d), s.numel(), dev.stream)
+    torch.cuda.synchronize()
+    return d
+
+
+def device_gather(torch, dev: Device, base, start: int, rows):
+    b, r = base.cuda(), rows.to(torch.int32).cuda()
+    slab = b[0].numel() * b.element_size()
+    row_bytes = b[0, 0].numel() * b.element_size()
+    dev.call("ecpm_gather_rows", dev.ptr(b), b.shape[0], slab, row_bytes, start, dev.ptr(r), len(rows), dev.stream)
+    torch.cuda.synchronize()
+    return b
+
+
 # ---- timings ----------------------------------------------------------------------------------------
 def time_us(torch, fn, batch: int = 20, repeats: int = 15, warmup: int = 5) -> float:
     """Median over `repeats` of the mean time of `batch` back-to-back calls (CUDA events), after warm-up."""
@@ -728,7 +816,7 @@ def copy_bandwidth(torch) -> float:
 
 def time_ternary(torch, dev: Device, rep: Report, copy_gbps: float):
     """MiniCPM4-8B's projections: gate/up [16384 x 4096], down [4096 x 16384], q/o [4096 x 4096]."""
-    for N, K, gs in ((16384, 4096, 4096), (4096, 16384, 128), (4096, 4096, 128)):
+    for N, K, gs in TERNARY_TIMED:
         time_ternary_shape(torch, dev, rep, copy_gbps, N, K, gs)
 
 
@@ -851,6 +939,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lib", type=Path, help=f"libedgecpm_kernels.so (default: {DEFAULT_LIB.relative_to(ROOT)})")
     ap.add_argument("--out", type=Path, help=f"JSON results (default: {DEFAULT_OUT.relative_to(ROOT)}; "
                                              f"a dry run writes none unless given)")
+    ap.add_argument("--out-dir", type=Path, help="folder for gpu_check.json and gpu_check.md (the table)")
+    ap.add_argument("--plan", action="store_true", help="print every case the run executes, with its shape, and exit")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU only, checks NO kernel: references, host side and the harness, at small shapes")
     ap.add_argument("--no-timings", action="store_true", help="correctness only")
@@ -940,8 +1030,65 @@ def argument_checks(lib, rep: Report):
                   note="" if got == want else lib.ecpm_status_string(got).decode(), scope="host")
 
 
+def e2e_module():
+    """plugins/tests/gpu_e2e.py (the e2e rows), loaded by path next to this script."""
+    spec = importlib.util.spec_from_file_location("gpu_e2e", Path(__file__).resolve().parent / "gpu_e2e.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def ternary_plan(dry_run: bool) -> list[tuple[tuple, str]]:
+    """((M, N, K, group_size), dtype) of every ternary correctness case."""
+    cases = [(c, dtype) for c in (TERNARY_CASES[:3] if dry_run else TERNARY_CASES) for dtype in ("fp32", "fp16")]
+    if dry_run:  # a shape with a partial last word and groups that split words (K = 1000, gs = 200)
+        cases.append((TERNARY_CASES[4], "fp32"))
+    return cases
+
+
+TERNARY_TIMED = ((16384, 4096, 4096), (4096, 16384, 128), (4096, 4096, 128))  # MiniCPM4-8B's projections
+
+
+def plan(dry_run: bool, timings: bool) -> list[tuple[str, str]]:
+    """(case, shape) of everything the run executes, in order."""
+    rows = [(f"infllmv2 {c.name} {dtype}", case_shape(c)) for c in attn_cases(dry_run) for dtype in ("fp32", "fp16")]
+    rows += [(f"ternary gemv+gemm {dtype}", f"M={M} N={N} K={K} gs={gs}") for (M, N, K, gs), dtype in
+             ternary_plan(dry_run)]
+    rows += [(f"plugin helper {kernel}", case) for kernel, case in HELPER_CASES]
+    rows += e2e_module().plan(dry_run)
+    if timings and not dry_run:
+        rows.append(("timing cudaMemcpy D2D", "1 GiB"))
+        for N, K, gs in TERNARY_TIMED:
+            rows += [("timing ternary gemv vs fp16", f"M=1 N={N} K={K} gs={gs}"),
+                     ("timing ternary gemm vs fp16", f"M=512 N={N} K={K} gs={gs}")]
+        timed = shipped_cases([S - 1 for S in SHIPPED_P])  # time_attention: S = P + 1 keys
+        rows += [("timing infllmv2 decode vs dense (same kernel, SDPA)", case_shape(c)) for c in timed]
+        rows.append(("timing infllmv2 stages (compress, stage1, select, attend)", case_shape(timed[-1])))
+    return rows
+
+
+class Stages:
+    """Prints and records the seconds of each stage of the run."""
+
+    def __init__(self, facts: dict):
+        self.t, self.facts = time.time(), facts.setdefault("stage_seconds", {})
+
+    def done(self, name: str) -> None:
+        now = time.time()
+        self.facts[name] = round(now - self.t, 1)
+        print(f"== {name}: {self.facts[name]} s", flush=True)
+        self.t = now
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.plan:
+        rows = plan(args.dry_run, not args.no_timings)
+        for case, shape in rows:
+            print(f"{case}: {shape}")
+        print(f"{len(rows)} cases ({'dry run, CPU' if args.dry_run else 'GPU run'})")
+        return 0
     t0 = time.time()
     import torch
 
@@ -954,6 +1101,7 @@ def main(argv=None) -> int:
             print(f"gpu_check: {lib_path} not found; build it with plugins/tests/gpu_check.sh", file=sys.stderr)
             return 2
         lib = load_lib(Path(lib_path))
+        os.environ.setdefault("EDGECPM_KERNELS_LIB", str(Path(lib_path).resolve()))  # the e2e rows' torch backend
         host_checks(lib, rep)
         if not torch.cuda.is_available():
             argument_checks(lib, rep)
@@ -968,15 +1116,21 @@ def main(argv=None) -> int:
         props = torch.cuda.get_device_properties(0)
         rep.facts.update(device=props.name, compute_capability=f"{props.major}.{props.minor}",
                          sms=props.multi_processor_count, cuda=torch.version.cuda)
+    stages = Stages(rep.facts)
 
     for i, case in enumerate(attn_cases(args.dry_run)):
         for dtype in ("fp32", "fp16"):
             run_attn_case(torch, ref, dev, rep, case, dtype, args.seed + i)
-    for i, (M, N, K, gs) in enumerate(TERNARY_CASES[:3] if args.dry_run else TERNARY_CASES):
-        for dtype in ("fp32", "fp16"):
-            run_ternary_case(torch, dev, rep, M, N, K, gs, dtype, args.seed + 100 + i)
-    if args.dry_run:  # a shape with a partial last word and groups that split words (K = 1000, gs = 200)
-        run_ternary_case(torch, dev, rep, *TERNARY_CASES[4], "fp32", args.seed + 104)
+    stages.done("infllmv2 correctness")
+    for i, ((M, N, K, gs), dtype) in enumerate(ternary_plan(args.dry_run)):
+        run_ternary_case(torch, dev, rep, M, N, K, gs, dtype, args.seed + 100 + i // 2)
+    stages.done("ternary correctness")
+    run_helper_cases(torch, dev, rep, args.seed + 200)
+    stages.done("plugin helpers")
+    e2e = e2e_module()
+    sdk = e2e.import_sdk()
+    e2e.run_tokens(torch, sdk, rep, args.dry_run, args.seed)
+    stages.done("e2e tokens")
 
     if not args.dry_run and not args.no_timings:
         copy = copy_bandwidth(torch)
@@ -984,13 +1138,17 @@ def main(argv=None) -> int:
         rep.rows.append(("cudaMemcpy D2D", "1 GiB", "-", f"{copy:.0f} GB/s", "read + write", "", "timing (GPU)"))
         time_ternary(torch, dev, rep, copy)
         time_attention(torch, dev, rep)
+        stages.done("kernel timings")
+        e2e.run_timings(torch, sdk, rep, copy)
+        stages.done("e2e timings")
 
     rep.facts["seconds"] = round(time.time() - t0, 1)
     rep.facts["kernels_checked"] = rep.kernels_checked  # false in a dry run: no kernel ran
     summary = rep.summary(args.dry_run, rep.facts["seconds"])
     print(rep.table())
     print(f"\n{summary}")
-    out = args.out or (None if args.dry_run else DEFAULT_OUT)
+    out = args.out or (args.out_dir / "gpu_check.json" if args.out_dir else None) or \
+        (None if args.dry_run else DEFAULT_OUT)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         counts = {scope: {"passed": p, "checks": n} for scope, (p, n) in rep.counts().items()}
@@ -1002,7 +1160,8 @@ def main(argv=None) -> int:
             result["reference_host_harness_passed"] = rep.passed
         result.update(correctness=rep.correctness, timings=rep.timings, table=rep.table())
         out.write_text(json.dumps(result, indent=1, default=float))
-        print(f"wrote {out}")
+        out.with_suffix(".md").write_text(f"{rep.table()}\n\n{summary}\n")
+        print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0 if rep.passed else 1
 
 
