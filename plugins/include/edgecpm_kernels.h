@@ -134,7 +134,8 @@ ECPM_API int ecpm_gather_rows(void* base, int64_t n_slabs, int64_t slab_stride, 
  * y [M, N] = x [M, K] @ W^T, W[n, k] = (code(n, k) - 1) * scales[n, k / group_size], where
  * code(n, k) = (packed[n * ceil(K/16) + k/16] >> (2 * (k % 16))) & 3 (must be 0, 1 or 2).
  * scales [N, K / group_size] and y in x's dtype; fp32 accumulation.
- * gemv: decode (M small, memory-bound: 128-bit loads of packed words, a warp per 4 rows).
+ * gemv: decode (M small, memory-bound: 128-bit loads of packed words, each read once for all M <= 4
+ *       rows of x; larger M in launches of 4 rows).
  * gemm: prefill (tiles dequantized to shared memory; tensor cores for fp16).
  * The GEMV's fast path needs K % 64 == 0 and group_size % 16 == 0; other shapes use an exact generic kernel. */
 #define ECPM_GEMV_MAX_M 4

@@ -3,8 +3,9 @@
 //   code(n, k) = (packed[n, k / 16] >> (2 * (k % 16))) & 3,  fp32 accumulation, y in x's dtype.
 //
 // Decode (gemv) is bound by reading the packed weights (2 bits each, 8x fewer bytes than fp16):
-// a warp streams 4 rows with 128-bit loads (64 codes per lane per row), uses each input it loads
-// for all 4 rows, and turns codes into floats without int->float conversions:
+// a warp streams 1-4 weight rows with 128-bit loads (64 codes per lane per row), uses each weight
+// word it loads for every row of x (M <= 4) and each input for every weight row it holds, and
+// turns codes into floats without int->float conversions:
 // __byte_perm puts a code into the mantissa of 2^23 (float bits 0x4B0000cc = 2^23 + c) and one
 // subtraction gives c - 1 exactly.
 // Prefill (gemm) dequantizes 64x64 weight tiles into shared memory (exact: (c - 1) * s is +-s or
@@ -18,8 +19,10 @@
 namespace ecpm {
 namespace {
 
-constexpr int GEMV_ROWS = 4;  // rows per warp
 constexpr int GEMV_WARPS = 8;
+// Weight rows per warp for MR rows of x: MR x rows accumulators stay at 4, which ptxas keeps in
+// registers (4 weight rows for each of 3-4 x rows spilled hundreds of bytes, CUDA 13, sm_87/90/110).
+__host__ __device__ constexpr int gemv_rows_per_warp(int mr) { return mr == 1 ? 4 : mr == 2 ? 2 : 1; }
 
 __device__ __forceinline__ float code_minus_one(unsigned four_codes, int i) {
     // four_codes holds one 2-bit code in the low bits of each byte; take byte i.
@@ -42,63 +45,66 @@ __device__ __forceinline__ unsigned word_of(const uint4& w, int j) { return j ==
 
 // Fast path: K % 64 == 0, group_size % 16 == 0 (a packed word's 16 codes share one scale; with
 // group_size % 64 == 0 a lane's 64 codes do, and the scale is applied once per step). A warp owns
-// GEMV_ROWS rows; lane l reads 16 bytes (64 codes) of each row per step, steps 32 x 64 codes apart,
-// so a warp's loads of a row are 512 contiguous bytes. Rows of x (M <= ECPM_GEMV_MAX_M) are
-// handled one after the other: the weights a warp re-reads for m > 0 are its own few KiB, still
-// in L1/L2, while one x row per pass keeps the register count low enough for full occupancy.
-template <typename T, bool kPerWord>
-__global__ void __launch_bounds__(GEMV_WARPS * 32, kPerWord ? 2 : 3) gemv_kernel(const T* __restrict__ x, const uint4* __restrict__ packed,
-                                                            const T* __restrict__ scales, T* __restrict__ y, int64_t M,
-                                                            int64_t N, int64_t K, int64_t gs) {
-    constexpr int V = 16 / sizeof(T);
+// gemv_rows_per_warp(MR) rows; lane l reads 16 bytes (64 codes) of each row per step, steps 32 x
+// 64 codes apart, so a warp's loads of a row are 512 contiguous bytes. The MR rows of x (MR <= ECPM_GEMV_MAX_M)
+// are all served by each weight word as it is loaded: the weights are streamed once per call, not
+// once per row of x (speculative verification and small batches run M = 2..4).
+template <typename T, bool kPerWord, int MR>
+__global__ void __launch_bounds__(GEMV_WARPS * 32, (kPerWord || MR > 1) ? 2 : 3)
+    gemv_kernel(const T* __restrict__ x, const uint4* __restrict__ packed, const T* __restrict__ scales,
+                T* __restrict__ y, int64_t N, int64_t K, int64_t gs) {
+    constexpr int V = 16 / sizeof(T), ROWS = gemv_rows_per_warp(MR);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int64_t n0 = ((int64_t)blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
+    const int64_t n0 = ((int64_t)blockIdx.x * GEMV_WARPS + warp) * ROWS;
     if (n0 >= N) return;  // whole warps leave together
     const int64_t kq = K / 64, groups = K / gs;
-    const int rows = (int)(N - n0 < GEMV_ROWS ? N - n0 : GEMV_ROWS);
+    const int rows = (int)(N - n0 < ROWS ? N - n0 : ROWS);
 
-    for (int64_t m = 0; m < M; ++m) {
-        const T* xm = x + m * K;
-        float acc[GEMV_ROWS] = {};
-        uint4 w[GEMV_ROWS], next[GEMV_ROWS];
+    float acc[MR][ROWS] = {};
+    uint4 w[ROWS], next[ROWS];
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; ++r)
-            next[r] = (lane < kq && r < rows) ? __ldcs(packed + (n0 + r) * kq + lane) : make_uint4(0, 0, 0, 0);
-        for (int64_t it = lane; it < kq; it += 32) {
+    for (int r = 0; r < ROWS; ++r)
+        next[r] = (lane < kq && r < rows) ? __ldcs(packed + (n0 + r) * kq + lane) : make_uint4(0, 0, 0, 0);
+    for (int64_t it = lane; it < kq; it += 32) {
 #pragma unroll
-            for (int r = 0; r < GEMV_ROWS; ++r) {
-                w[r] = next[r];  // the next step's words are loaded while these are used
-                next[r] = (it + 32 < kq && r < rows) ? __ldcs(packed + (n0 + r) * kq + it + 32) : make_uint4(0, 0, 0, 0);
-            }
-            const int64_t k0 = it * 64;
-            float part[GEMV_ROWS] = {};
+        for (int r = 0; r < ROWS; ++r) {
+            w[r] = next[r];  // the next step's words are loaded while these are used
+            next[r] = (it + 32 < kq && r < rows) ? __ldcs(packed + (n0 + r) * kq + it + 32) : make_uint4(0, 0, 0, 0);
+        }
+        const int64_t k0 = it * 64;
+        float part[MR][ROWS] = {};
 #pragma unroll  // unrolled: each word stays a register (a runtime j spills on sm_110)
-            for (int j = 0; j < 4; ++j) {  // one packed word (16 codes) of each row at a time
+        for (int j = 0; j < 4; ++j) {  // one packed word (16 codes) of each row at a time
+            float sc[ROWS];  // groups of 16 or 32 codes: each word's scale
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r)
+                sc[r] = kPerWord && r < rows ? to_f32(scales[(n0 + r) * groups + (k0 + 16 * j) / gs]) : 0.f;
+#pragma unroll
+            for (int m = 0; m < MR; ++m) {
                 float xs[16];
 #pragma unroll
-                for (int e = 0; e < 16 / V; ++e) load16_f32(xm + k0 + 16 * j + e * V, xs + e * V);
+                for (int e = 0; e < 16 / V; ++e) load16_f32(x + m * K + k0 + 16 * j + e * V, xs + e * V);
 #pragma unroll
-                for (int r = 0; r < GEMV_ROWS; ++r) {
+                for (int r = 0; r < ROWS; ++r) {
                     const float d = dot16(word_of(w[r], j), xs);
-                    if (kPerWord)  // groups of 16 or 32 codes: scale each word's sum
-                        part[r] = r < rows ? fmaf(d, to_f32(scales[(n0 + r) * groups + (k0 + 16 * j) / gs]), part[r])
-                                           : 0.f;
-                    else
-                        part[r] += d;
+                    part[m][r] = kPerWord ? fmaf(d, sc[r], part[m][r]) : part[m][r] + d;
                 }
             }
-#pragma unroll
-            for (int r = 0; r < GEMV_ROWS; ++r)
-                if (r < rows)
-                    acc[r] = kPerWord ? acc[r] + part[r]
-                                      : fmaf(part[r], to_f32(scales[(n0 + r) * groups + k0 / gs]), acc[r]);
         }
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; ++r) {
-            const float v = warp_sum(acc[r]);
-            if (lane == 0 && r < rows) y[m * N + n0 + r] = from_f32<T>(v);
+        for (int r = 0; r < ROWS; ++r) {
+            const float s = kPerWord || r >= rows ? 1.f : to_f32(scales[(n0 + r) * groups + k0 / gs]);
+#pragma unroll
+            for (int m = 0; m < MR; ++m) acc[m][r] = fmaf(part[m][r], s, acc[m][r]);
         }
     }
+#pragma unroll
+    for (int m = 0; m < MR; ++m)
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const float v = warp_sum(acc[m][r]);
+            if (lane == 0 && r < rows) y[m * N + n0 + r] = from_f32<T>(v);
+        }
 }
 
 // Any shape: a warp per (m, n), lanes over k. Exact, slow; for shapes the fast paths refuse.
@@ -219,6 +225,25 @@ bool args_ok(const void* x, const uint32_t* packed, const void* scales, const vo
     return x && packed && scales && y && M >= 0 && N > 0 && K > 0 && gs > 0 && K % gs == 0;
 }
 
+template <typename T, int MR>
+int gemv_launch(bool per_word, const T* x, const uint4* packed, const T* scales, T* y, int64_t N, int64_t K, int64_t gs,
+                cudaStream_t stream) {
+    const dim3 grid((unsigned)ceil_div(N, GEMV_WARPS * gemv_rows_per_warp(MR)));
+    return launch(per_word ? gemv_kernel<T, true, MR> : gemv_kernel<T, false, MR>, grid, dim3(GEMV_WARPS * 32), 0,
+                  stream, x, packed, scales, y, N, K, gs);
+}
+
+template <typename T>
+int gemv_rows(int rows, bool per_word, const T* x, const uint4* packed, const T* scales, T* y, int64_t N, int64_t K,
+              int64_t gs, cudaStream_t stream) {
+    switch (rows) {
+        case 1: return gemv_launch<T, 1>(per_word, x, packed, scales, y, N, K, gs, stream);
+        case 2: return gemv_launch<T, 2>(per_word, x, packed, scales, y, N, K, gs, stream);
+        case 3: return gemv_launch<T, 3>(per_word, x, packed, scales, y, N, K, gs, stream);
+        default: return gemv_launch<T, 4>(per_word, x, packed, scales, y, N, K, gs, stream);
+    }
+}
+
 template <typename T>
 int gemv(const void* x, const uint32_t* packed, const void* scales, void* y, int64_t M, int64_t N, int64_t K,
          int64_t gs, cudaStream_t stream) {
@@ -228,10 +253,14 @@ int gemv(const void* x, const uint32_t* packed, const void* scales, void* y, int
         return launch(gemv_generic_kernel<T>, dim3((unsigned)ceil_div(M * N, 8)), dim3(256), 0, stream,
                       static_cast<const T*>(x), packed, static_cast<const T*>(scales), static_cast<T*>(y), M, N, K,
                       gs);
-    const dim3 grid((unsigned)ceil_div(N, GEMV_WARPS * GEMV_ROWS));
-    return launch(gs % 64 == 0 ? gemv_kernel<T, false> : gemv_kernel<T, true>, grid, dim3(GEMV_WARPS * 32), 0, stream,
-                  static_cast<const T*>(x), reinterpret_cast<const uint4*>(packed), static_cast<const T*>(scales),
-                  static_cast<T*>(y), M, N, K, gs);
+    // Rows of x in launches of up to ECPM_GEMV_MAX_M (one launch for decode's M <= 4).
+    for (int64_t m0 = 0; m0 < M; m0 += ECPM_GEMV_MAX_M) {
+        const int status = gemv_rows<T>((int)std::min<int64_t>(M - m0, ECPM_GEMV_MAX_M), gs % 64 != 0,
+                                        static_cast<const T*>(x) + m0 * K, reinterpret_cast<const uint4*>(packed),
+                                        static_cast<const T*>(scales), static_cast<T*>(y) + m0 * N, N, K, gs, stream);
+        if (status != ECPM_OK) return status;
+    }
+    return ECPM_OK;
 }
 
 }  // namespace
