@@ -48,6 +48,27 @@ def _uses_kernels(model) -> bool:
 
 
 _kernels = None
+PREFILL_MIN_T = 9  # more new tokens than the kernels' decode path takes (ECPM_DECODE_MAX_T = 8)
+
+
+def dense_prefill(q, k, v, past_k, past_v, position_ids, attn_mask, cfg: SparseConfig):
+    """(out, ck_new) of InfLLM v2 for a prefill chunk whose queries all lie below dense_len, where
+    every query attends to every past row and the new rows its mask shows: plain masked attention,
+    through PyTorch's scaled_dot_product_attention (tensor cores) instead of the kernels' fp32
+    prefill path. None for any other call (decode steps; a chunk reaching dense_len). Reads one
+    position to the host (a sync per layer and chunk: prefill only)."""
+    T = q.shape[0]
+    if T < PREFILL_MIN_T or int(position_ids.max()) + 1 >= cfg.dense_len:
+        return None
+    from edgecpm.export.infllmv2 import new_chunks
+
+    P = past_k.shape[0]
+    visible = torch.cat([attn_mask.new_ones(T, P), attn_mask], dim=1)  # [T, P + T]
+    keys, values = torch.cat([past_k, k]), torch.cat([past_v, v])  # [P + T, Hkv, D]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None], attn_mask=visible,
+        enable_gqa=True)
+    return out[0].transpose(0, 1).contiguous(), new_chunks(past_k, k, cfg)
 
 
 def use_cuda_kernels():
@@ -66,6 +87,9 @@ def use_cuda_kernels():
             cfg = SparseConfig(kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size,
                                init_blocks=init_blocks, window_size=window_size, topk=topk, dense_len=dense_len,
                                semantics=f"v{semantics}")
+            dense = dense_prefill(q, k, v, past_k, past_v, position_ids, attn_mask, cfg)
+            if dense is not None:
+                return dense
             return kernels.infllmv2(q.contiguous(), k.contiguous(), v.contiguous(), past_k, past_v, past_ck,
                                     position_ids, attn_mask, cfg)
 

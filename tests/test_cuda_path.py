@@ -16,7 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import tiny_config
+from conftest import rel_err, tiny_config
 
 import edgecpm
 from edgecpm.config import ModelConfig, SparseConfig
@@ -207,6 +207,46 @@ def test_decode_graphs_refresh_static_inputs_before_each_replay():
         (out,) = graphs.run(token=100 + n, position=length + 10, length=length, capacity=1000)
         assert out.tolist() == [100 + n, length + 10, length, decode_graphs.bucket(length, 1000)]
     assert capture.captures == 2 and capture.replays == 4 and sorted(graphs.graphs) == [256, 512]
+
+
+# ---- dense prefill through SDPA ---------------------------------------------------------------------
+@pytest.mark.parametrize("tree", [False, True])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_dense_prefill_equals_the_sparse_op_below_dense_len(tree, dtype, tol):
+    """A chunk of queries all below dense_len: SDPA over past + masked new rows gives the op's
+    output and compressed keys (a plain chunk, and a draft tree whose positions are depths)."""
+    from edgecpm.export.infllmv2 import sparse_attention
+
+    cfg = SparseConfig(dense_len=400, window_size=128, topk=2)
+    g = torch.Generator().manual_seed(3)
+    T, P, Hq, Hkv, D = 20, 300, 8, 2, 16
+    q, k, v = (torch.randn(T, h, D, generator=g).to(dtype) for h in (Hq, Hkv, Hkv))
+    pk, pv = torch.randn(P, Hkv, D, generator=g).to(dtype), torch.randn(P, Hkv, D, generator=g).to(dtype)
+    ck = torch.randn(cfg.n_chunks(P), Hkv, D, generator=g)
+    mask, pos = torch.ones(T, T, dtype=torch.bool).tril(), torch.arange(P, P + T)
+    if tree:  # node i's parent is (i - 1) // 2: positions are depths, siblings hidden
+        mask = torch.zeros(T, T, dtype=torch.bool)
+        depth = [0] * T
+        for i in range(T):
+            j = i
+            while j >= 0:
+                mask[i, j] = True
+                j = (j - 1) // 2 if j else -1
+            depth[i] = depth[(i - 1) // 2] + 1 if i else 0
+        pos = P + torch.tensor(depth)
+    out, ck_new = torch_runtime.dense_prefill(q, k, v, pk, pv, pos, mask, cfg)
+    ref_out, ref_ck = sparse_attention(q, k, v, pk, pv, ck, pos, mask, cfg)
+    assert rel_err(out.float(), ref_out.float()) < tol and torch.equal(ck_new, ref_ck)
+
+
+def test_dense_prefill_only_below_dense_len_and_past_the_decode_path():
+    cfg = SparseConfig(dense_len=400, window_size=128, topk=2)
+    args = lambda T, P: (torch.zeros(T, 4, 16), torch.zeros(T, 2, 16), torch.zeros(T, 2, 16),  # noqa: E731
+                         torch.zeros(P, 2, 16), torch.zeros(P, 2, 16), torch.arange(P, P + T),
+                         torch.ones(T, T, dtype=torch.bool).tril(), cfg)
+    assert torch_runtime.dense_prefill(*args(20, 300)) is not None
+    assert torch_runtime.dense_prefill(*args(20, 380)) is None  # position 399 + 1 reaches dense_len
+    assert torch_runtime.dense_prefill(*args(8, 100)) is None  # the kernels' decode path
 
 
 # ---- kernel binding -----------------------------------------------------------------------------------
