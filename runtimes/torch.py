@@ -7,8 +7,11 @@ CUDA (`TorchBackend(path, device="cuda")`, fp16 unless told otherwise): the aren
 DeviceArena on the GPU with the cache's capacity (the same byte budget), read as views and written
 in place; only the step's ids, positions and mask go up and its logits (and `hidden` rows) come
 back. A dense model's decode step is a CUDA graph (runtimes/decode_graphs.py). InfLLM v2 and
-ternary linears run edgecpm's CUDA kernels (runtimes/cuda_kernels.py, fp16/fp32). Sampling,
-speculative decoding and the cache's bookkeeping are the device-independent code of edgecpm.
+ternary linears run edgecpm's CUDA kernels (runtimes/cuda_kernels.py, fp16/fp32), except InfLLM v2
+prefill chunks below dense_len, which are plain attention (PyTorch's SDPA). Sampling, speculative
+decoding and the cache's bookkeeping are the device-independent code of edgecpm. None of the CUDA
+side has run on a GPU yet (plugins/tests/gpu_check.sh is the check); its host logic is tested on
+CPU tensors (tests/test_cuda_path.py).
 """
 
 from __future__ import annotations
