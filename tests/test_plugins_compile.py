@@ -190,6 +190,25 @@ def test_gpu_check_plan_lists_the_cases_of_a_gpu_run():
     assert "e2e tokens 8B sparse" in dry.stdout and "timing" not in dry.stdout
 
 
+def test_gpu_e2e_timing_code_runs_on_cpu_stand_ins():
+    """The e2e timing rows' code (arena fill, decode loop, ternary conversion, sparse vs dense) on
+    CPU tensors with eager decode graphs at tiny shapes: it runs and makes its rows. The numbers
+    mean nothing; a GPU run's are the only ones to report."""
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(GPU_CHECK.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    e2e = gpu_check.e2e_module()
+    rep = gpu_check.Report()
+    e2e.run_timings(torch, e2e.import_sdk(), rep, 10.0, shapes=e2e.DRY_SHAPES, P=100, contexts=(300,), device="cpu",
+                    capture=e2e.EagerCapture())
+    assert [t["kernel"] for t in rep.timings] == ["e2e decode tok/s vs copy roofline", "e2e ternary decode vs fp16",
+                                                  "e2e sparse vs dense decode"]
+    assert all(t["median_us"] > 0 for t in rep.timings) and rep.timings[0]["roofline_tok_s"] > 0
+
+
 def test_gpu_check_script_needs_an_output_folder():
     res = subprocess.run([str(PLUGINS / "tests" / "gpu_check.sh")], check=False, capture_output=True, text=True,
                          timeout=60)

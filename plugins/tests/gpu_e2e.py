@@ -71,10 +71,10 @@ def plan(dry_run: bool) -> list[tuple[str, str]]:
     rows.append(("e2e tokens 0.5B dense (decode graphs)", f"{shapes['0.5B'].describe()} prompt={prompt} "
                  f"steps={steps}"))
     if not dry_run:
-        rows += [("e2e decode tok/s vs copy roofline", f"0.5B fp16 {SHAPES['0.5B'].describe()} P=1024"),
+        rows += [("e2e decode tok/s vs copy roofline", f"0.5B fp16 {SHAPES['0.5B'].describe()} P={TIMED_P}"),
+                 ("e2e ternary decode vs fp16", f"0.5B {SHAPES['0.5B'].describe()} P={TIMED_P}"),
                  *(("e2e sparse vs dense decode", f"8B fp16 {SHAPES['8B'].describe()} P={P}")
-                   for P in (65536, 131072)),
-                 ("e2e ternary decode vs fp16", f"0.5B {SHAPES['0.5B'].describe()} P=1024")]
+                   for P in SPARSE_VS_DENSE_P)]
     return rows
 
 
@@ -207,7 +207,11 @@ def run_tokens(torch, sdk, rep, dry_run: bool, seed: int = 0):
             rep.check(f"{row}: logits", case, dtype, err, LOGIT_TOL[dtype], scope=scope)
 
 
-# ---- timings (GPU only) ---------------------------------------------------------------------------
+# ---- timings (GPU; the tests run the same code on CPU stand-ins at tiny shapes) --------------------
+TIMED_P = 1024  # context of the 0.5B decode timings
+SPARSE_VS_DENSE_P = (65536, 131072)
+
+
 def fill_arena(torch, b, cache, P: int, seed: int = 0):
     """A context of P random rows in the backend's device arena (timing only)."""
     arena = b._arena_for(cache)
@@ -221,42 +225,54 @@ def fill_arena(torch, b, cache, P: int, seed: int = 0):
 
 
 def decode_tok_s(torch, sdk, b, P: int, steps: int = 32) -> float:
-    cache = sdk.KVCache(b.config, P + steps + 1, b.kv_dtype)
+    cache = sdk.KVCache(b.config, P + steps + 4, b.kv_dtype)
     fill_arena(torch, b, cache, P)
     for _ in range(3):  # warm-up (captures the span's graph)
         sdk.generate.decode_one_token(b, cache, 5)
-    torch.cuda.synchronize()
+    if b.device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(steps):  # each step brings its logits to the host: no sync needed after
         sdk.generate.decode_one_token(b, cache, 5)
     return steps / (time.perf_counter() - t0)
 
 
-def run_timings(torch, sdk, rep, copy_gbps: float):
-    shape = SHAPES["0.5B"]
+def run_timings(torch, sdk, rep, copy_gbps: float, shapes=SHAPES, P: int = TIMED_P, contexts=SPARSE_VS_DENSE_P,
+                device: str = "cuda", capture=None):
+    """decode vs the roofline, ternary vs fp16 (0.5B shape), sparse vs dense (8B shape), fp16.
+    device/capture: the tests' CPU stand-ins (resident arena, eager graphs)."""
+    def on_device(model):
+        return backend(sdk, torch, model, device, torch.float16, resident=True, capture=capture)
+
+    shape = shapes["0.5B"]
     model = random_model(sdk, torch, config_dict(shape, None))
-    b = backend(sdk, torch, model, "cuda", torch.float16)
-    tps = decode_tok_s(torch, sdk, b, 1024)
-    step_bytes = b.weight_bytes + 1024 * b.config.kv_bytes_per_token(2)
+    b = on_device(model)
+    tps = decode_tok_s(torch, sdk, b, P)
+    step_bytes = b.weight_bytes + P * b.config.kv_bytes_per_token(2)
     roof = copy_gbps * 1e9 / step_bytes  # the copy's traffic (read + write) per second, all spent reading
-    rep.timing("e2e decode tok/s vs copy roofline", f"0.5B fp16 {shape.describe()} P=1024", "fp16", 1e6 / tps,
+    rep.timing("e2e decode tok/s vs copy roofline", f"0.5B fp16 {shape.describe()} P={P}", "fp16", 1e6 / tps,
                extra={"tok_s": tps, "roofline_tok_s": roof, "fraction": tps / roof},
                result=f"{tps:.0f} tok/s = {tps / roof:.2f} of {roof:.0f} tok/s")
-    ternary_vs_fp16(torch, sdk, rep, model, tps)
-    del b, model
-    big = SHAPES["8B"]
-    for P in (65536, 131072):
+    tern = on_device(ternary_model(torch, sdk, model))
+    t_tps = decode_tok_s(torch, sdk, tern, P)
+    rep.timing("e2e ternary decode vs fp16", f"0.5B {shape.describe()} P={P}", "fp16", 1e6 / t_tps, "fp16 decode",
+               1e6 / tps, {"tok_s": t_tps, "fp16_tok_s": tps})
+    del b, tern, model
+    big = shapes["8B"]
+    for S in contexts:
         # The same weights (same seed) with InfLLM v2 at the shipped settings ({}) and without.
-        sparse = random_model(sdk, torch, config_dict(big, {}, max_positions=P + 256))
-        dense = random_model(sdk, torch, config_dict(big, None, max_positions=P + 256))
-        s_tps = decode_tok_s(torch, sdk, backend(sdk, torch, sparse, "cuda", torch.float16), P, steps=8)
-        d_tps = decode_tok_s(torch, sdk, backend(sdk, torch, dense, "cuda", torch.float16), P, steps=8)
-        rep.timing("e2e sparse vs dense decode", f"8B fp16 {big.describe()} P={P}", "fp16", 1e6 / s_tps,
+        sparse = on_device(random_model(sdk, torch, config_dict(big, {}, max_positions=S + 256)))
+        s_tps = decode_tok_s(torch, sdk, sparse, S, steps=8)
+        del sparse
+        dense = on_device(random_model(sdk, torch, config_dict(big, None, max_positions=S + 256)))
+        d_tps = decode_tok_s(torch, sdk, dense, S, steps=8)
+        del dense
+        rep.timing("e2e sparse vs dense decode", f"8B fp16 {big.describe()} P={S}", "fp16", 1e6 / s_tps,
                    "dense decode", 1e6 / d_tps, {"sparse_tok_s": s_tps, "dense_tok_s": d_tps})
 
 
-def ternary_vs_fp16(torch, sdk, rep, model, fp16_tps: float):
-    """The same 0.5B shape with every linear of the layers ternary (random codes, group 128)."""
+def ternary_model(torch, sdk, model):
+    """A CPU copy of `model` with every linear of its layers ternary (random codes, group 128)."""
     from edgecpm.export.ternary import TernaryInfo
     from edgecpm.ternary_format import pack
 
@@ -270,7 +286,4 @@ def ternary_vs_fp16(torch, sdk, rep, model, fp16_tps: float):
         codes = rng.integers(0, 3, size=(lin.out_features, lin.in_features), dtype=np.uint8)
         lin.packed = torch.from_numpy(pack(codes).view(np.int32))
         lin.scales = torch.from_numpy(rng.uniform(0.01, 0.05, lin.scales.shape).astype(np.float32))
-    b = backend(sdk, torch, tern, "cuda", torch.float16)
-    tps = decode_tok_s(torch, sdk, b, 1024)
-    rep.timing("e2e ternary decode vs fp16", f"0.5B {SHAPES['0.5B'].describe()} P=1024", "fp16", 1e6 / tps,
-               "fp16 decode", 1e6 / fp16_tps, {"tok_s": tps, "fp16_tok_s": fp16_tps})
+    return tern
