@@ -33,10 +33,8 @@ def bucket(length: int, capacity: int) -> int:
 
 class CUDAGraphCapture:
     """torch.cuda.CUDAGraph: warm up on a side stream (allocations and lazy init happen outside
-    the capture), then capture; all graphs share one memory pool."""
-
-    def __init__(self):
-        self.pool = torch.cuda.graph_pool_handle()
+    the capture), then capture. Each graph keeps its own memory pool (a few spans' intermediates:
+    small next to the arena), so no replay can overwrite another graph's static outputs."""
 
     def capture(self, fn: Callable[[], object]):
         side = torch.cuda.Stream()
@@ -45,7 +43,7 @@ class CUDAGraphCapture:
             fn()  # warm-up: the same step on the same inputs writes the same row, so it is harmless
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph):
             outputs = fn()
         return graph.replay, outputs
 
