@@ -277,6 +277,7 @@ struct QProblem {
   float* y;               // [M, N]
   int64_t M, K, N, nb, block, bits, blob, zstride;
   bool split;  // int4 with blocks of 32s: x's inputs split even / odd per 32 (the vector path's order)
+  const float* xp = nullptr;  // several tokens: x packed for gemm_tile (see there)
 };
 
 inline int zero_point(const QProblem& p, int64_t n, int64_t b) {
@@ -327,6 +328,7 @@ __attribute__((target("avx512f"))) void qtile_int4_avx512(const QProblem& p, int
     for (int64_t i = 0; i < p.block; i += 32) {
       __m512 lo[R], hi[R];
       for (int r = 0; r < R; ++r) {
+        if (i % 128 == 0) _mm_prefetch(reinterpret_cast<const char*>(c[r] + i / 2 + 8 * p.nb * p.blob), _MM_HINT_T0);
         const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c[r] + i / 2)));
         lo[r] = _mm512_permutexvar_ps(v, table[r]);
         hi[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table[r]);
@@ -359,6 +361,7 @@ __attribute__((target("avx512f"))) void qtile_int8_avx512(const QProblem& p, int
     for (int64_t i = 0; i < p.block; i += 16) {
       __m512 w[R];
       for (int r = 0; r < R; ++r) {
+        if (i % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(c[r] + i + 8 * p.nb * p.blob), _MM_HINT_T0);
         const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c[r] + i)));
         w[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v, z[r])), s[r]);
       }
@@ -372,6 +375,7 @@ __attribute__((target("avx512f"))) void qtile_int8_avx512(const QProblem& p, int
     for (int t = 0; t < MT; ++t) p.y[(m0 + t) * p.N + n + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
+// Few tokens (decode, short verification): each weight is read once, dequantized in registers.
 template <int R, int MT>
 __attribute__((target("avx512f"))) void qtile_avx512(const QProblem& p, int64_t n, int64_t m0) {
   if (p.bits == 4)
@@ -387,10 +391,96 @@ __attribute__((target("avx512f"))) void qtokens_avx512(const QProblem& p, int64_
   for (; m < p.M; ++m) qtile_avx512<R, 1>(p, n, m);
 }
 
+// Several tokens (prefill, verification): the task's rows are dequantized once into a row-major panel
+// that every token reuses, and the product runs as an outer-product tile: RT rows x TV vectors of 16
+// tokens of accumulators, per k one broadcast weight per row and one load per 16 tokens — bound by
+// the multiply-adds, like an fp32 GEMM, whatever the code format. The tokens are packed k-major in
+// blocks of 32 (xp[(block * K + k) * 32 + t], zero past M), the panel's rows padded to a stride that
+// is not a multiple of 4 KiB (rows a power of two apart would fight over one L1 set).
+constexpr int64_t kPanelRows = 24, kTokens = 32;
+constexpr int64_t kPanelTokens = 16;  // from this many tokens on the panel is faster (measured on the 0.5B head)
+
+inline int64_t panel_stride(int64_t K) { return K + 16; }
+
+template <int RT, int TV>
+__attribute__((target("avx512f"))) void gemm_tile_avx512(const QProblem& p, const float* panel, int64_t n,
+                                                         int64_t block) {
+  __m512 acc[RT][TV];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm512_setzero_ps();
+  const float* x = p.xp + block * p.K * kTokens;
+  const int64_t stride = panel_stride(p.K);
+  for (int64_t k = 0; k < p.K; ++k) {
+    __m512 xt[TV];
+    for (int v = 0; v < TV; ++v) xt[v] = _mm512_loadu_ps(x + k * kTokens + 16 * v);
+#pragma GCC unroll 24  // the accumulators must stay in registers
+    for (int r = 0; r < RT; ++r) {
+      const __m512 w = _mm512_set1_ps(panel[r * stride + k]);
+      for (int v = 0; v < TV; ++v) acc[r][v] = _mm512_fmadd_ps(w, xt[v], acc[r][v]);
+    }
+  }
+  // acc[r][v] lane i is y[m0 + 16 v + i, n + r]: scattered down the column, tokens past M masked.
+  const __m512i down = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(int(p.N)));
+  const int64_t m0 = block * kTokens;
+  for (int v = 0; v < TV; ++v) {
+    const int64_t live = std::min<int64_t>(16, p.M - m0 - 16 * v);
+    if (live <= 0) break;
+    const __mmask16 mask = live >= 16 ? 0xFFFF : __mmask16((1u << live) - 1);
+    for (int r = 0; r < RT; ++r)
+      _mm512_mask_i32scatter_ps(p.y + (m0 + 16 * v) * p.N + n + r, mask, down, acc[r][v], 4);
+  }
+}
+
+// Row n's weights, dequantized into w[0 .. K) in x's input order (int4: split even / odd per 32).
+__attribute__((target("avx512f"))) void dequantize_row_avx512(const QProblem& p, int64_t n, float* w) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t b = 0; b < p.nb; ++b) {
+    const uint8_t* c = p.codes + (n * p.nb + b) * p.blob;
+    const float s = p.scales[n * p.nb + b];
+    const int z = zero_point(p, n, b);
+    float* out = w + b * p.block;
+    if (p.bits == 4) {
+      const __m512 table = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(float(z))), _mm512_set1_ps(s));
+      for (int64_t i = 0; i < p.block; i += 32) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + i / 2)));
+        _mm512_storeu_ps(out + i, _mm512_permutexvar_ps(v, table));
+        _mm512_storeu_ps(out + i + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table));
+      }
+    } else {
+      for (int64_t i = 0; i < p.block; i += 16) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + i)));
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v, _mm512_set1_epi32(z))),
+                                                _mm512_set1_ps(s)));
+      }
+    }
+  }
+}
+
 __attribute__((target("avx512f"))) void qrows_avx512(const QProblem& p, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) qtokens_avx512<4>(p, n);
-  for (; n < n1; ++n) qtokens_avx512<1>(p, n);
+  if (!p.xp) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) qtokens_avx512<4>(p, n);
+    for (; n < n1; ++n) qtokens_avx512<1>(p, n);
+    return;
+  }
+  thread_local std::vector<float> panel;
+  const int64_t stride = panel_stride(p.K);
+  panel.resize(size_t(kPanelRows * stride));
+  for (int64_t n = n0; n < n1; n += kPanelRows) {
+    const int64_t rows = std::min(kPanelRows, n1 - n);
+    for (int64_t r = 0; r < rows; ++r) dequantize_row_avx512(p, n + r, panel.data() + r * stride);
+    for (int64_t b = 0; b * kTokens < p.M; ++b) {
+      int64_t r = 0;
+      if (p.M - b * kTokens > 16) {  // two vectors of tokens
+        for (; r + 12 <= rows; r += 12) gemm_tile_avx512<12, 2>(p, panel.data() + r * stride, n + r, b);
+        for (; r < rows; ++r) gemm_tile_avx512<1, 2>(p, panel.data() + r * stride, n + r, b);
+      } else {
+        for (; r + 24 <= rows; r += 24) gemm_tile_avx512<24, 1>(p, panel.data() + r * stride, n + r, b);
+        for (; r < rows; ++r) gemm_tile_avx512<1, 1>(p, panel.data() + r * stride, n + r, b);
+      }
+    }
+  }
 }
 #endif
 
@@ -429,8 +519,16 @@ struct QuantMatMul {
     const int64_t M = x.NumberOfElement() / K;
     QProblem p{x.Data(), codes.Data(), scales.Data(), zeros.Data(), y.Allocate(ys), M, K, cs[0], nb, block_,
                bits_, blob, zstride, bits_ == 4 && block_ % 32 == 0};
-    std::vector<float> split;
-    if (p.split) {  // each 32 inputs as 16 even then 16 odd: the nibble order of a code byte
+    std::vector<float> split, packed;
+    const QRowsFn fn = qrows_fn(isa_, p);
+    if (fn != qrows_scalar && M >= kPanelTokens) {  // gemm_tile's order: see there
+      const int64_t blocks = (M + kTokens - 1) / kTokens;
+      packed.assign(size_t(blocks * K * kTokens), 0.f);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < K; ++k)
+          packed[size_t(((m / kTokens) * K + input_of(p, k)) * kTokens + m % kTokens)] = p.x[m * K + k];
+      p.xp = packed.data();
+    } else if (p.split) {  // each 32 inputs as 16 even then 16 odd: the nibble order of a code byte
       split.resize(size_t(M * K));
       for (int64_t m = 0; m < M; ++m)
         for (int64_t k = 0; k < K; ++k) split[size_t(m * K + input_of(p, k))] = p.x[m * K + k];
@@ -439,13 +537,13 @@ struct QuantMatMul {
     struct Job {
       const QProblem* p;
       QRowsFn fn;
-    } job{&p, qrows_fn(isa_, p)};
+    } job{&p, fn};
     auto run = [](void* data, size_t task) {
       const Job& j = *static_cast<const Job*>(data);
-      const int64_t n0 = int64_t(task) * kRowsPerTask;
-      j.fn(*j.p, n0, std::min(n0 + kRowsPerTask, j.p->N));
+      const int64_t n0 = int64_t(task) * kPanelRows;
+      j.fn(*j.p, n0, std::min(n0 + kPanelRows, j.p->N));
     };
-    const size_t tasks = size_t((p.N + kRowsPerTask - 1) / kRowsPerTask);
+    const size_t tasks = size_t((p.N + kPanelRows - 1) / kPanelRows);
     return Ort::Status(api_->KernelContext_ParallelFor(ctx, run, tasks, 0, &job));
   }
 
