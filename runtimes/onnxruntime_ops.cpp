@@ -36,12 +36,104 @@
 
 namespace {
 
+#if defined(__x86_64__)
+// ---- Several tokens: a dequantized panel of rows times the tokens (both weight formats) ---------
+//
+// Prefill and long verification: a task's rows are dequantized once into a row-major fp32 panel
+// that every token reuses, and the product runs as an outer-product tile: RT rows x TV vectors of 16
+// tokens of accumulators, per k one broadcast weight per row and one load per 16 tokens — bound by
+// the multiply-adds, like an fp32 GEMM, whatever the code format. The tokens are packed k-major in
+// blocks of 32 (xp[(block * K + k) * 32 + t], zero past M), the panel's rows padded to a stride that
+// is not a multiple of 4 KiB (rows a power of two apart would fight over one L1 set).
+constexpr int64_t kPanelRows = 24, kTokens = 32;
+constexpr int64_t kPanelTokens = 16;  // from this many tokens on the panel is faster (measured on the 0.5B head)
+
+inline int64_t panel_stride(int64_t K) { return K + 16; }
+
+struct Gemm {
+  const float* xp;  // the tokens, packed: see above
+  float* y;         // [M, N]
+  int64_t M, K, N;
+};
+
+// x [M, K] packed for gemm_tile, input k going to place order(k) (< K).
+template <typename Order>
+std::vector<float> pack_tokens(const float* x, int64_t M, int64_t K, Order order) {
+  std::vector<float> xp(size_t((M + kTokens - 1) / kTokens * K * kTokens), 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xp[size_t(((m / kTokens) * K + order(k)) * kTokens + m % kTokens)] = x[m * K + k];
+  return xp;
+}
+
+template <int RT, int TV>
+__attribute__((target("avx512f"))) void gemm_tile_avx512(const Gemm& p, const float* panel, int64_t n,
+                                                         int64_t block) {
+  __m512 acc[RT][TV];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm512_setzero_ps();
+  const float* x = p.xp + block * p.K * kTokens;
+  const int64_t stride = panel_stride(p.K);
+  for (int64_t k = 0; k < p.K; ++k) {
+    __m512 xt[TV];
+    for (int v = 0; v < TV; ++v) xt[v] = _mm512_loadu_ps(x + k * kTokens + 16 * v);
+#pragma GCC unroll 24  // the accumulators must stay in registers
+    for (int r = 0; r < RT; ++r) {
+      const __m512 w = _mm512_set1_ps(panel[r * stride + k]);
+      for (int v = 0; v < TV; ++v) acc[r][v] = _mm512_fmadd_ps(w, xt[v], acc[r][v]);
+    }
+  }
+  // acc[r][v] lane i is y[m0 + 16 v + i, n + r]: scattered down the column, tokens past M masked.
+  const __m512i down = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(int(p.N)));
+  const int64_t m0 = block * kTokens;
+  for (int v = 0; v < TV; ++v) {
+    const int64_t live = std::min<int64_t>(16, p.M - m0 - 16 * v);
+    if (live <= 0) break;
+    const __mmask16 mask = live >= 16 ? 0xFFFF : __mmask16((1u << live) - 1);
+    for (int r = 0; r < RT; ++r)
+      _mm512_mask_i32scatter_ps(p.y + (m0 + 16 * v) * p.N + n + r, mask, down, acc[r][v], 4);
+  }
+}
+
+// The product of `rows` (<= kPanelRows) panel rows, y columns n .., with every token.
+__attribute__((target("avx512f"))) void panel_products(const Gemm& p, const float* panel, int64_t n, int64_t rows) {
+  const int64_t stride = panel_stride(p.K);
+  for (int64_t b = 0; b * kTokens < p.M; ++b) {
+    int64_t r = 0;
+    if (p.M - b * kTokens > 16) {  // two vectors of tokens
+      for (; r + 12 <= rows; r += 12) gemm_tile_avx512<12, 2>(p, panel + r * stride, n + r, b);
+      for (; r < rows; ++r) gemm_tile_avx512<1, 2>(p, panel + r * stride, n + r, b);
+    } else {
+      for (; r + 24 <= rows; r += 24) gemm_tile_avx512<24, 1>(p, panel + r * stride, n + r, b);
+      for (; r < rows; ++r) gemm_tile_avx512<1, 1>(p, panel + r * stride, n + r, b);
+    }
+  }
+}
+
+// Rows n0 .. n1 through panels of kPanelRows: dequantize(n, out) writes row n into out[0 .. K).
+template <typename Dequantize>
+__attribute__((target("avx512f"))) void panel_rows(const Gemm& p, int64_t n0, int64_t n1, Dequantize dequantize) {
+  thread_local std::vector<float> panel;
+  const int64_t stride = panel_stride(p.K);
+  panel.resize(size_t(kPanelRows * stride));
+  for (int64_t n = n0; n < n1; n += kPanelRows) {
+    const int64_t rows = std::min(kPanelRows, n1 - n);
+    for (int64_t r = 0; r < rows; ++r) dequantize(n + r, panel.data() + r * stride);
+    panel_products(p, panel.data(), n, rows);
+  }
+}
+
+#endif
+
+// ---- TernaryMatMul ------------------------------------------------------------------------------
+
 struct Problem {
   const float* x;           // [M, K]
   const uint32_t* packed;   // [N, words]
   const float* scales;      // [N, groups]
   float* y;                 // [M, N]
   int64_t M, K, N, words, groups, group_size;
+  Gemm gemm;                // several tokens on AVX-512: x packed for the panel path (gemm.xp), else null
 };
 
 float weight(const uint32_t* codes, int64_t k) {
@@ -113,7 +205,24 @@ __attribute__((target("avx512f"))) void tokens_avx512(const Problem& p, int64_t 
   for (; m < p.M; ++m) tile_avx512<R, 1>(p, n, m);
 }
 
+// Row n's weights into w[0 .. 16 * words): each word's 16 weights times its group's scale.
+__attribute__((target("avx512f"))) void dequantize_ternary_avx512(const Problem& p, int64_t n, float* w) {
+  const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512 table = _mm512_setr_ps(-1, 0, 1, 2, -1, 0, 1, 2, -1, 0, 1, 2, -1, 0, 1, 2);
+  const uint32_t* codes = p.packed + n * p.words;
+  const int64_t per_group = p.groups == 1 ? p.words : p.group_size / 16;
+  for (int64_t j = 0; j < p.groups; ++j) {
+    const __m512 s = _mm512_set1_ps(p.scales[n * p.groups + j]);
+    for (int64_t v = j * per_group; v < (j + 1) * per_group; ++v)
+      _mm512_storeu_ps(w + 16 * v, _mm512_mul_ps(weights16(codes[v], shifts, table), s));
+  }
+}
+
 __attribute__((target("avx512f"))) void rows_avx512(const Problem& p, int64_t n0, int64_t n1) {
+  if (p.gemm.xp) {
+    panel_rows(p.gemm, n0, n1, [&p](int64_t n, float* w) { dequantize_ternary_avx512(p, n, w); });
+    return;
+  }
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) tokens_avx512<4>(p, n);
   for (; n < n1; ++n) tokens_avx512<1>(p, n);
@@ -236,13 +345,22 @@ struct TernaryMatMul {
     struct Job {
       const Problem* p;
       RowsFn fn;
-    } job{&p, rows_fn(isa_, p)};
+      int64_t rows;  // per task
+    } job{&p, rows_fn(isa_, p), kRowsPerTask};
+    std::vector<float> xp;
+#if defined(__x86_64__)
+    if (job.fn == rows_avx512 && p.M >= kPanelTokens) {  // the panel path (see Gemm)
+      xp = pack_tokens(p.x, p.M, K, [](int64_t k) { return k; });
+      p.gemm = {xp.data(), p.y, p.M, K, p.N};
+      job.rows = kPanelRows;
+    }
+#endif
     auto run = [](void* data, size_t task) {
       const Job& j = *static_cast<const Job*>(data);
-      const int64_t n0 = int64_t(task) * kRowsPerTask;
-      j.fn(*j.p, n0, std::min(n0 + kRowsPerTask, j.p->N));
+      const int64_t n0 = int64_t(task) * j.rows;
+      j.fn(*j.p, n0, std::min(n0 + j.rows, j.p->N));
     };
-    const size_t tasks = size_t((p.N + kRowsPerTask - 1) / kRowsPerTask);
+    const size_t tasks = size_t((p.N + job.rows - 1) / job.rows);
     return Ort::Status(api_->KernelContext_ParallelFor(ctx, run, tasks, 0, &job));
   }
 
@@ -277,7 +395,7 @@ struct QProblem {
   float* y;               // [M, N]
   int64_t M, K, N, nb, block, bits, blob, zstride;
   bool split;  // int4 with blocks of 32s: x's inputs split even / odd per 32 (the vector path's order)
-  const float* xp = nullptr;  // several tokens: x packed for gemm_tile (see there)
+  Gemm gemm;  // several tokens: x packed for the panel path (gemm.xp), else gemm.xp null
 };
 
 inline int zero_point(const QProblem& p, int64_t n, int64_t b) {
@@ -391,47 +509,6 @@ __attribute__((target("avx512f"))) void qtokens_avx512(const QProblem& p, int64_
   for (; m < p.M; ++m) qtile_avx512<R, 1>(p, n, m);
 }
 
-// Several tokens (prefill, verification): the task's rows are dequantized once into a row-major panel
-// that every token reuses, and the product runs as an outer-product tile: RT rows x TV vectors of 16
-// tokens of accumulators, per k one broadcast weight per row and one load per 16 tokens — bound by
-// the multiply-adds, like an fp32 GEMM, whatever the code format. The tokens are packed k-major in
-// blocks of 32 (xp[(block * K + k) * 32 + t], zero past M), the panel's rows padded to a stride that
-// is not a multiple of 4 KiB (rows a power of two apart would fight over one L1 set).
-constexpr int64_t kPanelRows = 24, kTokens = 32;
-constexpr int64_t kPanelTokens = 16;  // from this many tokens on the panel is faster (measured on the 0.5B head)
-
-inline int64_t panel_stride(int64_t K) { return K + 16; }
-
-template <int RT, int TV>
-__attribute__((target("avx512f"))) void gemm_tile_avx512(const QProblem& p, const float* panel, int64_t n,
-                                                         int64_t block) {
-  __m512 acc[RT][TV];
-  for (auto& row : acc)
-    for (auto& v : row) v = _mm512_setzero_ps();
-  const float* x = p.xp + block * p.K * kTokens;
-  const int64_t stride = panel_stride(p.K);
-  for (int64_t k = 0; k < p.K; ++k) {
-    __m512 xt[TV];
-    for (int v = 0; v < TV; ++v) xt[v] = _mm512_loadu_ps(x + k * kTokens + 16 * v);
-#pragma GCC unroll 24  // the accumulators must stay in registers
-    for (int r = 0; r < RT; ++r) {
-      const __m512 w = _mm512_set1_ps(panel[r * stride + k]);
-      for (int v = 0; v < TV; ++v) acc[r][v] = _mm512_fmadd_ps(w, xt[v], acc[r][v]);
-    }
-  }
-  // acc[r][v] lane i is y[m0 + 16 v + i, n + r]: scattered down the column, tokens past M masked.
-  const __m512i down = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(int(p.N)));
-  const int64_t m0 = block * kTokens;
-  for (int v = 0; v < TV; ++v) {
-    const int64_t live = std::min<int64_t>(16, p.M - m0 - 16 * v);
-    if (live <= 0) break;
-    const __mmask16 mask = live >= 16 ? 0xFFFF : __mmask16((1u << live) - 1);
-    for (int r = 0; r < RT; ++r)
-      _mm512_mask_i32scatter_ps(p.y + (m0 + 16 * v) * p.N + n + r, mask, down, acc[r][v], 4);
-  }
-}
-
 // Row n's weights, dequantized into w[0 .. K) in x's input order (int4: split even / odd per 32).
 __attribute__((target("avx512f"))) void dequantize_row_avx512(const QProblem& p, int64_t n, float* w) {
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -458,29 +535,13 @@ __attribute__((target("avx512f"))) void dequantize_row_avx512(const QProblem& p,
 }
 
 __attribute__((target("avx512f"))) void qrows_avx512(const QProblem& p, int64_t n0, int64_t n1) {
-  if (!p.xp) {
+  if (!p.gemm.xp) {
     int64_t n = n0;
     for (; n + 4 <= n1; n += 4) qtokens_avx512<4>(p, n);
     for (; n < n1; ++n) qtokens_avx512<1>(p, n);
     return;
   }
-  thread_local std::vector<float> panel;
-  const int64_t stride = panel_stride(p.K);
-  panel.resize(size_t(kPanelRows * stride));
-  for (int64_t n = n0; n < n1; n += kPanelRows) {
-    const int64_t rows = std::min(kPanelRows, n1 - n);
-    for (int64_t r = 0; r < rows; ++r) dequantize_row_avx512(p, n + r, panel.data() + r * stride);
-    for (int64_t b = 0; b * kTokens < p.M; ++b) {
-      int64_t r = 0;
-      if (p.M - b * kTokens > 16) {  // two vectors of tokens
-        for (; r + 12 <= rows; r += 12) gemm_tile_avx512<12, 2>(p, panel.data() + r * stride, n + r, b);
-        for (; r < rows; ++r) gemm_tile_avx512<1, 2>(p, panel.data() + r * stride, n + r, b);
-      } else {
-        for (; r + 24 <= rows; r += 24) gemm_tile_avx512<24, 1>(p, panel.data() + r * stride, n + r, b);
-        for (; r < rows; ++r) gemm_tile_avx512<1, 1>(p, panel.data() + r * stride, n + r, b);
-      }
-    }
-  }
+  panel_rows(p.gemm, n0, n1, [&p](int64_t n, float* w) { dequantize_row_avx512(p, n, w); });
 }
 #endif
 
@@ -521,13 +582,9 @@ struct QuantMatMul {
                bits_, blob, zstride, bits_ == 4 && block_ % 32 == 0};
     std::vector<float> split, packed;
     const QRowsFn fn = qrows_fn(isa_, p);
-    if (fn != qrows_scalar && M >= kPanelTokens) {  // gemm_tile's order: see there
-      const int64_t blocks = (M + kTokens - 1) / kTokens;
-      packed.assign(size_t(blocks * K * kTokens), 0.f);
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t k = 0; k < K; ++k)
-          packed[size_t(((m / kTokens) * K + input_of(p, k)) * kTokens + m % kTokens)] = p.x[m * K + k];
-      p.xp = packed.data();
+    if (fn != qrows_scalar && M >= kPanelTokens) {
+      packed = pack_tokens(p.x, M, K, [&p](int64_t k) { return input_of(p, k); });
+      p.gemm = {packed.data(), p.y, M, K, p.N};
     } else if (p.split) {  // each 32 inputs as 16 even then 16 odd: the nibble order of a code byte
       split.resize(size_t(M * K));
       for (int64_t m = 0; m < M; ++m)

@@ -104,10 +104,11 @@ def linear(rng, n, k, g):
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("n, k, g, m", [(7, 40, 20, 3), (64, 128, 32, 9), (24, 384, 384, 1), (33, 1000, 1000, 17),
-                                        (16, 20, 20, 2), (40, 4096, 128, 8)])
+                                        (16, 20, 20, 2), (40, 4096, 128, 8), (50, 256, 64, 40)])
 def test_kernel_matches_dequantized_matmul(isa, n, k, g, m, ort_ops, monkeypatch, tmp_path):
     """Shapes cover: K not a multiple of 16 (a partial last word), groups that split words (20),
-    several groups per row, and token counts on and off the kernel's tiles (8 on AVX-512, 4 on AVX2)."""
+    several groups per row, and token counts on and off the kernel's tiles (4 on AVX-512, 2 on AVX2;
+    from 16 tokens on AVX-512 a dequantized panel: one and two vectors of tokens, two blocks of 32)."""
     from edgecpm.runtimes.onnxruntime_ops import isa as isa_of
     from edgecpm.runtimes.ternary_lowering import fuse_ternary
 
