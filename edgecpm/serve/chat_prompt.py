@@ -15,8 +15,10 @@ import hashlib
 import json
 from collections import OrderedDict
 
+import numpy as np
+
 ROLES = ("system", "user", "assistant")
-REPLIES_KEPT = 4096
+REPLY_TOKENS_KEPT = 4 << 20  # ids of remembered conversations, at most (int32: 16 MiB)
 
 
 def _text(content) -> str:
@@ -48,32 +50,43 @@ class ChatPrompts:
         self.tok = tokenizer
         self.end = tokenizer.encode("<|im_end|>\n", add_bos=False)
         self.generation_prompt = tokenizer.apply_chat_template([], add_generation_prompt=True, add_bos=False)
-        self.replies: OrderedDict[bytes, list[int]] = OrderedDict()  # least recently used first
+        self.replies: OrderedDict[bytes, np.ndarray] = OrderedDict()  # least recently used first
+        self.tokens_kept = 0
 
     def ids(self, messages: list[dict]) -> list[int]:
         """The prompt ids for normalized `messages`, ending in the assistant's generation prompt."""
         for k in range(len(messages), 0, -1):
-            if messages[k - 1]["role"] == "assistant" and (known := self.replies.get(_key(messages[:k]))):
-                self.replies.move_to_end(_key(messages[:k]))
-                return known + self._turns(messages[k:], opened=False)
+            key = _key(messages[:k]) if messages[k - 1]["role"] == "assistant" else None
+            if key in self.replies:
+                self.replies.move_to_end(key)
+                return self.replies[key].tolist() + self._turns(messages[k:])
         tok = self.tok
         if messages[0]["role"] == "system":
             ids = tok.apply_chat_template(messages[:1], add_generation_prompt=False)
-            return ids + self._turns(messages[1:], opened=False)
+            return ids + self._turns(messages[1:])
         bos = [tok.bos_token_id] if tok.add_bos_token and tok.bos_token_id is not None else []
-        return bos + self._turns(messages, opened=False)
+        return bos + self._turns(messages)
 
     def remember(self, messages: list[dict], prompt_ids: list[int], generation) -> None:
         """Keep the ids of a finished reply (as Chat does) for the conversation's next turn."""
         g = generation
         reply = self.tok.encode(g.text, add_bos=False) if g.finish_reason == "stop" else g.token_ids
-        self.replies[_key([*messages, {"role": "assistant", "content": g.text}])] = prompt_ids + reply + self.end
-        while len(self.replies) > REPLIES_KEPT:
-            self.replies.popitem(last=False)
+        key = _key([*messages, {"role": "assistant", "content": g.text}])
+        self._forget(key)
+        self.replies[key] = np.asarray(prompt_ids + reply + self.end, dtype=np.int32)
+        self.tokens_kept += len(self.replies[key])
+        while self.tokens_kept > REPLY_TOKENS_KEPT:
+            self._forget(next(iter(self.replies)))
 
-    def _turns(self, messages: list[dict], opened: bool) -> list[int]:
-        """Ids of `messages` after a history; `opened`: the history ends in a generation prompt."""
+    def _forget(self, key: bytes) -> None:
+        if key in self.replies:
+            self.tokens_kept -= len(self.replies.pop(key))
+
+    def _turns(self, messages: list[dict]) -> list[int]:
+        """Ids of `messages` after a history (which ends with a closed message), then the
+        generation prompt of the reply wanted."""
         ids: list[int] = []
+        opened = False  # the ids end in a generation prompt
         for i, m in enumerate(messages):
             if m["role"] == "assistant":
                 ids += ([] if opened else self.generation_prompt) + self.tok.encode(m["content"], add_bos=False)
