@@ -399,3 +399,23 @@ def test_a_long_prompt_is_prefilled_in_turns_with_other_requests(bundle):
     finally:
         engine.close()
     assert events.index(("short", "done")) < events.index(("long", "piece")), events
+
+
+def test_chat_prompts_render_the_models_template(session):
+    """Any order of roles gives the template's text (BOS first, the generation prompt last);
+    bad messages are refused."""
+    from edgecpm.serve.chat_prompt import ChatPrompts, normalize
+
+    tok = session.tokenizer
+    prompts = ChatPrompts(tok)
+    for raw in ([{"role": "user", "content": "a"}],
+                [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
+                 {"role": "assistant", "content": "b"}, {"role": "user", "content": [{"type": "text", "text": "c"}]}],
+                [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "x"},
+                 {"role": "user", "content": "y"}]):
+        messages = normalize(raw)
+        want = tok.decode([tok.bos_token_id], skip_special_tokens=False) + tok.render_chat(messages)
+        assert tok.decode(prompts.ids(messages), skip_special_tokens=False) == want
+    for bad in ([], [{"role": "tool", "content": "x"}], [{"role": "user", "content": [{"type": "image_url"}]}]):
+        with pytest.raises(ValueError):
+            normalize(bad)
