@@ -412,7 +412,9 @@ def test_chat_prompts_render_the_models_template(session):
                 [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
                  {"role": "assistant", "content": "b"}, {"role": "user", "content": [{"type": "text", "text": "c"}]}],
                 [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "x"},
-                 {"role": "user", "content": "y"}]):
+                 {"role": "user", "content": "y"}],
+                [{"role": "system", "content": "S"}],
+                [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]):
         messages = normalize(raw)
         want = tok.decode([tok.bos_token_id], skip_special_tokens=False) + tok.render_chat(messages)
         assert tok.decode(prompts.ids(messages), skip_special_tokens=False) == want
