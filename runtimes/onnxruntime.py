@@ -66,7 +66,8 @@ class OnnxRuntimeBackend:
         onnxruntime's MatMulNBits with fp32 activations (runtimes/quant_lowering.py);
         "matmulnbits-int8act", MatMulNBits rounding the activations to int8 (accuracy_level 4: lossy);
         "auto" (default, or $EDGECPM_ORT_QUANT), edgecpm's kernel for an fp32 bundle on CPU where the
-        library builds and has an AVX-512 path here, else MatMulNBits with fp32 activations.
+        library builds and has a vector path here (x86-64: AVX-512 or AVX2), else MatMulNBits with
+        fp32 activations.
         `quant_kernel` says which runs (None: no QuantMatMul nodes)."""
         ort = _import_ort()
         self.bundle, self.config = bundle, bundle.config
@@ -171,9 +172,8 @@ class OnnxRuntimeBackend:
                 library = onnxruntime_ops.library()
             except BackendUnavailable:
                 library = None
-            # Its only vector path is AVX-512's; elsewhere MatMulNBits is the faster of the two.
-            if library is not None and onnxruntime_ops.isa(library) != "avx512":
-                library = None
+            if library is not None and onnxruntime_ops.isa(library) == "scalar":
+                library = None  # MatMulNBits has vector code for this CPU, edgecpm's kernel not
         if library is not None:
             if not loaded:
                 opts.register_custom_ops_library(str(library))

@@ -25,6 +25,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
+#include <utility>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
@@ -384,17 +385,18 @@ struct TernaryMatMul {
 // look the high nibbles up, two FMAs. The low nibble holds the even input, so each token's inputs
 // are first split into even and odd halves per 32 (once per call, K floats a token).
 // int8 per 16 weights: widen, subtract the zero point, convert, scale, FMA.
-// Tiles of R rows x MT tokens as TernaryMatMul's. AVX-512F, else portable C++ (int4 blocks of 16
-// take it too).
+// Tiles of R rows x MT tokens as TernaryMatMul's; from kPanelTokens tokens on, the panel GEMM above.
+// AVX2 + FMA (8 lanes: int4 widens 8 bytes, masks and shifts the nibbles, inputs split per 16; no
+// panel), used on AVX-512 machines too for int4 blocks of 16; portable C++ otherwise.
 
 struct QProblem {
-  const float* x;         // [M, K]; for int4 the inputs of each 32 as 16 even then 16 odd
+  const float* x;         // [M, K]; for int4 split per `split` inputs: the even ones, then the odd
   const uint8_t* codes;   // [N, nb, blob]
   const float* scales;    // [N, nb]
   const uint8_t* zeros;   // [N, zstride]
   float* y;               // [M, N]
   int64_t M, K, N, nb, block, bits, blob, zstride;
-  bool split;  // int4 with blocks of 32s: x's inputs split even / odd per 32 (the vector path's order)
+  int64_t split;  // int4 on a vector path: 32 (AVX-512) or 16 (AVX2) inputs a split; else 0 (x as given)
   Gemm gemm;  // several tokens: x packed for the panel path (gemm.xp), else gemm.xp null
 };
 
@@ -406,8 +408,8 @@ inline int zero_point(const QProblem& p, int64_t n, int64_t b) {
 // Where input k sits in p.x.
 inline int64_t input_of(const QProblem& p, int64_t k) {
   if (!p.split) return k;
-  const int64_t i = k % 32;
-  return k - i + (i % 2) * 16 + i / 2;
+  const int64_t i = k % p.split;
+  return k - i + (i % 2) * (p.split / 2) + i / 2;
 }
 
 void qrows_scalar(const QProblem& p, int64_t n0, int64_t n1) {
@@ -545,13 +547,75 @@ __attribute__((target("avx512f"))) void qrows_avx512(const QProblem& p, int64_t 
 }
 #endif
 
+#if defined(__x86_64__)
+// ---- AVX2 + FMA: 8 lanes; int4 per 16 inputs (8 bytes): low nibbles the even, high the odd ones ----
+template <int R, int MT>
+__attribute__((target("avx2,fma"))) void qtile_avx2(const QProblem& p, int64_t n, int64_t m0) {
+  __m256 acc[R][MT];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm256_setzero_ps();
+  const int64_t step = p.bits == 4 ? 16 : 8;  // inputs per load of 8 bytes
+  for (int64_t b = 0; b < p.nb; ++b) {
+    __m256i z[R];
+    __m256 s[R];
+    const uint8_t* c[R];
+    for (int r = 0; r < R; ++r) {
+      z[r] = _mm256_set1_epi32(zero_point(p, n + r, b));
+      s[r] = _mm256_set1_ps(p.scales[(n + r) * p.nb + b]);
+      c[r] = p.codes + ((n + r) * p.nb + b) * p.blob;
+    }
+    for (int64_t i = 0; i < p.block; i += step) {
+      const int64_t byte = p.bits == 4 ? i / 2 : i;
+      __m256 lo[R], hi[R];
+      for (int r = 0; r < R; ++r) {
+        if (byte % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(c[r] + byte + 8 * p.nb * p.blob), _MM_HINT_T0);
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c[r] + byte)));
+        if (p.bits == 4) {
+          lo[r] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v, _mm256_set1_epi32(15)), z[r])),
+                                s[r]);
+          hi[r] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v, 4), z[r])), s[r]);
+        } else {
+          lo[r] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(v, z[r])), s[r]);
+        }
+      }
+      for (int t = 0; t < MT; ++t) {
+        const float* x = p.x + (m0 + t) * p.K + b * p.block + i;
+        const __m256 x0 = _mm256_loadu_ps(x);
+        for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(lo[r], x0, acc[r][t]);
+        if (p.bits == 4) {
+          const __m256 x1 = _mm256_loadu_ps(x + 8);
+          for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(hi[r], x1, acc[r][t]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < MT; ++t) p.y[(m0 + t) * p.N + n + r] = hsum8(acc[r][t]);
+}
+
+template <int R>
+__attribute__((target("avx2,fma"))) void qtokens_avx2(const QProblem& p, int64_t n) {
+  int64_t m = 0;
+  for (; m + 2 <= p.M; m += 2) qtile_avx2<R, 2>(p, n, m);
+  for (; m < p.M; ++m) qtile_avx2<R, 1>(p, n, m);
+}
+
+__attribute__((target("avx2,fma"))) void qrows_avx2(const QProblem& p, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) qtokens_avx2<2>(p, n);
+  for (; n < n1; ++n) qtokens_avx2<1>(p, n);
+}
+#endif
+
 using QRowsFn = void (*)(const QProblem&, int64_t, int64_t);
 
-QRowsFn qrows_fn(const std::string& path, const QProblem& p) {
+// The path for this ISA and layout, and the input split it needs.
+std::pair<QRowsFn, int64_t> qrows_fn(const std::string& path, int64_t bits, int64_t block) {
 #if defined(__x86_64__)
-  if (path == "avx512" && (p.bits == 8 || p.split)) return qrows_avx512;
+  if (path == "avx512" && (bits == 8 || block % 32 == 0)) return {qrows_avx512, bits == 4 ? 32 : 0};
+  if (path == "avx512" || path == "avx2") return {qrows_avx2, bits == 4 ? 16 : 0};
 #endif
-  return qrows_scalar;
+  return {qrows_scalar, 0};
 }
 
 struct QuantMatMul {
@@ -578,14 +642,19 @@ struct QuantMatMul {
     std::vector<int64_t> ys(xs);
     ys.back() = cs[0];
     const int64_t M = x.NumberOfElement() / K;
+    const auto [fn, split_width] = qrows_fn(isa_, bits_, block_);
     QProblem p{x.Data(), codes.Data(), scales.Data(), zeros.Data(), y.Allocate(ys), M, K, cs[0], nb, block_,
-               bits_, blob, zstride, bits_ == 4 && block_ % 32 == 0};
+               bits_, blob, zstride, split_width};
     std::vector<float> split, packed;
-    const QRowsFn fn = qrows_fn(isa_, p);
-    if (fn != qrows_scalar && M >= kPanelTokens) {
+#if defined(__x86_64__)
+    const bool panel = fn == qrows_avx512 && M >= kPanelTokens;
+#else
+    const bool panel = false;
+#endif
+    if (panel) {
       packed = pack_tokens(p.x, M, K, [&p](int64_t k) { return input_of(p, k); });
       p.gemm = {packed.data(), p.y, M, K, p.N};
-    } else if (p.split) {  // each 32 inputs as 16 even then 16 odd: the nibble order of a code byte
+    } else if (p.split) {  // even inputs then odd ones per split: the nibble order of a code byte
       split.resize(size_t(M * K));
       for (int64_t m = 0; m < M; ++m)
         for (int64_t k = 0; k < K; ++k) split[size_t(m * K + input_of(p, k))] = p.x[m * K + k];

@@ -295,14 +295,14 @@ def quant_graph(n, k, bits, block, c):
     return model
 
 
-@pytest.mark.parametrize("isa", ["avx512", "scalar"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 @pytest.mark.parametrize(("bits", "n", "k", "group", "m"), [
     (4, 37, 128, 32, 1), (4, 20, 256, 128, 5), (4, 9, 96, 16, 3), (4, 16, 64, 64, 9),
     (4, 50, 256, 128, 40), (8, 37, 128, -1, 1), (8, 20, 256, 32, 6), (8, 5, 48, 16, 4), (8, 30, 64, 32, 17)])
 def test_quant_kernel_matches_dequantized_matmul(isa, bits, n, k, group, m, ort_ops, monkeypatch):
     """Decode (1-3 tokens: weights dequantized in registers) and several tokens (a dequantized panel:
     one and two vectors of tokens, several blocks of 32), rows on and off the tiles (4; 12 and 24),
-    one and several blocks a row, int4 blocks of 16 (the portable path), zeros in both nibbles."""
+    one and several blocks a row, int4 blocks of 16 (AVX2's path, also on AVX-512), zeros in both nibbles."""
     from edgecpm.export.quantize import dequantize, layout, rtn
     from edgecpm.runtimes.onnxruntime_ops import isa as isa_of
 
