@@ -321,3 +321,33 @@ def test_quant_kernel_matches_dequantized_matmul(isa, bits, n, k, group, m, ort_
     y = s.run(None, {"x": x})[0]
     assert y.shape == (m, n)
     assert rel_err(y, x.astype(np.float64) @ w.T) <= 1e-6  # fp32 summation, no activation rounding
+
+
+def test_tied_dense_head_is_not_prepacked(make_checkpoint, tmp_path):
+    """A dense tied embedding / LM head is declared a graph input at load (onnxruntime then neither
+    prepacks nor folds it: one copy in memory); an untied one or a quantized one is left alone. The
+    session's required inputs stay the manifest's and the logits are the graph's."""
+    import onnx
+
+    import edgecpm
+    from edgecpm.export.exporter import export_bundle
+    from edgecpm.runtimes.onnxruntime import _tied_head_in_place
+
+    tied = export_bundle(make_checkpoint(), tmp_path / "tied", progress=False)
+    model = onnx.load(str(tied / "decoder.onnx"), load_external_data=False)
+    assert _tied_head_in_place(model) and not _tied_head_in_place(model)  # once
+    assert "model.embed_tokens.weight" in {i.name for i in model.graph.input}
+    s = edgecpm.Session(tied, backend="onnxruntime")
+    assert "model.embed_tokens.weight" not in {i.name for i in s.backend.session.get_inputs()}
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(tied))
+    plain = ort.InferenceSession(str(tied / "decoder.onnx"), opts, providers=["CPUExecutionProvider"])
+    ids = [1, 5, 9, 13]
+    feeds = {"input_ids": np.array([ids]), "position_ids": np.arange(4)[None],
+             "attn_mask": np.tril(np.ones((4, 4), bool)), "logit_index": np.arange(4)}
+    for i in range(2):
+        feeds[f"past_key.{i}"] = feeds[f"past_value.{i}"] = np.zeros((0, 2, 16), np.float32)
+    assert rel_err(s.logits(ids), plain.run(["logits"], feeds)[0]) <= 1e-6
+    for other in (export_bundle(make_checkpoint(tie=False), tmp_path / "untied", progress=False),
+                  export_bundle(make_checkpoint(), tmp_path / "int8", quantize="int8", progress=False)):
+        assert not _tied_head_in_place(onnx.load(str(other / "decoder.onnx"), load_external_data=False))
