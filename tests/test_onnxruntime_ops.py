@@ -339,6 +339,7 @@ def test_tied_dense_head_is_not_prepacked(make_checkpoint, tmp_path):
     assert "model.embed_tokens.weight" in {i.name for i in model.graph.input}
     s = edgecpm.Session(tied, backend="onnxruntime")
     assert "model.embed_tokens.weight" not in {i.name for i in s.backend.session.get_inputs()}
+    assert "model.embed_tokens.weight" in {i.name for i in s.backend.session.get_overridable_initializers()}
     opts = ort.SessionOptions()
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(tied))
     plain = ort.InferenceSession(str(tied / "decoder.onnx"), opts, providers=["CPUExecutionProvider"])
