@@ -12,19 +12,21 @@ What it does, in a temp folder (or --workdir, kept and reused):
    (N(0, 0.02) weights) and "ternary" (benchmarks/ternary.py's recipe: the 168 linears
    fake-quantized like BitCPM4, one scale per row), each with the shipped MiniCPM4 tokenizer files
    from ../shared/minicpm4 copied in (llama.cpp's converter needs tokenizer.model);
-2. llama.cpp: convert_hf_to_gguf.py --outtype f32, then llama-quantize to q8_0 and q4_0 (dense) and
-   tq2_0 (ternary); each quantized type also with `--token-embedding-type f32`, the tied
-   embedding / lm_head kept fp32 as edgecpm's bundles keep it (llama.cpp's default stores it as
-   q8_0 under q8_0 and as q6_K under q4_0 and tq2_0);
-3. edgecpm: bundles `fp32` (quantize="none"), `int8` and `int4` (quantize="int8"/"int4", marked
-   "not available" when this edgecpm's export lacks them) from the dense checkpoint, and the exact
-   ternary bundle (2-bit codes) from the ternary one;
+2. llama.cpp: convert_hf_to_gguf.py --outtype f32, then llama-quantize to f16, q8_0 and q4_0 (dense)
+   and tq2_0 (ternary), each with llama.cpp's default embedding / LM head type (q8_0 under q8_0, q6_K
+   under q4_0 and tq2_0);
+3. edgecpm: bundles `fp32` and `fp16` (quantize="none"), `int8` and `int4` (quantize="int8"/"int4")
+   from the dense checkpoint, and the exact ternary bundle (2-bit codes) from the ternary one, each
+   with edgecpm's default embedding / LM head (int8 under int8, int4 and ternary: --lm-head); for
+   those, the logit error of the quantized head against the checkpoint's dense one on the same hidden
+   states (the bundle's `hidden` output) of a random 64-token prompt;
 4. --rounds rounds; in each, every run once, in one process each: llama-bench -p P -n N -t T -r 1
    --repack R (its own warm-up untimed) and an edgecpm worker process (Session on onnxruntime,
    T threads: one untimed 4-token warm-up, then one generation of a random P-token prompt and N new
    tokens). The order within a round alternates between rounds. Reported: medians over rounds of
    prefill and decode tok/s, edgecpm / llama.cpp ratios per precision, weight bytes (file, tensors,
-   bits per weight of the linears and of all weights), peak RSS of each process (its ru_maxrss).
+   bits per weight of the linears and of all weights), peak RSS of each process (its ru_maxrss), and
+   which kernel ran edgecpm's linears.
 Writes benchmarks/results/quantized.json and prints markdown tables.
 
 If the peer is missing, a conversion fails or edgecpm's onnxruntime kernels (runtimes/onnxruntime_ops.cpp:
@@ -56,15 +58,19 @@ MODEL_TOKENIZER_FILES = ("tokenizer_config.json", "added_tokens.json", "special_
 
 # precision: the checkpoint it is made from, llama.cpp's runs (name, llama-quantize type or None for
 # the converter's f32 file, extra llama-quantize arguments) and edgecpm's export_bundle options.
+# Each side with its default embedding / LM head: edgecpm int8 (per 128 inputs) under int8, int4 and
+# ternary, llama.cpp q8_0 under q8_0 and q6_K under q4_0 and tq2_0.
 PRECISIONS = {
     "fp32": {"checkpoint": "dense", "edgecpm": {"quantize": "none"},
              "llama": [("f32", None, [])]},
+    "fp16": {"checkpoint": "dense", "edgecpm": {"quantize": "none", "dtype": "fp16"},
+             "llama": [("f16", "f16", [])]},
     "int8": {"checkpoint": "dense", "edgecpm": {"quantize": "int8"},
-             "llama": [("q8_0", "q8_0", []), ("q8_0-emb-f32", "q8_0", ["--token-embedding-type", "f32"])]},
+             "llama": [("q8_0", "q8_0", [])]},
     "int4": {"checkpoint": "dense", "edgecpm": {"quantize": "int4"},
-             "llama": [("q4_0", "q4_0", []), ("q4_0-emb-f32", "q4_0", ["--token-embedding-type", "f32"])]},
+             "llama": [("q4_0", "q4_0", [])]},
     "ternary": {"checkpoint": "ternary", "edgecpm": {},
-                "llama": [("tq2_0", "tq2_0", []), ("tq2_0-emb-f32", "tq2_0", ["--token-embedding-type", "f32"])]},
+                "llama": [("tq2_0", "tq2_0", [])]},
 }
 
 # Run by the converter's Python: every tensor of a GGUF file (name, type, elements, bytes).
@@ -225,8 +231,8 @@ def prepare_bundles(work: Path, checkpoints: dict[str, Path], precisions: list[s
         if not (out / "manifest.json").exists():
             t0 = time.perf_counter()
             try:
-                export_bundle(checkpoints[spec["checkpoint"]], out, dtype="fp32", progress=False, force=True,
-                              **spec["edgecpm"])
+                export_bundle(checkpoints[spec["checkpoint"]], out, progress=False, force=True,
+                              **{"dtype": "fp32", **spec["edgecpm"]})
             except (ValueError, TypeError, NotImplementedError) as e:  # this edgecpm cannot export it
                 shutil.rmtree(out, ignore_errors=True)
                 bundles[precision] = entry | {"unavailable": f"edgecpm export {spec['edgecpm']}: {e}"}
@@ -239,9 +245,28 @@ def prepare_bundles(work: Path, checkpoints: dict[str, Path], precisions: list[s
         manifest = json.loads((out / "manifest.json").read_text())
         entry["manifest"] = {k: {f: v for f, v in manifest[k].items() if f != "tensors"}  # the summary, not per tensor
                              if isinstance(manifest[k], dict) else manifest[k]
-                             for k in ("ternary", "quantization") if k in manifest}
+                             for k in ("ternary", "quantization", "lm_head") if k in manifest}
+        entry["dtype"] = manifest["dtype"]
+        if manifest.get("lm_head"):
+            entry["lm_head_error"] = head_error(out, checkpoints[spec["checkpoint"]])
         bundles[precision] = entry
     return bundles
+
+
+def head_error(bundle: Path, checkpoint: Path, tokens: int = 64) -> dict:
+    """The logit error of a bundle's quantized LM head against the checkpoint's dense one, on the same
+    hidden states (the bundle's `hidden` output: the head's input) of a random prompt."""
+    import edgecpm
+    from edgecpm.safetensors_files import checkpoint_tensors
+
+    s = edgecpm.Session(bundle, backend="onnxruntime", kv_budget="64MiB")
+    ids = [1, *np.random.default_rng(1).integers(3, s.config.vocab_size, size=tokens - 1).tolist()]
+    got = s.logits(ids)
+    hidden = s.backend.last_hidden
+    ref = hidden @ checkpoint_tensors(checkpoint)["model.embed_tokens.weight"].read_float().T
+    return {"positions": tokens, "logit_rel_error": float(np.linalg.norm(got - ref) / np.linalg.norm(ref)),
+            "logit_max_abs_error": float(np.abs(got - ref).max()),
+            "top1_agreement": float(np.mean(got.argmax(1) == ref.argmax(1)))}
 
 
 # ---- one measured run of each engine ----------------------------------------------------------
@@ -290,6 +315,7 @@ def edgecpm_worker(args) -> int:
     print(json.dumps({"prefill_tok_s": st["prefill_tok_s"], "decode_tok_s": st["decode_tok_s"],
                       "decode_tokens": st["decode_tokens"], "load_s": load_s,
                       "weights_bytes": s.memory()["weights_bytes"], "ternary_kernel": s.backend.ternary_kernel,
+                      "quant_kernel": s.backend.quant_kernel,
                       "vm_hwm_bytes": int(hwm.group(1)) * 1024 if hwm else None}))
     return 0
 
@@ -309,7 +335,10 @@ def table_row(precision: str, engine: str, weights: str, lm_head: str, r: dict, 
     def mib(b):
         return b / 2**20 if b else ""
 
+    err = r.get("lm_head_error")
     return {"precision": precision, "engine": engine, "weights": weights, "lm_head": lm_head,
+            "lm_head logit error": f"{err['logit_rel_error']:.1e} (top-1 {100 * err['top1_agreement']:.0f}%)"
+            if err else "",
             "prefill tok/s": r.get("prefill_tok_s", "failed"), "decode tok/s": r.get("decode_tok_s", "failed"),
             "weights MiB": mib(weight_bytes), "bits/weight (all)": r.get("bits_per_weight", ""),
             "linear bits/weight": r.get("linear_bits_per_weight", ""), "peak RSS MiB": mib(r.get("peak_rss_bytes"))}
@@ -407,19 +436,24 @@ def main(argv=None) -> int:
         else:
             e |= summarize(runs[(precision, "edgecpm", precision)])
             ok = [x for x in e["runs"] if "error" not in x]
+            head = e["manifest"].get("lm_head")
+            head_bits = head["bits_per_weight"] if head else 8 * (2 if e["dtype"] == "fp16" else 4)
             if ok:
-                # The bundle's linears = its weights less the fp32 embedding (the tied lm_head) and norms.
+                # The bundle's linears = its weights less the embedding (the tied lm_head) and norms.
                 e["weights_bytes"] = ok[0]["weights_bytes"]
                 e["ternary_kernel"] = ok[0]["ternary_kernel"]
-                e["linear_bytes"] = e["weights_bytes"] - 4 * (dense["lm_head_elements"] + dense["norm_elements"])
+                e["quant_kernel"] = ok[0].get("quant_kernel")
+                norm_bytes = dense["norm_elements"] * (2 if e["dtype"] == "fp16" else 4)
+                e["linear_bytes"] = e["weights_bytes"] - head_bits * dense["lm_head_elements"] / 8 - norm_bytes
                 e["linear_bits_per_weight"] = 8 * e["linear_bytes"] / linear_elements
-                packed = [m for m in e["manifest"].values() if m]  # the exporter's own count, where it gives one
+                packed = [e["manifest"][k] for k in ("ternary", "quantization") if e["manifest"].get(k)]
                 if packed and packed[0].get("bits_per_weight"):
                     e["linear_bits_per_weight_manifest"] = packed[0]["bits_per_weight"]
                 e["bits_per_weight"] = 8 * e["weights_bytes"] / cfg.n_params()
-            kernel = f" ({e['ternary_kernel']} kernel)" if e.get("ternary_kernel") else ""
-            rows.append(table_row(precision, "edgecpm", f"{precision} bundle{kernel}", "f32", e,
-                                  e.get("weights_bytes")))
+            kernel = e.get("ternary_kernel") or e.get("quant_kernel")
+            kernel = f" ({kernel} kernel)" if kernel else ""
+            rows.append(table_row(precision, "edgecpm", f"{precision} bundle{kernel}",
+                                  head["mode"] if head else e["dtype"], e, e.get("weights_bytes")))
         for name, _, _ in PRECISIONS[precision]["llama"]:
             lr = res["llama.cpp"][name] = {k: v for k, v in ggufs[name].items() if k != "path"}
             lr |= summarize(runs[(precision, "llama.cpp", name)])
@@ -455,8 +489,8 @@ def main(argv=None) -> int:
     }
     failed = sum(x.get("failed_runs", 0) for pr in results.values()
                  for x in [pr["edgecpm"], *pr["llama.cpp"].values()])
-    columns = ["precision", "engine", "weights", "lm_head", "prefill tok/s", "decode tok/s", "weights MiB",
-               "bits/weight (all)", "linear bits/weight", "peak RSS MiB"]
+    columns = ["precision", "engine", "weights", "lm_head", "lm_head logit error", "prefill tok/s", "decode tok/s",
+               "weights MiB", "bits/weight (all)", "linear bits/weight", "peak RSS MiB"]
     status = common.finish(result, [common.markdown_table(rows, columns), common.markdown_table(ratios)], args.output,
                            note=f"{failed} measured runs failed (see 'error' in the JSON)" if failed else "")
     return 1 if failed else status
