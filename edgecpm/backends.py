@@ -20,8 +20,9 @@ AUTO_RULE = ("a checkpoint runs on torch; a bundle runs on TensorRT when it hold
 
 
 def open_backend(path: Path, backend: str = "auto", dtype: str | None = None, threads: int | None = None,
-                 verify: bool = False):
-    """The backend for a checkpoint or bundle folder (`auto`: see AUTO_RULE)."""
+                 verify: bool = False, device: str | None = None):
+    """The backend for a checkpoint or bundle folder (`auto`: see AUTO_RULE). device: the torch
+    backend's ("cpu" by default, "cuda"); a bundle's backends refuse it."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     path = Path(path)
@@ -34,7 +35,10 @@ def open_backend(path: Path, backend: str = "auto", dtype: str | None = None, th
         if bundle:
             raise ConfigError(f"{path}: the torch backend runs Hugging Face checkpoints; this is a bundle "
                               f"(use backend='onnxruntime' or 'auto')")
-        return _torch_runtime().TorchBackend(str(path), dtype=dtype, threads=threads)
+        return _torch_runtime().TorchBackend(str(path), dtype=dtype, threads=threads, device=device)
+    if device is not None:
+        raise ConfigError(f"{path}: device={device!r} applies to the torch backend (a checkpoint folder); a bundle "
+                          f"runs on onnxruntime's providers or a TensorRT engine built for its GPU")
     if not bundle:
         raise ConfigError(f"{path}: backend {backend!r} runs exported bundles; export one first with "
                           f"`edgecpm export {path} -o BUNDLE`")

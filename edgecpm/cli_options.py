@@ -17,6 +17,9 @@ def add_session_options(p: argparse.ArgumentParser) -> None:
     """Options that open a Session (DESIGN.md §3: Session(path, backend, kv_budget, dtype, threads))."""
     g = p.add_argument_group("session")
     g.add_argument("--backend", default="auto", choices=BACKENDS, help=f"runtime to use (default: auto: {AUTO_RULE})")
+    g.add_argument("--device", default=None, metavar="DEV",
+                   help="the torch backend's device for a checkpoint folder: cpu (default) or cuda (KV cache on the "
+                        "GPU, fp16; not run on a GPU yet)")
     g.add_argument("--kv-budget", default="1GiB", metavar="SIZE",
                    help="KV cache byte budget, e.g. 512MiB, 2GB or a plain byte count (default: 1GiB)")
     g.add_argument("--kv-policy", default="error", choices=POLICIES,
@@ -108,7 +111,7 @@ def open_session(args: argparse.Namespace):
     from edgecpm.session import Session
 
     return Session(args.path, backend=args.backend, kv_budget=args.kv_budget, dtype=args.dtype,
-                   threads=args.threads, draft=spec_config(args), kv_policy=args.kv_policy)
+                   threads=args.threads, draft=spec_config(args), kv_policy=args.kv_policy, device=args.device)
 
 
 def add_quantize_options(p: argparse.ArgumentParser) -> None:

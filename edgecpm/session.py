@@ -35,13 +35,15 @@ SINK_TOKENS = 4  # kv_policy="window" keeps the first tokens (attention sinks, S
 class Session:
     def __init__(self, path, backend: str = "auto", kv_budget: int | str = "1GiB", draft=None,
                  dtype: str | None = None, threads: int | None = None, kv_policy: str = "error",
-                 verify: bool = False):
+                 verify: bool = False, device: str | None = None):
         """verify: re-hash every file of a bundle against its manifest before loading (bit rot,
-        a bad copy); otherwise sizes are checked always and hashes on the first load after a copy."""
+        a bad copy); otherwise sizes are checked always and hashes on the first load after a copy.
+        device: the torch backend's device ("cuda": the KV cache on the GPU, fp16 by default;
+        runtimes/torch.py); other backends choose their own."""
         path = Path(path)
         if not path.is_dir():
             raise ConfigError(f"{path}: not a folder; pass a checkpoint or bundle folder")
-        runner = open_backend(path, backend, dtype, threads, verify=verify)
+        runner = open_backend(path, backend, dtype, threads, verify=verify, device=device)
         self._setup(runner, open_tokenizer(path, runner), kv_budget, draft, threads, path, kv_policy)
 
     @classmethod

@@ -406,3 +406,16 @@ def test_ctypes_structs_match_the_gpu_check():
         sys.path.pop(0)
     for ours, theirs in ((cuda_kernels.Dims, gpu_check.Dims), (cuda_kernels.Config, gpu_check.Config)):
         assert ours._fields_ == theirs._fields_ and ctypes.sizeof(ours) == ctypes.sizeof(theirs)
+
+
+def test_session_takes_a_device_for_the_torch_backend(make_checkpoint, tmp_path):
+    """Session(..., device=) reaches the torch backend (its arena on that device); a bundle refuses it."""
+    import edgecpm
+    from edgecpm.errors import ConfigError
+    from edgecpm.export.exporter import export_bundle
+
+    ckpt = make_checkpoint()
+    s = edgecpm.Session(ckpt, backend="torch", device="cpu")
+    assert s.backend.device.type == "cpu"
+    with pytest.raises(ConfigError, match="device='cpu' applies to the torch backend"):
+        edgecpm.Session(export_bundle(ckpt, tmp_path / "b", progress=False), device="cpu")
