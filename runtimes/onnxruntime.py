@@ -149,7 +149,10 @@ class OnnxRuntimeBackend:
         from edgecpm.runtimes import onnxruntime_ops
 
         model = onnx.load(str(path), load_external_data=False)
-        _tied_head_in_place(model)
+        if _tied_head_in_place(model):
+            # onnxruntime warns at every load that such an input "will not be treated as constant":
+            # that is the point. Errors are still logged.
+            opts.log_severity_level = 3
         ternary_kernel = attention_kernel = quant_kernel = None
         if is_ternary:
             ternary_kernel = self._rewrite_ternary(model, path, ternary, opts)
