@@ -73,9 +73,10 @@ def llama_runs(peer: dict, path: Path, n: int, args) -> dict:
     return out
 
 
-def edgecpm_run(bundle: Path, n: int, attention: str, args, seed: int) -> dict:
+def edgecpm_run(bundle: Path, n: int, attention: str, args, seed: int, profile: bool = False) -> dict:
     cmd = [sys.executable, Path(__file__).resolve(), "--edgecpm-worker", bundle, "--attention", attention,
-           "--threads", args.threads, "--prompt-len", n, "--new-tokens", args.new_tokens, "--seed", seed]
+           "--threads", args.threads, "--prompt-len", n, "--new-tokens", args.new_tokens, "--seed", seed,
+           *(["--profile-ops"] if profile else [])]
     out = common.run_measured(cmd, timeout=args.run_timeout)
     run = {"attention": attention, "peak_rss_bytes": out["peak_rss_bytes"], "wall_s": out["wall_s"]}
     if out["returncode"] != 0:
@@ -84,15 +85,48 @@ def edgecpm_run(bundle: Path, n: int, attention: str, args, seed: int) -> dict:
     return run | json.loads(out["stdout"].strip().splitlines()[-1])
 
 
+def memory() -> dict:
+    """This process's resident memory in MiB: all, anonymous (heap: packed weights, KV arena,
+    activations) and file-backed (memory-mapped weights and libraries), and the peak."""
+    status = Path("/proc/self/status").read_text()
+    return {k: int(re.search(rf"{k}:\s+(\d+) kB", status).group(1)) / 1024 for k in ("VmRSS", "RssAnon", "RssFile",
+                                                                                     "VmHWM")}
+
+
+def op_profile(session) -> dict:
+    """Seconds per onnxruntime op type over the profiled session's runs (its node events)."""
+    path = Path(session.end_profiling())
+    trace = json.loads(path.read_text())
+    path.unlink()
+    by_op: dict[str, float] = {}
+    for ev in trace:
+        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
+            op = ev["args"]["op_name"]
+            by_op[op] = by_op.get(op, 0.0) + ev["dur"] / 1e6
+    return dict(sorted(by_op.items(), key=lambda kv: -kv[1]))
+
+
 def edgecpm_worker(args) -> int:
-    """One process: open the bundle with the given attention, warm up, one timed generation; a JSON line."""
+    """One process: open the bundle with the given attention, warm up, one timed generation; a JSON line.
+    With --profile-ops, onnxruntime's profiler is on for it (slower: for the op breakdown, not the speed)."""
     os.environ["EDGECPM_ORT_ATTENTION"] = args.attention  # OnnxRuntimeBackend's `attention` default
+    if args.profile_ops:
+        import onnxruntime
+
+        class ProfiledOptions(onnxruntime.SessionOptions):  # the backend builds its own options
+            def __init__(self):
+                super().__init__()
+                self.enable_profiling = True
+                self.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"edgecpm-ort-profile-{os.getpid()}")
+
+        onnxruntime.SessionOptions = ProfiledOptions
     import edgecpm
 
     t0 = time.perf_counter()
     s = edgecpm.Session(args.edgecpm_worker, backend="onnxruntime", threads=args.threads,
                         kv_budget=f"{max(1, (args.prompt_len + 1024) // 8192 + 1)}GiB")
     load_s = time.perf_counter() - t0
+    after_load = memory()
     rng = np.random.default_rng(args.seed)
     warm = [1, *rng.integers(3, s.config.vocab_size, size=min(args.prompt_len, 512) - 1).tolist()]
     ids = [1, *rng.integers(3, s.config.vocab_size, size=args.prompt_len - 1).tolist()]
@@ -102,7 +136,11 @@ def edgecpm_worker(args) -> int:
     st = s.generate(ids, max_new_tokens=args.new_tokens, ignore_eos=True).stats
     total_s = time.perf_counter() - t0
     hwm = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    print(json.dumps({"prefill_tok_s": st["prefill_tok_s"], "decode_tok_s": st["decode_tok_s"],
+    mem = {"after_load_mib": after_load, "after_generation_mib": memory(),
+           "kv_used_mib": s.memory()["kv_used_bytes"] / 2**20}
+    if args.profile_ops:
+        mem["op_seconds"] = op_profile(s.backend.session)  # warm-up and the generation
+    print(json.dumps({"memory": mem, "prefill_tok_s": st["prefill_tok_s"], "decode_tok_s": st["decode_tok_s"],
                       "prompt_tokens": args.prompt_len, "decode_tokens": st["decode_tokens"],
                       "generation_s": total_s, "load_s": load_s, "stats": st,
                       "attention_kernel": s.backend.attention_kernel,
@@ -127,6 +165,9 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", type=Path, default=None,
                    help="keep the checkpoint, GGUF file and bundle here and reuse them (default: a temp folder)")
     p.add_argument("--run-timeout", type=float, default=1200, help="seconds one measured process may take")
+    p.add_argument("--profile-ops", action="store_true",
+                   help="after the measured runs, one more edgecpm run at the longest length with onnxruntime's "
+                        "profiler on: seconds per op type (where the prefill's time goes)")
     p.add_argument("--edgecpm-worker", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--attention", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--prompt-len", type=int, default=512, help=argparse.SUPPRESS)
@@ -183,6 +224,11 @@ def main(argv=None) -> int:
                     msg = "; ".join(x.get("error") or ", ".join(f"{k} {x[k]:.2f}" for k in (
                         "prefill_tok_s", "decode_tok_s", "decode_empty_context_tok_s") if k in x) for x in parts)
                     print(f"round {r} N={n} {name} ({time.perf_counter() - t0:.0f} s): {msg}", file=sys.stderr)
+        profile = None
+        if args.profile_ops:
+            profile = edgecpm_run(bundle["path"], max(args.lengths), "auto", args, 0, profile=True)
+            print(f"profiled N={max(args.lengths)}: {profile.get('error') or profile['memory']['op_seconds']}",
+                  file=sys.stderr)
     load_after = os.getloadavg()
 
     def mib(b):
@@ -275,6 +321,8 @@ def main(argv=None) -> int:
         "preparation_s": prep_s, "preparation_logs": prep_logs,
         "total_s": time.perf_counter() - t_start,
         "results": results,
+        "op_profile": profile and {"prompt_tokens": max(args.lengths), "note": "onnxruntime's profiler on (slower); "
+                                   "seconds per op type over the warm-up and one generation", **profile},
     }
     blocks = [common.markdown_table(rows)]
     if ref_rows:
