@@ -340,3 +340,11 @@ def run_measured(cmd: list[str], timeout: float | None = None, env: dict | None 
     return {"returncode": usage.get("returncode", p.returncode), "stdout": stdout, "stderr": stderr,
             "wall_s": usage.get("wall_s"), "cpu_s": (usage.get("user_s", 0) + usage.get("sys_s", 0)) or None,
             "peak_rss_bytes": usage["maxrss_kib"] * 1024 if "maxrss_kib" in usage else None}
+
+
+def load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages now (other jobs on a shared machine show here)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None

@@ -3,6 +3,9 @@
     python samples/wind_tunnel/make_corpus.py          # once: the corpus (train split: FR-Spec tables)
     python benchmarks/speculative.py                   # plain vs n-gram vs draft (+ phrases, FR-Spec) vs EAGLE head
 
+Chains; the model drafters at --depth 2, the n-gram drafter at --ngram-depth 4 (default_spec's
+choices for a small target: on this 8M target a draft call costs about a third of a target step).
+
 Prompts (--prompts-from): "package" (default), --prompt-tokens-long slices of --prompts files of a
 third-party package's sources (samples/wind_tunnel/heldout_prompts.py: rich; code the models never
 saw, not the standard library they were trained on), or "heldout", the first tokens of held-out
@@ -48,7 +51,8 @@ def main(argv=None) -> int:
     p = common.arg_parser(__doc__, "speculative", new_tokens=96)
     p.add_argument("--prompts", type=int, default=8, help="held-out documents used as prompts (default: 8)")
     p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--depth", type=int, default=4, help="draft depth (default: 4)")
+    p.add_argument("--depth", type=int, default=2, help="draft depth of the model drafters (default: 2)")
+    p.add_argument("--ngram-depth", type=int, default=4, help="draft depth of the n-gram drafter (default: 4)")
     p.add_argument("--phrase-tree", type=int, default=8, help="chain length with phrases (default: 8)")
     p.add_argument("--prompts-from", choices=["package", "heldout"], default="package")
     p.add_argument("--corpus", type=Path, default=CORPUS)
@@ -80,7 +84,9 @@ def main(argv=None) -> int:
             "draft model + phrases": SpecConfig(draft=str(draft), depth=args.depth, tree_size=args.phrase_tree,
                                                 phrases=True),
             f"FR-Spec draft (r={r})": SpecConfig(draft=str(frspec), depth=args.depth, tree_size=args.depth),
-            "n-gram": SpecConfig(draft="ngram", depth=args.depth, tree_size=args.depth),
+            "n-gram (ngram_min=2)": SpecConfig(draft="ngram", depth=args.ngram_depth, tree_size=args.ngram_depth),
+            "n-gram (ngram_min=1)": SpecConfig(draft="ngram", depth=args.ngram_depth, tree_size=args.ngram_depth,
+                                               ngram_min=1),
             "EAGLE head": SpecConfig(draft=str(eagle), depth=args.depth, tree_size=args.depth),
             f"EAGLE head + FR-Spec (r={r})": SpecConfig(draft=str(eagle_frspec), depth=args.depth,
                                                          tree_size=args.depth),

@@ -33,7 +33,7 @@ class SpecConfig:
     depth: int = 5  # longest path in the tree
     branch: int = 1  # children per expanded node (1 = a chain)
     ngram_max: int = 4  # longest suffix the n-gram drafter matches
-    ngram_min: int = 2  # shortest (a single-token match guesses too often to pay for its verification)
+    ngram_min: int = 2  # shortest (default_spec's n-gram drafter uses 1: see there)
     # Ouroboros phrase reuse (PhrasePool): a chain-drafting model checks guessed phrases in one call
     # and may extend its chain past `depth` with a phrase, up to tree_size tokens.
     phrases: bool = False
@@ -44,6 +44,34 @@ class SpecConfig:
                 raise ValueError(f"SpecConfig.{name}={getattr(self, name)!r}: must be an integer >= 1")
         if self.ngram_min > self.ngram_max:
             raise ValueError(f"SpecConfig.ngram_min={self.ngram_min} exceeds ngram_max={self.ngram_max}")
+
+
+# Per target size, from benchmarks/speculative_cost.py (results/speculative_cost.json): the chain
+# depth with the best PROJECTED speed-up at the MiniCPM4-0.5B and 8B shapes on 2 CPU threads. A
+# small target's decode step is cheap next to a draft call (a full-vocabulary EAGLE head costs 0.27
+# of the 0.5B's step, 0.025 of the 8B's), so small targets draft shallow and prefer FR-Spec heads.
+LARGE_HIDDEN = 2048  # hidden_size from which a target counts as large (8B: 4096; 0.5B: 1024)
+DEFAULT_DEPTH = {  # (drafter kind, large target) -> depth
+    ("ngram", False): 4, ("ngram", True): 8,
+    ("eagle", False): 4, ("eagle", True): 8,
+    ("model", False): 2, ("model", True): 3,
+}
+
+
+def default_spec(target_config, draft="ngram", eagle: bool = False) -> SpecConfig:
+    """The measured-best SpecConfig for a target (its ModelConfig) and a drafter: "ngram", or a
+    draft model / EAGLE head folder (`eagle` says which). Chains; a draft model also reuses phrases
+    (Ouroboros), whose chain may go on to twice its depth."""
+    large = target_config.hidden_size >= LARGE_HIDDEN
+    kind = "ngram" if draft == "ngram" else "eagle" if eagle else "model"
+    depth = DEFAULT_DEPTH[kind, large]
+    if kind == "model":
+        return SpecConfig(draft=draft, depth=depth, tree_size=2 * depth, phrases=True)
+    if kind == "ngram":
+        # Single-token matches guess wrong often, but their verification rows cost less than they
+        # win: projected 1.93x vs 1.83x (ngram_min 2) at the 0.5B shape, 2.06x vs 1.96x at the 8B.
+        return SpecConfig(draft=draft, depth=depth, tree_size=depth, ngram_min=1)
+    return SpecConfig(draft=draft, depth=depth, tree_size=depth)
 
 
 @dataclass
@@ -156,6 +184,7 @@ class NgramDrafter:
 
 
 POOL_PHRASES = 4096  # rejected phrases kept
+PHRASE_KEY = 2  # tokens a rejected phrase is filed under (one token would bring back too many wrong ones)
 
 
 class PhrasePool:
@@ -184,7 +213,7 @@ class PhrasePool:
         n = len(before)
         accepted = len(context) - n - 1
         if 0 <= accepted < len(draft) and np.array_equal(context[:n], before):
-            k = self.spec.ngram_min
+            k = PHRASE_KEY
             seq = before[-k:].tolist() + draft
             for i in range(accepted + 1, len(draft)):  # from after the cut: its key holds the rejected token
                 self.rejected[tuple(seq[i : i + k])] = draft[i:]
@@ -197,9 +226,9 @@ class PhrasePool:
 
     def guess(self, seq: list[int], limit: int) -> list[int]:
         """Up to `limit` tokens after `seq`: the context table's continuation, else (or after it)
-        a whole rejected phrase keyed by the last ngram_min tokens, repeated while either knows more."""
+        a whole rejected phrase keyed by the last PHRASE_KEY tokens, repeated while either knows more."""
         out: list[int] = []
-        k = self.spec.ngram_min
+        k = PHRASE_KEY
         while len(out) < limit:
             more = self.text.continuation(seq + out, limit - len(out))
             if not more:

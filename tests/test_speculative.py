@@ -202,6 +202,26 @@ def test_ngram_drafter_votes_backs_off_and_follows_the_context():
         SpecConfig(ngram_min=5, ngram_max=4)
 
 
+def test_default_spec_per_target_size():
+    from edgecpm.drafters import default_spec
+
+    small, large = ModelConfig.from_dict(_real("MiniCPM4-0.5B")), ModelConfig.from_dict(_real("MiniCPM4-8B"))
+    assert (default_spec(small).depth, default_spec(large).depth, default_spec(small).ngram_min) == (4, 8, 1)
+    assert default_spec(large, "head/", eagle=True) == SpecConfig(draft="head/", depth=8, tree_size=8)
+    d = default_spec(large, "draft/")
+    assert (d.depth, d.tree_size, d.phrases) == (3, 6, True)
+
+
+def _real(name):
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "shared" / "minicpm4" / name / "config.json"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    return json.loads(path.read_text())
+
+
 # ---- lossless sampling on a toy vocabulary -------------------------------------------------------
 
 V = 6
