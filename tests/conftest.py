@@ -171,6 +171,16 @@ def ternary_graph(x_dtype, linears, k):
     return model
 
 
+def graph_feeds(ids: list[int], layers: int = 2, kv_heads: int = 2, head_dim: int = 16) -> dict:
+    """The decoder graph's inputs for a causal prompt from an empty cache (the tiny model's shapes)."""
+    t = len(ids)
+    feeds = {"input_ids": np.array([ids]), "position_ids": np.arange(t)[None],
+             "attn_mask": np.tril(np.ones((t, t), bool)), "logit_index": np.arange(t)}
+    for i in range(layers):
+        feeds[f"past_key.{i}"] = feeds[f"past_value.{i}"] = np.zeros((0, kv_heads, head_dim), np.float32)
+    return feeds
+
+
 def run_without_torch(code: str) -> subprocess.CompletedProcess:
     """Run Python `code` in a fresh process in which importing torch fails (the device side must
     not need it); it also asserts at the end that torch was never imported."""

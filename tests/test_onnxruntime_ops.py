@@ -14,7 +14,7 @@ import platform
 
 import numpy as np
 import pytest
-from conftest import rel_err, ternary_graph
+from conftest import graph_feeds, rel_err, ternary_graph
 
 from edgecpm.errors import BackendUnavailable
 from edgecpm.ternary_format import dequantize, pack
@@ -98,6 +98,19 @@ def session(model, library):
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
+def check_against_dequantized(s, w: np.ndarray, m: int, rng) -> None:
+    """A one-linear session `s` against its dequantized weight w [N, K]: one-hot rows read w back
+    exactly (each weight times 1, summed with zeros); m random rows with an outlier, as LLM
+    activations have, within fp32 summation error (no activation rounding)."""
+    n, k = w.shape
+    assert np.array_equal(s.run(None, {"x": np.eye(k, dtype=np.float32)})[0], w.T)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[0, 3] = 300
+    y = s.run(None, {"x": x})[0]
+    assert y.shape == (m, n)
+    assert rel_err(y, x.astype(np.float64) @ w.T) <= 1e-6
+
+
 def linear(rng, n, k, g):
     return n, g, pack(rng.integers(0, 3, (n, k)).astype(np.uint8)), (rng.random((n, k // g)) + 0.1).astype(np.float32)
 
@@ -119,15 +132,7 @@ def test_kernel_matches_dequantized_matmul(isa, n, k, g, m, ort_ops, monkeypatch
     n, g, packed, scales = linear(rng, n, k, g)
     model = ternary_graph(np.float32, [(n, g, packed, scales)], k)
     assert fuse_ternary(model, tmp_path) == 0 and not model.functions  # the kernel replaces the reference body
-    s = session(model, ort_ops)
-    w = dequantize(packed, scales, k)
-    # One-hot rows read the dequantized weight back exactly: +-1 * 1 summed with zeros, times the scale.
-    assert np.array_equal(s.run(None, {"x": np.eye(k, dtype=np.float32)})[0], w.T)
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    x[0, 3] = 300  # an outlier, as LLM activations have
-    y = s.run(None, {"x": x})[0]
-    assert y.shape == (m, n)
-    assert rel_err(y, x.astype(np.float64) @ w.T) <= 1e-6  # fp32 summation, no activation rounding
+    check_against_dequantized(session(model, ort_ops), dequantize(packed, scales, k), m, rng)
 
 
 def test_linears_reading_one_activation_are_fused(ort_ops, tmp_path):
@@ -312,15 +317,8 @@ def test_quant_kernel_matches_dequantized_matmul(isa, bits, n, k, group, m, ort_
     rng = np.random.default_rng(n * k + m)
     g = k if group == -1 else group
     c = layout(*rtn(rng.standard_normal((n, k)).astype(np.float32) * 0.02, bits, g), bits, g)
-    s = session(quant_graph(n, k, bits, c.codes.shape[2] * 8 // bits, c), ort_ops)
-    w = dequantize(c, bits, k)
-    # One-hot rows read the dequantized weight back exactly: (q - z) * s times 1, summed with zeros.
-    assert np.array_equal(s.run(None, {"x": np.eye(k, dtype=np.float32)})[0], w.T)
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    x[0, 3] = 300  # an outlier, as LLM activations have
-    y = s.run(None, {"x": x})[0]
-    assert y.shape == (m, n)
-    assert rel_err(y, x.astype(np.float64) @ w.T) <= 1e-6  # fp32 summation, no activation rounding
+    check_against_dequantized(session(quant_graph(n, k, bits, c.codes.shape[2] * 8 // bits, c), ort_ops),
+                              dequantize(c, bits, k), m, rng)
 
 
 def test_tied_dense_head_is_not_prepacked(make_checkpoint, tmp_path):
@@ -344,11 +342,7 @@ def test_tied_dense_head_is_not_prepacked(make_checkpoint, tmp_path):
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(tied))
     plain = ort.InferenceSession(str(tied / "decoder.onnx"), opts, providers=["CPUExecutionProvider"])
     ids = [1, 5, 9, 13]
-    feeds = {"input_ids": np.array([ids]), "position_ids": np.arange(4)[None],
-             "attn_mask": np.tril(np.ones((4, 4), bool)), "logit_index": np.arange(4)}
-    for i in range(2):
-        feeds[f"past_key.{i}"] = feeds[f"past_value.{i}"] = np.zeros((0, 2, 16), np.float32)
-    assert rel_err(s.logits(ids), plain.run(["logits"], feeds)[0]) <= 1e-6
+    assert rel_err(s.logits(ids), plain.run(["logits"], graph_feeds(ids))[0]) <= 1e-6
     for other in (export_bundle(make_checkpoint(tie=False), tmp_path / "untied", progress=False),
                   export_bundle(make_checkpoint(), tmp_path / "int8", quantize="int8", progress=False)):
         assert not _tied_head_in_place(onnx.load(str(other / "decoder.onnx"), load_external_data=False))

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import graph_feeds, rel_err
 from test_quantized_import import write_quantized
 
 import edgecpm
@@ -117,10 +117,7 @@ def test_lowering_matches_the_reference_function(make_checkpoint, tmp_path):
 
     bundle = export_bundle(make_checkpoint(), tmp_path / "b", quantize="int4", quantize_group_size=32,
                            progress=False)
-    feeds = {"input_ids": np.array([PROMPT]), "position_ids": np.arange(len(PROMPT))[None],
-             "attn_mask": np.tril(np.ones((len(PROMPT),) * 2, bool)), "logit_index": np.arange(len(PROMPT))}
-    for i in range(2):
-        feeds[f"past_key.{i}"] = feeds[f"past_value.{i}"] = np.zeros((0, 2, 16), np.float32)
+    feeds = graph_feeds(PROMPT)
     ref = ort.InferenceSession(str(bundle / "decoder.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], feeds)
     model = onnx.load(str(bundle / "decoder.onnx"), load_external_data=False)
     assert lower_quant(model) == 15  # the decoder's linears and the int8 LM head
@@ -148,10 +145,7 @@ def test_each_quant_kernel_against_the_reference_function(make_checkpoint, tmp_p
 
     bundle = export_bundle(make_checkpoint(), tmp_path / "b", quantize="int4", quantize_group_size=32,
                            progress=False)
-    feeds = {"input_ids": np.array([PROMPT]), "position_ids": np.arange(len(PROMPT))[None],
-             "attn_mask": np.tril(np.ones((len(PROMPT),) * 2, bool)), "logit_index": np.arange(len(PROMPT))}
-    for i in range(2):
-        feeds[f"past_key.{i}"] = feeds[f"past_value.{i}"] = np.zeros((0, 2, 16), np.float32)
+    feeds = graph_feeds(PROMPT)
     ref = ort.InferenceSession(str(bundle / "decoder.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], feeds)
     monkeypatch.setenv("EDGECPM_ORT_QUANT", kernel)
     if kernel == "edgecpm":
