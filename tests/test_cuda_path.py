@@ -225,15 +225,8 @@ def test_dense_prefill_equals_the_sparse_op_below_dense_len(tree, dtype, tol):
     ck = torch.randn(cfg.n_chunks(P), Hkv, D, generator=g)
     mask, pos = torch.ones(T, T, dtype=torch.bool).tril(), torch.arange(P, P + T)
     if tree:  # node i's parent is (i - 1) // 2: positions are depths, siblings hidden
-        mask = torch.zeros(T, T, dtype=torch.bool)
-        depth = [0] * T
-        for i in range(T):
-            j = i
-            while j >= 0:
-                mask[i, j] = True
-                j = (j - 1) // 2 if j else -1
-            depth[i] = depth[(i - 1) // 2] + 1 if i else 0
-        pos = P + torch.tensor(depth)
+        mask, depth = gpu_check().tree_mask(torch, T, g, parents=[-1] + [(i - 1) // 2 for i in range(1, T)])
+        pos = P + depth
     out, ck_new = torch_runtime.dense_prefill(q, k, v, pk, pv, pos, mask, cfg)
     ref_out, ref_ck = sparse_attention(q, k, v, pk, pv, ck, pos, mask, cfg)
     assert rel_err(out.float(), ref_out.float()) < tol and torch.equal(ck_new, ref_ck)
@@ -396,15 +389,21 @@ def test_bf16_with_kernels_is_refused_before_loading(make_checkpoint, monkeypatc
         b._attach(model, torch.device("cuda"), torch.bfloat16)
 
 
-def test_ctypes_structs_match_the_gpu_check():
-    """Dims and Config have the header's field order (the GPU check's copies were checked on the
-    real library by tests/test_plugins_compile.py)."""
+def gpu_check():
+    """plugins/tests/gpu_check.py as a module (its reference helpers run on the CPU)."""
     sys.path.insert(0, str(ROOT / "plugins" / "tests"))
     try:
         import gpu_check
     finally:
         sys.path.pop(0)
-    for ours, theirs in ((cuda_kernels.Dims, gpu_check.Dims), (cuda_kernels.Config, gpu_check.Config)):
+    return gpu_check
+
+
+def test_ctypes_structs_match_the_gpu_check():
+    """Dims and Config have the header's field order (the GPU check's copies were checked on the
+    real library by tests/test_plugins_compile.py)."""
+    check = gpu_check()
+    for ours, theirs in ((cuda_kernels.Dims, check.Dims), (cuda_kernels.Config, check.Config)):
         assert ours._fields_ == theirs._fields_ and ctypes.sizeof(ours) == ctypes.sizeof(theirs)
 
 
