@@ -20,6 +20,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "plugins"
 GPU_CHECK = PLUGINS / "tests" / "gpu_check.py"
+
+
+def gpu_check_module():
+    """plugins/tests/gpu_check.py as a module (its reference and host-side code run on the CPU)."""
+    sys.path.insert(0, str(GPU_CHECK.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    return gpu_check
 NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH (CUDA toolkit absent): kernels not compiled")
 
@@ -55,11 +65,7 @@ def test_kernel_translation_unit_compiles_for_orin(tmp_path):
 
 @needs_nvcc
 def test_kernel_library_exports_the_c_abi(kernels_lib):
-    sys.path.insert(0, str(GPU_CHECK.parent))
-    try:
-        import gpu_check
-    finally:
-        sys.path.pop(0)
+    gpu_check = gpu_check_module()
     lib = gpu_check.load_lib(kernels_lib)  # every declared function resolves, with its signature
     assert lib.ecpm_version() == gpu_check.ABI_VERSION == 101
     assert lib.ecpm_status_string(3) == b"workspace too small"
@@ -89,11 +95,7 @@ def test_build_script_is_executable():
 
 
 def test_ctypes_signatures_match_the_header():
-    sys.path.insert(0, str(GPU_CHECK.parent))
-    try:
-        import gpu_check
-    finally:
-        sys.path.pop(0)
+    gpu_check = gpu_check_module()
     assert gpu_check.check_header() == []
     assert len(gpu_check.header_arities()) == len(gpu_check.SIGNATURES)
 
@@ -195,11 +197,7 @@ def test_gpu_e2e_timing_code_runs_on_cpu_stand_ins():
     CPU tensors with eager decode graphs at tiny shapes: it runs and makes its rows. The numbers
     mean nothing; a GPU run's are the only ones to report."""
     torch = pytest.importorskip("torch")
-    sys.path.insert(0, str(GPU_CHECK.parent))
-    try:
-        import gpu_check
-    finally:
-        sys.path.pop(0)
+    gpu_check = gpu_check_module()
     e2e = gpu_check.e2e_module()
     rep = gpu_check.Report()
     e2e.run_timings(torch, e2e.import_sdk(), rep, 10.0, shapes=e2e.DRY_SHAPES, P=100, contexts=(300,), device="cpu",
@@ -218,11 +216,7 @@ def test_gpu_check_script_needs_an_output_folder():
 def test_gpu_check_harness_rows_never_vouch_for_a_kernel():
     """Report: a harness row (reference in place of a kernel) never says "ok" for the kernel, and a
     report without kernel rows sums up as a dry run whatever it was asked."""
-    sys.path.insert(0, str(GPU_CHECK.parent))
-    try:
-        import gpu_check
-    finally:
-        sys.path.pop(0)
+    gpu_check = gpu_check_module()
     rep = gpu_check.Report()
     rep.check("ternary gemv", "M=1", "fp32", 0.0, 1e-4, scope="harness")
     assert rep.rows[-1][5] == "harness ran (no kernel checked)" and rep.rows[-1][6] == "harness only, no kernel ran"
@@ -254,11 +248,7 @@ def test_gpu_check_near_ties_compete_only_among_free_blocks():
     """The GPU check excuses a differing block set only as a near-tie at the k-th score among the
     blocks competing for top-k slots: never a forced (init/window) block, never a far-off score."""
     torch = pytest.importorskip("torch")
-    sys.path.insert(0, str(GPU_CHECK.parent))
-    try:
-        import gpu_check
-    finally:
-        sys.path.pop(0)
+    gpu_check = gpu_check_module()
     ref = gpu_check.load_reference()
     cfg = gpu_check.sparse_config(window_size=128, topk=3, dense_len=1)
     g = torch.Generator().manual_seed(0)
