@@ -104,6 +104,8 @@ def main(argv=None) -> int:
                  "prefill tok/s": m["prefill_tok_s"], "acceptance_by_position": m["acceptance_by_position"]}
                 for name, m in results.items()]
         texts = {name: m["token_ids"] for name, m in results.items()}
+        # What ran attention: edgecpm's fused kernel where its library builds (else the graph's own ops).
+        attention = sessions["plain"].backend.attention_kernel
         del sessions
     plain = rows[0]["decode tok/s"]
     for row in rows:
@@ -114,6 +116,7 @@ def main(argv=None) -> int:
         "settings": vars(args) | {"corpus": str(args.corpus), "output": str(args.output), "frspec_r": r,
                                   "vocab": tok.vocab_size},
         "prompts": prompt_record,
+        "attention_kernel": attention,
         "load_average": {"before": load_before, "after": common.load_average()},
         "identical_outputs": same,
         "rows": rows,

@@ -136,6 +136,15 @@ def time_calls(backends: dict, context: int, plan: dict[str, list[tuple[str, int
     return {name: {f"{k}{T}": float(np.min(v)) for (k, T), v in keys.items()} for name, keys in times.items()}
 
 
+def suspect_extrapolation(t1: dict, t3: dict) -> list[str]:
+    """Keys whose per-layer cost (t3 - t1) / 2 is below half the decode step's: two more 8B layers
+    (1.9 GB of fp32 weights) cannot cost less than that. Seen once, with load average 3-4: the
+    3-layer bundle timed as fast as the 1-layer one for T = 3..7, which extrapolates to
+    verification at a tenth of a decode step. A run with suspect keys is not to be quoted."""
+    layer = (t3["chain1"] - t1["chain1"]) / 2
+    return [k for k in t3 if (t3[k] - t1[k]) / 2 < layer / 2]
+
+
 def measure_costs(tmp: Path, args) -> dict:
     """{shape: {"target": {key: s}, "drafts": {drafter: {key: s}}}}, keys "chain1".."chain17",
     "tree5".. (the mask and T of the call)."""
@@ -387,6 +396,14 @@ def main(argv=None) -> int:
             costs, costs_source = earlier["costs"], {"from": str(args.costs_from), "date": earlier["date"]}
         else:
             costs, costs_source = measure_costs(tmp, args), "measured in this run"
+    suspect = {}
+    for shape, c in costs.items():
+        if "partial_models" in c:
+            keys = suspect_extrapolation(c["partial_models"]["1 layer"], c["partial_models"]["3 layers"])
+            if keys:
+                suspect[shape] = keys
+    if suspect:
+        print(f"WARNING: implausible 8B extrapolation for {suspect}: rerun the costs", file=sys.stderr)
     rows = projections(costs, acceptance)
     best = {}
     for r in rows:
@@ -398,6 +415,7 @@ def main(argv=None) -> int:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "load_average_after_acceptance": load_acceptance,
         "costs_source": costs_source,
+        "suspect_costs": suspect,
         "costs": costs,
         "acceptance": acceptance,
         "projections": rows,
