@@ -156,13 +156,14 @@ class OnnxRuntimeBackend:
         ternary_kernel = attention_kernel = quant_kernel = None
         if is_ternary:
             ternary_kernel = self._rewrite_ternary(model, path, ternary, opts)
-        # The library also holds a TernaryMatMul kernel: registered, it would run the nodes left to the
-        # reference function or MatMulNBits, so there the rest is left as exported too.
+        # The library also holds a TernaryMatMul kernel: registered, it would run ternary nodes left to
+        # their reference function, so in that check mode the rest is left as exported too.
         library_loaded = ternary_kernel is not None and ternary_kernel.startswith("edgecpm")
+        reference = is_ternary and ternary == "reference"
         if is_quant:
-            quant_kernel = self._rewrite_quant(model, quant, providers, library_loaded, is_ternary, opts)
+            quant_kernel = self._rewrite_quant(model, quant, providers, library_loaded, reference, opts)
             library_loaded = library_loaded or quant_kernel.startswith("edgecpm")
-        if attention_library is not None and (library_loaded or not is_ternary):
+        if attention_library is not None and not reference:
             from edgecpm.runtimes.attention_lowering import fuse_attention
 
             if fuse_attention(model, self.config.head_dim):
@@ -174,10 +175,10 @@ class OnnxRuntimeBackend:
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
         return model.SerializeToString(), ternary_kernel, attention_kernel, quant_kernel
 
-    def _rewrite_quant(self, model, quant: str, providers: list[str], loaded: bool, is_ternary: bool, opts) -> str:
+    def _rewrite_quant(self, model, quant: str, providers: list[str], loaded: bool, reference: bool, opts) -> str:
         """Leave the QuantMatMul nodes to edgecpm's kernel (registering its library unless `loaded`)
-        or rewrite them to MatMulNBits over the same bytes; returns what runs them. "auto" registers
-        the library in a ternary bundle only where the ternary nodes run on it already."""
+        or rewrite them to MatMulNBits over the same bytes; returns what runs them. "auto" leaves the
+        library out where ternary nodes run on their reference function (`reference`)."""
         from edgecpm.runtimes import onnxruntime_ops
         from edgecpm.runtimes.quant_lowering import lower_quant
 
@@ -188,7 +189,7 @@ class OnnxRuntimeBackend:
                 raise BackendUnavailable(f"edgecpm's QuantMatMul kernel computes in fp32; {self.bundle.path} is "
                                          f"{dtype}")
             library = onnxruntime_ops.library()
-        elif (quant == "auto" and (loaded or not is_ternary) and dtype == "fp32" and platform.machine() == "x86_64"
+        elif (quant == "auto" and not reference and dtype == "fp32" and platform.machine() == "x86_64"
               and providers[:1] == ["CPUExecutionProvider"]):
             try:
                 library = onnxruntime_ops.library()
@@ -204,6 +205,13 @@ class OnnxRuntimeBackend:
             lower_quant(model, accuracy_level=4)
             return "MatMulNBits (int8 activations)"
         lower_quant(model)
+        if providers[:1] == ["CPUExecutionProvider"] and platform.machine() == "x86_64" and any(
+                n.op_type == "MatMulNBits" and a.i == 8
+                for n in model.graph.node for a in n.attribute if a.name == "bits"):
+            # stacklevel: the application's Session(...) line
+            warnings.warn("onnxruntime's 8-bit MatMulNBits with fp32 activations is ~40x slower than edgecpm's "
+                          "kernel on x86 (an int8 LM head: ~350 ms a token): build the kernel "
+                          "(ONNXRUNTIME_INCLUDE_DIR) or export with --lm-head int4 / --quantize int4", stacklevel=6)
         return "MatMulNBits (fp32 activations)"
 
     def _attention_library(self, attention: str, providers: list[str]) -> Path | None:

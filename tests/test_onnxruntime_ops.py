@@ -178,7 +178,8 @@ def ternary_bundle(make_checkpoint, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ort_ops")
     ckpt = ternarize_checkpoint(make_checkpoint(dtype="bf16", tie=False), root / "c", "K")
-    bundle = load_bundle(export_bundle(ckpt, root / "b", progress=False))
+    # A dense head: these tests are about the ternary linears (the int8 head: test_quantized_bundles).
+    bundle = load_bundle(export_bundle(ckpt, root / "b", progress=False, lm_head="dense"))
     # What "auto" may give edgecpm's kernel (auto_kernel_here): fp32, exact activations.
     assert bundle.manifest.get("dtype", "fp32") == "fp32"
     assert (bundle.manifest.get("ternary") or {}).get("activations", "exact") == "exact"

@@ -213,3 +213,34 @@ def test_cli_export_int4(make_checkpoint, tmp_path):
     assert main(["export", str(make_checkpoint()), "-o", str(out), "--quantize", "int4", "--group-size", "32"]) == 0
     q = json.loads((out / "manifest.json").read_text())["quantization"]
     assert q["group_sizes"] == [32] and q["bits"] == [4]
+
+
+def test_int8_head_of_a_ternary_bundle_runs_on_edgecpm_kernel_with_matmulnbits_ternary(make_checkpoint, tmp_path):
+    """Ternary linears on MatMulNBits still leave the int8 LM head to edgecpm's kernel (onnxruntime's
+    8-bit MatMulNBits with fp32 activations is the slow path); only the ternary reference check
+    mode keeps the library out, and then a warning names the slow path."""
+    import warnings
+
+    from test_ternary import ternarize_checkpoint
+
+    from edgecpm.bundle import load_bundle
+    from edgecpm.errors import BackendUnavailable
+    from edgecpm.export.exporter import export_bundle
+    from edgecpm.runtimes import onnxruntime_ops
+    from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
+
+    try:
+        isa = onnxruntime_ops.isa(onnxruntime_ops.library())
+    except BackendUnavailable as e:
+        pytest.skip(f"edgecpm's onnxruntime kernel cannot be built here: {e}")
+    if isa == "scalar":
+        pytest.skip("edgecpm's kernel has no vector path here")
+    ckpt = ternarize_checkpoint(make_checkpoint(dtype="bf16", tie=False), tmp_path / "c", "K")
+    bundle = load_bundle(export_bundle(ckpt, tmp_path / "b", progress=False))
+    b = OnnxRuntimeBackend(bundle, ternary="matmulnbits")
+    assert b.ternary_kernel.startswith("MatMulNBits") and b.quant_kernel == f"edgecpm ({isa})"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        b = OnnxRuntimeBackend(bundle, ternary="reference")
+    assert b.quant_kernel == "MatMulNBits (fp32 activations)"
+    assert any("8-bit MatMulNBits" in str(w.message) for w in caught)
