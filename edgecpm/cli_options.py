@@ -38,10 +38,12 @@ def add_draft_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speculative decoding")
     g.add_argument("--draft", default=None, metavar="DRAFT",
                    help="'ngram' (prompt lookup) or a draft bundle/checkpoint folder with the same tokenizer")
-    g.add_argument("--draft-depth", type=int, default=5, metavar="N", help="longest draft path (default: 5)")
-    g.add_argument("--draft-tree-size", type=int, default=8, metavar="N",
-                   help="draft tokens verified per step (default: 8)")
-    g.add_argument("--draft-branch", type=int, default=1, metavar="K",
+    g.add_argument("--draft-depth", type=int, default=None, metavar="N",
+                   help="longest draft path (default: measured per drafter and model size, "
+                        "edgecpm.drafters.default_spec)")
+    g.add_argument("--draft-tree-size", type=int, default=None, metavar="N",
+                   help="draft tokens verified per step (default: --draft-depth x --draft-branch)")
+    g.add_argument("--draft-branch", type=int, default=None, metavar="K",
                    help="children per expanded node; 1 drafts a chain (default: 1)")
 
 
@@ -51,7 +53,12 @@ def spec_config(args: argparse.Namespace, draft: str | None = None):
     draft = draft or args.draft
     if draft is None:
         return None
-    return SpecConfig(draft=draft, depth=args.draft_depth, tree_size=args.draft_tree_size, branch=args.draft_branch)
+    given = {k: v for k, v in (("depth", args.draft_depth), ("tree_size", args.draft_tree_size),
+                               ("branch", args.draft_branch)) if v is not None}
+    if "depth" in given and "tree_size" not in given:
+        given["tree_size"] = given["depth"] * given.get("branch", 1)
+    # Nothing given: the Session picks the measured defaults for the model and drafter (default_spec).
+    return SpecConfig(draft=draft, **given) if given else draft
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:

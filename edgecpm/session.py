@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecpm.backends import open_backend, open_draft_backend, open_tokenizer
-from edgecpm.drafters import EagleDrafter, ModelDrafter, NgramDrafter, SpecConfig, is_eagle
+from edgecpm.drafters import EagleDrafter, ModelDrafter, NgramDrafter, SpecConfig, default_spec, is_eagle
 from edgecpm.errors import BudgetError, ConfigError
 from edgecpm.frspec import frspec_map
 from edgecpm.generate import Generation, generate_text, prefill
@@ -66,7 +66,8 @@ class Session:
         # Requests are serialized: a Session may be shared by threads (see _exclusive).
         self._lock = threading.Lock()
         self._holder: tuple[int, object] | None = None  # (thread id, its open stream) while one runs
-        spec = None if draft is None else draft if isinstance(draft, SpecConfig) else SpecConfig(draft=draft)
+        spec = None if draft is None else draft if isinstance(draft, SpecConfig) else default_spec(
+            backend.config, draft, eagle=draft != "ngram" and is_eagle(Path(draft)))
         if kv_policy == "window" and (spec or self.config.sparse):
             raise ConfigError(f"{path}: kv_policy='window' does not combine with "
                               f"{'speculative decoding' if spec else 'InfLLM v2 sparse attention'} yet; use 'error'")
@@ -93,6 +94,7 @@ class Session:
             cfg = self.draft_backend.config
             self.draft_cache = KVCache(cfg, min(capacity + margin, cfg.max_position_embeddings),
                                        self.draft_backend.kv_dtype)
+        self.spec = spec  # the speculative settings in use (None: plain decoding)
         self.drafter = self._make_drafter(spec, names_model)
 
     def _make_drafter(self, spec: SpecConfig | None, names_model: bool):

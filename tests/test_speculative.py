@@ -329,3 +329,22 @@ def test_chain_fast_path_equals_the_tree_walk(m):
     np.testing.assert_array_equal(chain.depths(), walked.depths())
     np.testing.assert_array_equal(chain.ancestor_mask(), walked.ancestor_mask())
     assert chain.children() == walked.children()
+
+
+def test_a_bare_draft_takes_the_measured_defaults(make_checkpoint):
+    """draft="ngram" (or a path) means default_spec for the target and drafter; a SpecConfig is kept
+    as given; the CLI passes the bare draft unless a --draft-* option is set."""
+    import argparse
+
+    from edgecpm.cli_options import spec_config
+    from edgecpm.drafters import SpecConfig, default_spec
+
+    ckpt = make_checkpoint()
+    s = edgecpm.Session(ckpt, backend="torch", draft="ngram")
+    assert s.spec == default_spec(s.config, "ngram") and s.spec.ngram_min == 1
+    mine = SpecConfig(draft="ngram", depth=2, tree_size=2)
+    assert edgecpm.Session(ckpt, backend="torch", draft=mine).spec == mine
+    args = argparse.Namespace(draft="ngram", draft_depth=None, draft_tree_size=None, draft_branch=None)
+    assert spec_config(args) == "ngram"
+    args.draft_depth = 3
+    assert spec_config(args) == SpecConfig(draft="ngram", depth=3, tree_size=3)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgecpm.drafters import NgramDrafter, SpecConfig
+from edgecpm.drafters import NgramDrafter, SpecConfig, default_spec
 from edgecpm.errors import ConfigError, EdgeCPMError
 from edgecpm.generate import generate_text, prefill, prefill_chunk
 from edgecpm.kv_cache import parse_bytes
@@ -60,7 +60,7 @@ class Job:
 class Engine:
     def __init__(self, backend, tokenizer, kv_budget: int | str = "1GiB", draft: SpecConfig | str | None = None,
                  max_sessions: int = 8, max_queue: int = 64, queue_timeout: float = 30.0):
-        spec = SpecConfig(draft=draft) if isinstance(draft, str) else draft
+        spec = default_spec(backend.config, draft) if isinstance(draft, str) else draft
         if spec is not None and spec.draft != "ngram":
             # A draft model would need a second KV pool in step with the first; not built yet.
             raise ConfigError(f"serve: draft={spec.draft!r}: the server drafts with 'ngram' only")
