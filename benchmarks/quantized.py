@@ -17,8 +17,9 @@ What it does, in a temp folder (or --workdir, kept and reused):
    under q4_0 and tq2_0);
 3. edgecpm: bundles `fp32` and `fp16` (quantize="none"), `int8` and `int4` (quantize="int8"/"int4")
    from the dense checkpoint, and the exact ternary bundle (2-bit codes) from the ternary one, each
-   with edgecpm's default embedding / LM head (int8 under int8, int4 and ternary: --lm-head); for
-   those, the logit error of the quantized head against the checkpoint's dense one on the same hidden
+   with edgecpm's default embedding / LM head (int8 under int8, int4 and ternary: --lm-head), and
+   the ternary bundle once more with an int4 head (`ternary-int4-head`); for quantized heads, the
+   logit error of the quantized head against the checkpoint's dense one on the same hidden
    states (the bundle's `hidden` output) of a random 64-token prompt;
 4. --rounds rounds; in each, every run once, in one process each: llama-bench -p P -n N -t T -r 1
    --repack R (its own warm-up untimed) and an edgecpm worker process (Session on onnxruntime,
@@ -71,6 +72,9 @@ PRECISIONS = {
              "llama": [("q4_0", "q4_0", [])]},
     "ternary": {"checkpoint": "ternary", "edgecpm": {},
                 "llama": [("tq2_0", "tq2_0", [])]},
+    # The same with a 4-bit head: fewer bytes a token (llama.cpp's q6_K head lies between), more error.
+    "ternary-int4-head": {"checkpoint": "ternary", "edgecpm": {"lm_head": "int4"},
+                          "llama": [("tq2_0", "tq2_0", [])]},
 }
 
 # Run by the converter's Python: every tensor of a GGUF file (name, type, elements, bytes).
