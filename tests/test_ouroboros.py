@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_speculative import TrigramBackend, V, chi2_critical
+from test_speculative import TrigramBackend, V, check_two_token_distribution
 
 import edgecpm
 from edgecpm.drafters import ModelDrafter, PhrasePool, SpecConfig
@@ -111,20 +111,4 @@ def test_ouroboros_sampling_is_lossless():
     spec = SpecConfig(depth=2, tree_size=3, phrases=True)
     drafter = ModelDrafter(draft_backend, KVCache(draft_backend.config, 64, np.float32), spec, None)
     s = edgecpm.Session.from_backend(TrigramBackend(table), kv_budget=64 * 64, draft=SpecConfig(draft=drafter))
-    prompt, n = [0, 1, 2], 6000
-    joint = np.zeros((V, V))
-    accepted = 0
-    for i in range(n):
-        g = s.generate(prompt, max_new_tokens=3, temperature=1.0, seed=i, ignore_eos=True)
-        joint[g.token_ids[0], g.token_ids[1]] += 1
-        accepted += g.stats["accepted_per_step"] > 1.0
-    assert accepted > n // 10
-
-    def softmax(x):
-        e = np.exp(x - x.max())
-        return e / e.sum()
-
-    p1 = softmax(table[1, 2])
-    expected = np.array([[p1[x] * softmax(table[2, x])[y] for y in range(V)] for x in range(V)]) * n
-    assert ((joint - expected) ** 2 / expected).sum() < chi2_critical(V * V - 1)
-    assert ((joint.sum(1) - p1 * n) ** 2 / (p1 * n)).sum() < chi2_critical(V - 1)
+    check_two_token_distribution(s, table, 6000)

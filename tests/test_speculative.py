@@ -287,32 +287,37 @@ def chi2_critical(df: int, z: float = 3.29) -> float:
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
+def softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def check_two_token_distribution(s, target: np.ndarray, n: int) -> np.ndarray:
+    """Sample n two-token continuations of [0, 1, 2] at temperature 1 from Session s (a trigram
+    target `target` and some drafter): the draft must be accepted in over a tenth of the draws, and
+    the first token and the (first, second) pair must follow the target's own distribution
+    (chi-square at p = 0.0005). Returns p1, the target's first-token distribution."""
+    joint = np.zeros((V, V))
+    with_acceptance = 0  # draws in which the target accepted a draft token
+    for i in range(n):
+        g = s.generate([0, 1, 2], max_new_tokens=3, temperature=1.0, seed=i, ignore_eos=True)
+        joint[g.token_ids[0], g.token_ids[1]] += 1
+        with_acceptance += g.stats["accepted_per_step"] > 1.0
+    assert with_acceptance > n // 10
+    p1 = softmax(target[1, 2])
+    expected = np.array([[p1[x] * softmax(target[2, x])[y] for y in range(V)] for x in range(V)]) * n
+    assert ((joint.sum(1) - p1 * n) ** 2 / (p1 * n)).sum() < chi2_critical(V - 1)
+    assert ((joint - expected) ** 2 / expected).sum() < chi2_critical(V * V - 1)
+    return p1
+
+
 def test_speculative_sampling_is_lossless():
     rng = np.random.default_rng(0)
     target = rng.normal(0, 1.0, size=(V, V, V))
     drafter = RandomTreeDrafter(rng.normal(0, 1.0, size=(V, V, V)) + 0.5 * target, np.random.default_rng(1))
     s = edgecpm.Session.from_backend(TrigramBackend(target), kv_budget=64 * 64, draft=SpecConfig(draft=drafter))
-    prompt, n = [0, 1, 2], 20_000
-    joint = np.zeros((V, V))
-    with_acceptance = 0  # draws in which the target accepted a draft token
-    for i in range(n):
-        g = s.generate(prompt, max_new_tokens=3, temperature=1.0, seed=i, ignore_eos=True)
-        joint[g.token_ids[0], g.token_ids[1]] += 1
-        with_acceptance += g.stats["accepted_per_step"] > 1.0
-    assert with_acceptance > n // 10
-
-    def softmax(x):
-        e = np.exp(x - x.max())
-        return e / e.sum()
-
-    p1 = softmax(target[1, 2])
-    want = np.array([[p1[x] * softmax(target[2, x])[y] for y in range(V)] for x in range(V)])
-    expected = want * n
-    chi2_joint = ((joint - expected) ** 2 / expected).sum()
-    first = joint.sum(1)
-    chi2_first = ((first - p1 * n) ** 2 / (p1 * n)).sum()
-    assert chi2_first < chi2_critical(V - 1)
-    assert chi2_joint < chi2_critical(V * V - 1)
+    n = 20_000
+    p1 = check_two_token_distribution(s, target, n)
     # The test has power: the draft's own distribution is far from the target's.
     draft_p1 = softmax(drafter.table[1, 2])
     assert ((draft_p1 * n - p1 * n) ** 2 / (p1 * n)).sum() > 10 * chi2_critical(V - 1)
