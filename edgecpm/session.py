@@ -66,8 +66,12 @@ class Session:
         # Requests are serialized: a Session may be shared by threads (see _exclusive).
         self._lock = threading.Lock()
         self._holder: tuple[int, object] | None = None  # (thread id, its open stream) while one runs
-        spec = None if draft is None else draft if isinstance(draft, SpecConfig) else default_spec(
-            backend.config, draft, eagle=draft != "ngram" and is_eagle(Path(draft)))
+        if draft is None or isinstance(draft, SpecConfig):
+            spec = draft
+        elif isinstance(draft, (str, Path)):  # "ngram" or a folder: the measured settings for it
+            spec = default_spec(backend.config, draft, eagle=draft != "ngram" and is_eagle(Path(draft)))
+        else:  # the caller's own drafter object
+            spec = SpecConfig(draft=draft)
         if kv_policy == "window" and (spec or self.config.sparse):
             raise ConfigError(f"{path}: kv_policy='window' does not combine with "
                               f"{'speculative decoding' if spec else 'InfLLM v2 sparse attention'} yet; use 'error'")

@@ -349,6 +349,8 @@ def test_a_bare_draft_takes_the_measured_defaults(make_checkpoint):
     assert s.spec == default_spec(s.config, "ngram") and s.spec.ngram_min == 1
     mine = SpecConfig(draft="ngram", depth=2, tree_size=2)
     assert edgecpm.Session(ckpt, backend="torch", draft=mine).spec == mine
+    own = NgramDrafter(mine)  # a drafter object: used as it is, with SpecConfig's defaults
+    assert edgecpm.Session(ckpt, backend="torch", draft=own).drafter is own
     args = argparse.Namespace(draft="ngram", draft_depth=None, draft_tree_size=None, draft_branch=None)
     assert spec_config(args) == "ngram"
     args.draft_depth = 3
