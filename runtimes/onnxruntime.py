@@ -125,10 +125,10 @@ class OnnxRuntimeBackend:
         """The arena is bound by pointer at every step: nothing of it is kept here."""
 
     def _decoder_model(self, graph: dict, ternary: str, attention: str | None, quant: str | None, opts,
-                       providers: list[str]) -> tuple[str | bytes, str | None, str | None, str | None]:
-        """The decoder graph to load — its path, or the graph rewritten in memory (its weights still
-        read from the bundle's external data file) — what runs the ternary linears (None: there are
-        none), what runs attention (None: the graph's own ops) and what runs the QuantMatMul nodes."""
+                       providers: list[str]) -> tuple[bytes, str | None, str | None, str | None]:
+        """The decoder graph to load, rewritten in memory (its weights still read from the bundle's
+        external data file), what runs the ternary linears (None: there are none), what runs
+        attention (None: the graph's own ops) and what runs the QuantMatMul nodes (None: none)."""
         import os
 
         if ternary not in TERNARY_KERNELS:

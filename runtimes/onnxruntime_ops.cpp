@@ -327,6 +327,23 @@ RowsFn rows_fn(const std::string& path, const Problem& p) {
 
 constexpr int64_t kRowsPerTask = 16;
 
+// Runs fn(p, n0, n1) over the rows of y in tasks of `rows` on onnxruntime's intra-op threads.
+template <typename P>
+OrtStatus* parallel_rows(const OrtApi* api, OrtKernelContext* ctx, const P& p,
+                         void (*fn)(const P&, int64_t, int64_t), int64_t rows) {
+  struct Job {
+    const P* p;
+    void (*fn)(const P&, int64_t, int64_t);
+    int64_t rows;
+  } job{&p, fn, rows};
+  auto run = [](void* data, size_t task) {
+    const Job& j = *static_cast<const Job*>(data);
+    const int64_t n0 = int64_t(task) * j.rows;
+    j.fn(*j.p, n0, std::min(n0 + j.rows, j.p->N));
+  };
+  return api->KernelContext_ParallelFor(ctx, run, size_t((p.N + rows - 1) / rows), 0, &job);
+}
+
 struct TernaryMatMul {
   TernaryMatMul(const OrtApi* api, const OrtKernelInfo* info) : api_(api), isa_(isa()) {
     Ort::ConstKernelInfo ki(info);
@@ -349,26 +366,17 @@ struct TernaryMatMul {
     ys.back() = ps[0];
     Problem p{x.Data(), packed.Data(), scales.Data(), y.Allocate(ys),
               x.NumberOfElement() / K, K, ps[0], ps[1], K / group_size_, group_size_};
-    struct Job {
-      const Problem* p;
-      RowsFn fn;
-      int64_t rows;  // per task
-    } job{&p, rows_fn(isa_, p), kRowsPerTask};
+    const RowsFn fn = rows_fn(isa_, p);
+    int64_t rows = kRowsPerTask;
     std::vector<float> xp;
 #if defined(__x86_64__)
-    if (job.fn == rows_avx512 && p.M >= kPanelTokens) {  // the panel path (see Gemm)
+    if (fn == rows_avx512 && p.M >= kPanelTokens) {  // the panel path (see Gemm)
       xp = pack_tokens(p.x, p.M, K, [](int64_t k) { return k; });
       p.gemm = {xp.data(), p.y, p.M, K, p.N};
-      job.rows = kPanelRows;
+      rows = kPanelRows;
     }
 #endif
-    auto run = [](void* data, size_t task) {
-      const Job& j = *static_cast<const Job*>(data);
-      const int64_t n0 = int64_t(task) * j.rows;
-      j.fn(*j.p, n0, std::min(n0 + j.rows, j.p->N));
-    };
-    const size_t tasks = size_t((p.N + job.rows - 1) / job.rows);
-    return Ort::Status(api_->KernelContext_ParallelFor(ctx, run, tasks, 0, &job));
+    return Ort::Status(parallel_rows(api_, ctx, p, fn, rows));
   }
 
   const OrtApi* api_;
@@ -666,17 +674,7 @@ struct QuantMatMul {
         for (int64_t k = 0; k < K; ++k) split[size_t(m * K + input_of(p, k))] = p.x[m * K + k];
       p.x = split.data();
     }
-    struct Job {
-      const QProblem* p;
-      QRowsFn fn;
-    } job{&p, fn};
-    auto run = [](void* data, size_t task) {
-      const Job& j = *static_cast<const Job*>(data);
-      const int64_t n0 = int64_t(task) * kPanelRows;
-      j.fn(*j.p, n0, std::min(n0 + kPanelRows, j.p->N));
-    };
-    const size_t tasks = size_t((p.N + kPanelRows - 1) / kPanelRows);
-    return Ort::Status(api_->KernelContext_ParallelFor(ctx, run, tasks, 0, &job));
+    return Ort::Status(parallel_rows(api_, ctx, p, fn, kPanelRows));
   }
 
   const OrtApi* api_;
