@@ -40,6 +40,7 @@ from edgecpm.runtimes.tensorrt_engines import (
 )
 
 TRT_GRAPH = ".decoder.trt.onnx"  # the rewritten graph, beside decoder.onnx so external data resolves
+TRT_DATA = ".decoder.trt.onnx.data"  # weights the rewrite made (int8 / int4 bundles: signed, transposed codes)
 CUSTOM_DOMAIN = "edgecpm"
 
 
@@ -93,16 +94,24 @@ def profile_shapes(inputs: list[dict], profile: dict) -> dict[str, tuple[tuple, 
 
 
 # ---- the graph rewrite ---------------------------------------------------------------------------------
-def prepare_for_tensorrt(model) -> dict:
-    """Rewrites an ONNX ModelProto in place (external data is never loaded) for TensorRT's parser:
+def prepare_for_tensorrt(model, base_dir=None, sink=None) -> dict:
+    """Rewrites an ONNX ModelProto in place (external data is never loaded as a whole) for TensorRT's parser:
     - removes the ONNX local functions that back the `edgecpm` custom ops (the parser would inline
       them; without them it maps the nodes to the plugins of the same name);
     - casts the InfLLMv2Attention inputs positions (int64) and attn_mask (bool) to int32: TensorRT
       documents bool as unsupported for plugin I/O (one Cast per source tensor, shared by layers);
     - retypes the TernaryMatMul packed codes from uint32 to int32, which TensorRT has (same bytes;
-      the kernels read them as uint32).
+      the kernels read them as uint32);
+    - int8 / int4 bundles (no plugin): rewrites each QuantMatMul into DequantizeLinear of its weight
+      as signed INT4 / INT8 (blocked along the inputs, opset 21; per channel for int8 with one scale
+      a row) feeding a MatMul, plus an exact zero-point term, and the quantized embedding into a
+      Gather of DequantizeLinear rows; the opset becomes 21 (export/trt_quant.py). The weights are
+      read from base_dir and written through `sink` (a trt_quant.TensorSink; in the model when None).
+      Host-checked with onnxruntime, not executed on TensorRT here.
     Returns what was changed."""
     from onnx import TensorProto, helper, numpy_helper
+
+    from edgecpm.export.trt_quant import lower_quant_for_tensorrt
 
     foreign = sorted({n.op_type for n in model.graph.node if n.domain == "com.microsoft"})
     if foreign:
@@ -145,7 +154,11 @@ def prepare_for_tensorrt(model) -> dict:
         nodes.append(copy)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    return {"functions_removed": removed, "casts": sorted(casts), "retyped": sorted(retyped)}
+    changes = {"functions_removed": removed, "casts": sorted(casts), "retyped": sorted(retyped)}
+    quant = lower_quant_for_tensorrt(model, base_dir, sink)
+    if quant:
+        changes["quantized"] = quant
+    return changes
 
 
 def _retype_uint32(tensor, TensorProto, numpy_helper) -> None:
@@ -171,12 +184,21 @@ def write_trt_graph(bundle_path: Path, graph_file: str) -> tuple[Path, dict]:
         raise BackendUnavailable(f"edgecpm build: cannot import onnx ({e}), needed to prepare the graph for "
                                  f"TensorRT's parser; `pip install onnx`") from None
 
+    from edgecpm.export.trt_quant import TensorSink
+
     model = onnx.load(str(bundle_path / graph_file), load_external_data=False)
-    changes = prepare_for_tensorrt(model)
-    out = bundle_path / TRT_GRAPH
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, out)
+    try:
+        changes = prepare_for_tensorrt(model, bundle_path, TensorSink(bundle_path, TRT_DATA))
+        out = bundle_path / TRT_GRAPH
+        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+        onnx.save(model, str(tmp))
+        os.replace(tmp, out)
+    except BaseException:
+        (bundle_path / TRT_DATA).unlink(missing_ok=True)
+        raise
+    if not any(t.external_data and any(e.value == TRT_DATA for e in t.external_data)
+               for t in model.graph.initializer):
+        (bundle_path / TRT_DATA).unlink(missing_ok=True)
     return out, changes
 
 
@@ -284,6 +306,7 @@ def build_engine(bundle_path, fp16: bool = False, max_prefill: int = 512, max_ve
         atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     finally:
         trt_graph.unlink(missing_ok=True)
+        (bundle_path / TRT_DATA).unlink(missing_ok=True)
 
     engine = engines / engine_filename(gpu, version)
     atomic_write_bytes(engine, data)
