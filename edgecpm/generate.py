@@ -181,9 +181,14 @@ def speculative_tokens(backend, cache: KVCache, logits: np.ndarray, sampler: Sam
     carries that token the walk descends, otherwise that token ends the step. Every emitted token
     is therefore exactly what plain decoding would emit (sample-then-match: sampling stays
     lossless). The cache keeps the rows of the root and the accepted nodes, compacted.
+
+    Per-step Python stays small: a chain (every n-gram and chain-model step) takes its cached causal
+    mask and consecutive positions, and its walk needs no children table; plain greedy decoding
+    picks every row's token in one argmax over the logits; a chain's accepted rows stay in place.
     """
     n = 0
     token = sampler(logits)
+    greedy = sampler.plain_greedy  # pick every row's token in one argmax
     while True:
         sampler.observe(token)
         yield token
@@ -194,16 +199,25 @@ def speculative_tokens(backend, cache: KVCache, logits: np.ndarray, sampler: Sam
             return "length"
         t0 = time.perf_counter()
         tree = drafter.propose(np.append(cache.ids, token))  # the context: the cache's ids + the root
-        tree = tree.truncated(min(len(tree), cache.free - 1))
+        m = min(len(tree), cache.free - 1)
+        ids = np.empty(m + 1, dtype=np.int64)
+        ids[0] = token
+        ids[1:] = tree.tokens[:m]
+        if tree.is_chain():  # mask, positions and walk without per-node work
+            chain, mask, depths = True, causal_mask(m + 1), _rows(m + 1)
+        else:
+            tree = tree.truncated(m)
+            chain, mask, depths = False, tree.ancestor_mask(), tree.depths()
         start = cache.length
-        out = run_step(backend, cache, np.concatenate([[token], tree.tokens]).astype(np.int64),
-                       tree.ancestor_mask(), np.arange(len(tree) + 1, dtype=np.int64),
-                       positions=cache.position + tree.depths())
-        kids = tree.children()
+        out = run_step(backend, cache, ids, mask, _rows(m + 1), positions=cache.position + depths)
+        drafted = ids[1:].tolist()
+        picks = out.argmax(axis=-1).tolist() if greedy else None
+        kids = None if chain else tree.children()
         row, keep, accepted = 0, [start], []
         while True:
-            token = sampler(out[row])
-            child = kids[row].get(token)
+            token = picks[row] if greedy else sampler(out[row])
+            # A chain's row i has one child, row i + 1, carrying drafted[i].
+            child = (row + 1 if row < m and drafted[row] == token else None) if chain else kids[row].get(token)
             # A token that ends generation is emitted by the loop head; its row is not kept.
             if child is None or token in eos_ids or n + len(accepted) + 1 >= max_new_tokens:
                 break
@@ -216,10 +230,18 @@ def speculative_tokens(backend, cache: KVCache, logits: np.ndarray, sampler: Sam
         timer.decode_tokens += len(accepted) + 1
         timer.steps += 1
         timer.accepted.append(len(accepted))
-        timer.drafted.append(len(tree))
+        timer.drafted.append(m)
         for x in accepted:
             yield x
             n += 1
+
+
+_ROWS = np.arange(64, dtype=np.int64)
+
+
+def _rows(n: int) -> np.ndarray:
+    """0, 1, ..., n-1 (logit rows of a verification step; a chain's depths)."""
+    return _ROWS[:n] if n <= len(_ROWS) else np.arange(n, dtype=np.int64)
 
 
 def generate_text(backend, cache: KVCache, tokenizer, prompt_ids, max_new_tokens: int, params: SamplingParams,

@@ -204,7 +204,13 @@ class KVCache:
             raise ValueError(f"rows {rows.tolist()} are not an ascending subset of [{start}, {self.length})")
         if self.evicted:
             raise ValueError("keep() after the window policy dropped rows: rows and positions differ")
-        self._ids[start : start + len(rows)] = self._ids[rows]
+        n = len(rows)
+        if not self.sparse and (n == 0 or rows[-1] == start + n - 1):  # ascending from start: rows stay put
+            self.length = start + n  # (a chain's accepted prefix: no copy; the hooks still hear of it)
+            for hook in self.keep_hooks:
+                hook(start, rows)
+            return
+        self._ids[start : start + n] = self._ids[rows]
         self._compact(start, rows)
 
     def _compact(self, start: int, rows: np.ndarray) -> None:

@@ -49,6 +49,12 @@ class Sampler:
         if params.repetition_penalty != 1.0:
             self.seen[np.asarray(history, dtype=np.int64)] = True
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes as tokens are observed (no penalty, no constraint): the
+        token picked from a logits row is its argmax, so many rows can be picked at once."""
+        return self.params.greedy and self.params.repetition_penalty == 1.0 and self.constraint is None
+
     def observe(self, token: int) -> None:
         if self.constraint is not None:
             self.constraint.advance(token)

@@ -97,6 +97,22 @@ def test_keep_compacts_accepted_rows(cfg):
     assert c.length == 7
 
 
+def test_keep_of_a_prefix_moves_nothing(cfg):
+    """A chain's accepted rows [start, start + n) stay where they are: no copy, the tail is cut, the
+    ids stay, and the keep hooks still hear of it."""
+    c = KVCache(cfg, 16, np.float32)
+    _fill(c, 10, 0.0)
+    heard = []
+    c.keep_hooks.append(lambda start, rows: heard.append((start, list(rows))))
+    before = c.arena.copy()
+    c.keep(4, [4, 5, 6])
+    assert c.length == 7 and heard == [(4, [4, 5, 6])]
+    np.testing.assert_array_equal(c.arena, before)
+    np.testing.assert_array_equal(c.ids, np.arange(7))  # _fill commits ids 0, 1, ...
+    c.keep(7, [])
+    assert c.length == 7 and heard[-1] == (7, [])
+
+
 @pytest.mark.parametrize("rows", [[3, 5], [5, 5], [6, 5], [4, 10]])
 def test_keep_rejects_bad_rows(cfg, rows):
     c = KVCache(cfg, 16, np.float32)

@@ -115,20 +115,23 @@ def test_max_new_tokens_mid_acceptance(ckpt, greedy, n):
     assert s.cache.length == len(PROMPT) + n - 1
 
 
-def test_kv_arena_equals_one_by_one(ckpt, greedy):
-    """After accepts and rejects (tree drafts that are partly right) the arena equals the plain run's."""
+@pytest.mark.parametrize("tree", [True, False])
+def test_kv_arena_equals_one_by_one(ckpt, greedy, tree):
+    """After accepts and rejects (drafts that are partly right) the arena equals the plain run's:
+    a tree's accepted rows are compacted, a chain's accepted prefix stays in place."""
     ref = PROMPT + greedy
 
     class HalfRight(Scripted):
         def propose(self, context):
             tree = super().propose(context)
             if len(context) % 3 == 0:  # every third step the second level is wrong
-                tree.tokens[3:] = (tree.tokens[3:] + 1) % 512
+                tree.tokens[3 if self.tree else 1 :] += 1
+                tree.tokens %= 512
             return tree
 
     plain = edgecpm.Session(ckpt)
     plain.generate(PROMPT, max_new_tokens=25, ignore_eos=True)
-    s, g = run(ckpt, SpecConfig(draft=HalfRight(ref, 512, tree=True)), n=25)
+    s, g = run(ckpt, SpecConfig(draft=HalfRight(ref, 512, tree=tree)), n=25)
     assert 1.0 < g.stats["accepted_per_step"] < 5.0  # both accepts and rejects happened
     n = plain.cache.length
     assert s.cache.length == n
