@@ -141,8 +141,12 @@ def load_plugins(trt, lib: Path) -> None:
     _LOADED_PLUGIN_LIBS.add(str(lib))
 
 
+# Custom ops `edgecpm build` rewrites into standard ONNX ops for TensorRT (export/trt_quant.py): no plugin.
+REWRITTEN_OPS = frozenset({"QuantMatMul"})
+
+
 def needs_plugins(manifest: dict) -> bool:
-    return bool(manifest.get("custom_ops"))
+    return any(op not in REWRITTEN_OPS for op in manifest.get("custom_ops") or [])
 
 
 def require_plugin_library(manifest: dict, explicit=None, what: str = "edgecpm build") -> Path | None:
