@@ -2,15 +2,18 @@
 
     build_engine("bundle/", fp16=True)   ->  bundle/engines/<gpu>-trt<version>.engine (+ a manifest record)
 
-Steps: load the plugin library (when the graph has custom ops), write a TensorRT flavour of the
-decoder graph next to it (ONNX local functions removed so the parser maps the custom nodes to the
-plugins; see prepare_for_tensorrt), parse, add two optimization profiles (prefill chunks and
+Steps: load the plugin library (when the graph has custom ops other than QuantMatMul), write a
+TensorRT flavour of the decoder graph next to it (ONNX local functions removed so the parser maps
+the custom nodes to the plugins; an int8 / int4 bundle's QuantMatMul and quantized embedding
+rewritten into DequantizeLinear + MatMul / Gather, with the rewritten weights in a data file beside
+it; see prepare_for_tensorrt), parse, add two optimization profiles (prefill chunks and
 decode/verify steps), build with a timing cache kept in bundle/engines/, write the engine
 atomically and record it in manifest.json (rewritten atomically). Peak host memory of the build is
 reported: Jetson boards share 8-64 GB between CPU and GPU.
 
 Everything that does not need TensorRT -- profile planning, the graph rewrite, the manifest
-record -- is a plain function here, tested on CPU (tests/test_tensorrt_host.py). What the device
+record -- is a plain function here, tested on CPU (tests/test_tensorrt_host.py, and
+tests/test_tensorrt_quant.py, which runs the rewritten quantized graph on onnxruntime). What the device
 needs at run time as well -- engine naming and the "built for another GPU / TensorRT" check, the
 GPU's identity, the plugin library, the lazy TensorRT and cuda-python imports, profile selection --
 lives beside the TensorRT backend, in edgecpm.runtimes.tensorrt_engines. TensorRT itself is
