@@ -215,7 +215,8 @@ class _Rewrite:
                       f"{' and '.join(map(str, TRT_INT4_BLOCKS))} only (re-export with --group-size 64 or 128)", what)
         if bits == 8 and not per_channel:
             self.note("INT8 with several scales a row: needs TensorRT's INT8 block quantization (documented in "
-                      "recent releases only; older ones take one INT8 scale a row)", what)
+                      "recent releases only; older ones take one INT8 scale a row: export with --lm-head int4, "
+                      "--quantize int8 --group-size -1 or int4 for those)", what)
         return per_channel, (c if c.any() else None)
 
     def note(self, text: str, what: str) -> None:
@@ -396,6 +397,10 @@ def lower_quant_for_tensorrt(model: onnx.ModelProto, base_dir=None, sink: Tensor
     del graph.node[:]
     graph.node.extend(_live(nodes, {o.name for o in graph.output}))
     graph.initializer.extend(rw.new_inits)
+    produced = {o for n in graph.node for o in n.output}
+    infos = [v for v in graph.value_info if v.name in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
     used = {i for n in graph.node for i in n.input}
     kept = [t for t in graph.initializer if t.name in used]
     dropped = len(graph.initializer) - len(kept)

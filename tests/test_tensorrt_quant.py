@@ -68,13 +68,15 @@ def _rewrite(bundle):
 
 def _check_weights(path, bundle, manifest):
     """The rewritten graph keeps the quantized matrices at 4 / 8 bits: every DequantizeLinear reads a
-    signed INT4 / INT8 initializer, their bytes are bits / 8 per weight, and no float initializer is as
-    large as a weight matrix (no dense copy)."""
+    signed INT4 / INT8 initializer of bits / 8 bytes a weight, and the only new float initializers
+    are their scales and zero-point terms (at most one value per block of 16 weights each: no dense
+    copy of a matrix)."""
     model = onnx.load(str(path), load_external_data=False)
+    original = {t.name for t in onnx.load(str(bundle / "decoder.onnx"), load_external_data=False).graph.initializer}
     inits = {t.name: t for t in model.graph.initializer}
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert dq
-    weights, nbytes = 0, 0
+    weights, nbytes, scale_elems = 0, 0, 0
     for n in dq:
         t = inits[n.input[0]]
         bits = {TensorProto.INT4: 4, TensorProto.INT8: 8}[t.data_type]
@@ -83,15 +85,16 @@ def _check_weights(path, bundle, manifest):
         assert length == count * bits // 8  # bytes per weight
         weights += count
         nbytes += length
+        scale_elems += int(np.prod(inits[n.input[1]].dims))
     q = manifest["quantization"]
     head = manifest["lm_head"]
     head_weights = sum(np.prod(v["shape"]) for v in head["tensors"].values()) if head else 0
     tied = manifest["config"]["tie_word_embeddings"] and head is not None
     assert weights == q["weights"] + head_weights * (2 if tied else 1)  # a tied matrix: rows + [H, V]
-    smallest = min(min(v["shape"]) for v in q["tensors"].values())
+    new_float = sum(int(np.prod(t.dims)) for t in model.graph.initializer
+                    if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and t.name not in original)
+    assert scale_elems * 16 <= weights and new_float <= 2 * scale_elems
     for t in model.graph.initializer:
-        if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16):
-            assert np.prod(t.dims) < smallest * smallest, t.name
         assert t.data_type != TensorProto.UINT8, t.name  # TensorRT takes no uint8 weights
     return nbytes
 
@@ -116,6 +119,7 @@ def test_rewritten_graph_matches_the_bundle(make_checkpoint, tmp_path, mode, gro
     ops = {(n.domain, n.op_type) for n in model.graph.node}
     assert ("edgecpm", "QuantMatMul") not in ops and ("", "BitShift") not in ops
     assert not model.functions and model.opset_import[0].version == 21 and model.ir_version >= 10
+    onnx.checker.check_model(str(path), full_check=True)
     n_quant = manifest["quantization"]["count"] + 1  # the linears and the LM head
     assert q["int4"] + q["int8"] + q["int8_per_channel"] == n_quant
     assert q["embeddings"] == 1 and q["zero_point_terms"] == n_quant + 1  # RTN is asymmetric everywhere
@@ -288,3 +292,23 @@ def test_quantized_bundle_needs_no_plugin_library():
     assert te.require_plugin_library({"custom_ops": ["QuantMatMul"]}, None) is None
     assert te.needs_plugins({"custom_ops": ["InfLLMv2Attention", "QuantMatMul"]})
     assert not te.needs_plugins({"custom_ops": []}) and not te.needs_plugins({})
+
+
+def test_sparse_int4_bundle_keeps_its_plugin_nodes(make_checkpoint, tmp_path):
+    """InfLLM v2 + int4: the attention stays a plugin node (int32 casts), the linears become DQ + MatMul."""
+    ckpt = make_checkpoint(tie=False, sparse_config={"dense_len": 512, "window_size": 128, "topk": 2},
+                           hidden_size=2048, num_attention_heads=16, num_key_value_heads=1, intermediate_size=256,
+                           num_hidden_layers=2, rms_norm_eps=1e-6)
+    bundle = export_bundle(ckpt, tmp_path / "b", sparse=True, quantize="int4", progress=False)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert set(manifest["custom_ops"]) == {"InfLLMv2Attention", "QuantMatMul"}
+    path, changes = _rewrite(bundle)
+    assert changes["functions_removed"] == ["InfLLMv2Attention", "QuantMatMul"] and len(changes["casts"]) == 2
+    q = changes["quantized"]
+    assert q["int4"] == 14 and q["int8"] == 1 and q["embeddings"] == 1  # linears: groups of 128, no note;
+    assert len(q["notes"]) == 1 and "INT8 with several scales" in q["notes"][0]  # the int8 head: blocks of 128
+    model = onnx.load(str(path), load_external_data=False)
+    ops = [(n.domain, n.op_type) for n in model.graph.node]
+    assert ops.count(("edgecpm", "InfLLMv2Attention")) == 2 and ("edgecpm", "QuantMatMul") not in ops
+    assert model.opset_import[0].version == 21
+    _check_weights(path, bundle, manifest)
