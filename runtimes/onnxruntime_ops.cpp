@@ -25,9 +25,11 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
+#include <cmath>
 #include <utility>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -128,6 +130,16 @@ __attribute__((target("avx512f"))) void panel_rows(const Gemm& p, int64_t n0, in
 
 // ---- TernaryMatMul ------------------------------------------------------------------------------
 
+// The AVX-512 VNNI decode path's view of the tokens (see "AVX-512 VNNI" below): per token, per chunk
+// of 256 inputs (16 words), 3 digits x 4 shifts x 64 signed bytes, and per word the value of one
+// integer step and the sum of its 16 integers.
+struct Digits {
+  const int8_t* d = nullptr;   // [M, chunks, 3, 4, 64]
+  const float* step = nullptr;  // [M, chunks * 16]
+  const int32_t* sum = nullptr;  // [M, chunks * 16]
+  int64_t chunks = 0;
+};
+
 struct Problem {
   const float* x;           // [M, K]
   const uint32_t* packed;   // [N, words]
@@ -135,6 +147,7 @@ struct Problem {
   float* y;                 // [M, N]
   int64_t M, K, N, words, groups, group_size;
   Gemm gemm;                // several tokens on AVX-512: x packed for the panel path (gemm.xp), else null
+  Digits digits;            // a few tokens on AVX-512 VNNI: x as block integers (see Digits), else null
 };
 
 float weight(const uint32_t* codes, int64_t k) {
@@ -234,6 +247,129 @@ __attribute__((target("avx512f"))) void rows_avx512(const Problem& p, int64_t n0
   for (; n < n1; ++n) tokens_avx512<1>(p, n);
 }
 
+// ---- AVX-512 VNNI: a few tokens as 24-bit block integers times the codes as bytes ---------------
+//
+// The fp32 decode above spends three vector instructions on 16 weights and cannot keep up with
+// memory. Here each token's inputs are written, per word of 16, as integers D = round(x / step), the
+// step a power of two just above max|x| / (127 * 2^16): |x - D * step| <= step / 2 <= 2^-23 max|x|,
+// one fp32 ulp of the word's largest input (the fp32 path rounds each product to 2^-24 of itself
+// instead). D is written as three signed base-256 digits (D = 65536 d1 + 256 d2 + d3, each in [-128, 127]). One vpdpbusd multiplies 64 codes (bytes
+// 0..2) by 64 digits and sums them in fours into int32 lanes, exactly; a 64-byte load of codes is 16
+// words, lane L = word L, and (codes >> 2s) & 3 puts code 4j + s of each word in its byte j, so the
+// digits are stored in that order. Per row and 256 weights: 7 instructions to split the codes, 12
+// vpdpbusd, two shifts combining the digits (sum c D < 2^28 fits int32), one subtraction of sum D
+// (the codes are w + 1), one conversion and one FMA by the steps and scales -- about 24 instead of
+// 48. Integer sums are exact, so the result differs from the exact product only by that rounding of
+// x (tested against float64 like the other paths; one-hot rows come back exactly).
+constexpr int64_t kChunk = 256, kChunkBytes = 3 * 4 * 64;
+
+// x [K] -> one token's digits (zeroed by the caller), steps and sums; words past K stay zero.
+void make_digits(const float* x, int64_t K, int8_t* d, float* step, int32_t* sum) {
+  for (int64_t w = 0; w * 16 < K; ++w) {
+    const int64_t k0 = w * 16, k1 = std::min(K, k0 + 16);
+    float most = 0.f;
+    bool finite = true;
+    for (int64_t k = k0; k < k1; ++k) {
+      most = std::max(most, std::fabs(x[k]));
+      finite = finite && std::isfinite(x[k]);
+    }
+    if (!finite || most == 0.f) {  // inf / nan: the word's products are nan, as in fp32
+      step[w] = finite ? 0.f : NAN;
+      continue;
+    }
+    // The step: the smallest power of two with |D| <= 127 * 2^16 (d1 in range). A power of two makes
+    // x / step and D * step exact scalings: a one-hot input comes back bit for bit.
+    int e;
+    const float mant = std::frexp(most / (127.f * 65536.f), &e);
+    const float f = std::max(std::ldexp(1.f, mant == 0.5f ? e - 1 : e), std::numeric_limits<float>::denorm_min());
+    step[w] = f;
+    int8_t* out = d + (w / 16) * kChunkBytes + 4 * (w % 16);
+    int32_t total = 0;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int32_t D = int32_t(std::lrint(double(x[k]) / double(f)));
+      const int32_t d3 = ((D + 128) & 255) - 128, e = (D - d3) / 256;
+      const int32_t d2 = ((e + 128) & 255) - 128, d1 = (e - d2) / 256;
+      const int64_t j = (k - k0) / 4, s = (k - k0) % 4;
+      out[(0 * 4 + s) * 64 + j] = int8_t(d1);
+      out[(1 * 4 + s) * 64 + j] = int8_t(d2);
+      out[(2 * 4 + s) * 64 + j] = int8_t(d3);
+      total += D;
+    }
+    sum[w] = total;
+  }
+}
+
+// Rows n .. n + R, token m.
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_vnni(const Problem& p, int64_t n, int64_t m) {
+  const Digits& g = p.digits;
+  const int8_t* d = g.d + m * g.chunks * kChunkBytes;
+  const float* step = g.step + m * g.chunks * 16;
+  const int32_t* sum = g.sum + m * g.chunks * 16;
+  const int64_t wg = p.groups == 1 ? INT64_MAX : p.group_size / 16;  // words per scale
+  // Scales finer than a chunk: lane L takes scale (L / wg) of the chunk's first group.
+  const int shift = __builtin_ctzll(uint64_t(wg < 16 ? wg : 1));
+  const __m512i lane_group = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               shift);
+  // A nibble holds two codes: vpshufb looks the first (low two bits) and the second up.
+  const __m512i low = _mm512_set1_epi8(15);
+  const __m512i code0 = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3));
+  const __m512i code1 = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3));
+  __m512 acc[R];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  for (int64_t i = 0; i < g.chunks; ++i) {
+    const int64_t live_words = std::min<int64_t>(16, p.words - 16 * i);
+    const __mmask16 live = live_words == 16 ? __mmask16(0xFFFF) : __mmask16((1u << live_words) - 1);
+    const int8_t* di = d + i * kChunkBytes;
+    const int64_t first = wg >= 16 ? (16 * i) / wg : (16 * i) >> shift;  // the chunk's first scale
+    const __mmask16 scale_lanes = wg >= 16 ? 1 : __mmask16((1u << ((live_words + wg - 1) >> shift)) - 1);
+    const __m512 steps = _mm512_loadu_ps(step + 16 * i);
+    const __m512i sums = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(sum + 16 * i));
+    for (int r = 0; r < R; ++r) {
+      const uint32_t* row = p.packed + (n + r) * p.words + 16 * i;
+      _mm_prefetch(reinterpret_cast<const char*>(row + 8 * p.words), _MM_HINT_T0);  // the row 8 ahead
+      const __m512i codes = _mm512_maskz_loadu_epi32(live, row);
+      const __m512i lo = _mm512_and_si512(codes, low), hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), low);
+      const __m512i c[4] = {_mm512_shuffle_epi8(code0, lo), _mm512_shuffle_epi8(code1, lo),
+                            _mm512_shuffle_epi8(code0, hi), _mm512_shuffle_epi8(code1, hi)};
+      // One accumulator per digit (vpdpbusd's latency would otherwise chain all twelve); the last
+      // starts at -sum D, as the codes are w + 1.
+      __m512i a[3] = {_mm512_setzero_si512(), _mm512_setzero_si512(), sums};
+      for (int s = 0; s < 4; ++s)
+        for (int digit = 0; digit < 3; ++digit)
+          a[digit] = _mm512_dpbusd_epi32(a[digit], c[s], _mm512_loadu_si512(di + (digit * 4 + s) * 64));
+      const __m512i total = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(_mm512_slli_epi32(a[0], 8), a[1]), 8),
+                                             a[2]);  // sum (c - 1) D
+      const float* row_scales = p.scales + (n + r) * p.groups + first;
+      const __m512 scale = wg >= 16 ? _mm512_set1_ps(*row_scales)
+                                    : _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(scale_lanes, row_scales));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(steps, scale), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) p.y[m * p.N + n + r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void rows_vnni(const Problem& p, int64_t n0, int64_t n1) {
+  if (p.gemm.xp) {
+    rows_avx512(p, n0, n1);
+    return;
+  }
+  for (int64_t m = 0; m < p.M; ++m) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) tile_vnni<4>(p, n, m);
+    for (; n < n1; ++n) tile_vnni<1>(p, n, m);
+  }
+}
+
+// The scale layouts the VNNI path reads: one per row, whole chunks per scale, or a power of two of
+// scales per chunk.
+bool vnni_groups(const Problem& p) {
+  if (p.groups == 1) return true;
+  if (p.group_size % 16) return false;
+  const int64_t wg = p.group_size / 16;
+  return wg % 16 == 0 || (wg & (wg - 1)) == 0;
+}
+
 // ---- AVX2 + FMA: one word = two vectors of 8 weights --------------------------------------------
 __attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -304,22 +440,30 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const Problem& p, int64_t n0,
 
 using RowsFn = void (*)(const Problem&, int64_t, int64_t);
 
-// The widest path this CPU has, capped by EDGECPM_ORT_ISA.
+// The widest path this CPU has, capped by EDGECPM_ORT_ISA (avx512vnni > avx512 > avx2 > scalar).
+// "avx512vnni" is "avx512" plus TernaryMatMul's integer decode; the other kernels read it as avx512.
 const char* isa() {
   const char* cap = std::getenv("EDGECPM_ORT_ISA");
-  const std::string want = cap ? cap : "avx512";
+  const std::string want = cap ? cap : "avx512vnni";
 #if defined(__x86_64__)
-  if (want == "avx512" && __builtin_cpu_supports("avx512f")) return "avx512";
-  if ((want == "avx512" || want == "avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+  const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (want == "avx512vnni" && avx512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni"))
+    return "avx512vnni";
+  if ((want == "avx512vnni" || want == "avx512") && avx512) return "avx512";
+  if ((want == "avx512vnni" || want == "avx512" || want == "avx2") && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma"))
     return "avx2";
 #endif
   return "scalar";
 }
 
+bool is_avx512(const std::string& path) { return path == "avx512" || path == "avx512vnni"; }
+
 RowsFn rows_fn(const std::string& path, const Problem& p) {
   if (p.groups > 1 && p.group_size % 16) return rows_scalar;  // groups that split words
 #if defined(__x86_64__)
-  if (path == "avx512") return rows_avx512;
+  if (path == "avx512vnni" && vnni_groups(p)) return rows_vnni;
+  if (is_avx512(path)) return rows_avx512;
   if (path == "avx2") return rows_avx2;
 #endif
   return rows_scalar;
@@ -368,12 +512,23 @@ struct TernaryMatMul {
               x.NumberOfElement() / K, K, ps[0], ps[1], K / group_size_, group_size_};
     const RowsFn fn = rows_fn(isa_, p);
     int64_t rows = kRowsPerTask;
-    std::vector<float> xp;
+    std::vector<float> xp, steps;
+    std::vector<int8_t> digits;
+    std::vector<int32_t> sums;
 #if defined(__x86_64__)
-    if (fn == rows_avx512 && p.M >= kPanelTokens) {  // the panel path (see Gemm)
+    if ((fn == rows_avx512 || fn == rows_vnni) && p.M >= kPanelTokens) {  // the panel path (see Gemm)
       xp = pack_tokens(p.x, p.M, K, [](int64_t k) { return k; });
       p.gemm = {xp.data(), p.y, p.M, K, p.N};
       rows = kPanelRows;
+    } else if (fn == rows_vnni) {  // the integer decode (see AVX-512 VNNI)
+      const int64_t chunks = (p.words + 15) / 16;
+      digits.assign(size_t(p.M * chunks * kChunkBytes), 0);
+      steps.assign(size_t(p.M * chunks * 16), 0.f);
+      sums.assign(size_t(p.M * chunks * 16), 0);
+      for (int64_t m = 0; m < p.M; ++m)
+        make_digits(p.x + m * K, K, digits.data() + m * chunks * kChunkBytes, steps.data() + m * chunks * 16,
+                    sums.data() + m * chunks * 16);
+      p.digits = {digits.data(), steps.data(), sums.data(), chunks};
     }
 #endif
     return Ort::Status(parallel_rows(api_, ctx, p, fn, rows));
@@ -626,8 +781,8 @@ using QRowsFn = void (*)(const QProblem&, int64_t, int64_t);
 // The path for this ISA and layout, and the input split it needs.
 std::pair<QRowsFn, int64_t> qrows_fn(const std::string& path, int64_t bits, int64_t block) {
 #if defined(__x86_64__)
-  if (path == "avx512" && (bits == 8 || block % 32 == 0)) return {qrows_avx512, bits == 4 ? 32 : 0};
-  if (path == "avx512" || path == "avx2") return {qrows_avx2, bits == 4 ? 16 : 0};
+  if (is_avx512(path) && (bits == 8 || block % 32 == 0)) return {qrows_avx512, bits == 4 ? 32 : 0};
+  if (is_avx512(path) || path == "avx2") return {qrows_avx2, bits == 4 ? 16 : 0};
 #endif
   return {qrows_scalar, 0};
 }
@@ -968,7 +1123,7 @@ __attribute__((target("avx2,fma"))) void attn_task_avx2(const AttnProblem& p, in
 
 AttnFn attn_fn(const std::string& path) {
 #if defined(__x86_64__)
-  if (path == "avx512") return attn_task_avx512;
+  if (is_avx512(path)) return attn_task_avx512;
   if (path == "avx2") return attn_task_avx2;
 #endif
   return attn_task_scalar;
@@ -1018,7 +1173,7 @@ struct Attention {
 
 #define EDGECPM_EXPORT extern "C" __attribute__((visibility("default")))
 
-// The kernel path this library runs on this machine: "avx512", "avx2" or "scalar".
+// The kernel path this library runs on this machine: "avx512vnni", "avx512", "avx2" or "scalar".
 EDGECPM_EXPORT const char* edgecpm_ort_ops_isa() { return isa(); }
 
 // onnxruntime's entry point (SessionOptions.register_custom_ops_library).

@@ -100,10 +100,13 @@ def session(model, library):
 
 def check_against_dequantized(s, w: np.ndarray, m: int, rng) -> None:
     """A one-linear session `s` against its dequantized weight w [N, K]: one-hot rows read w back
-    exactly (each weight times 1, summed with zeros); m random rows with an outlier, as LLM
-    activations have, within fp32 summation error (no activation rounding)."""
+    exactly (each weight times 1, summed with zeros), all K at once and a few; m random rows with an
+    outlier, as LLM activations have, within fp32 summation error."""
     n, k = w.shape
-    assert np.array_equal(s.run(None, {"x": np.eye(k, dtype=np.float32)})[0], w.T)
+    eye = np.eye(k, dtype=np.float32)
+    assert np.array_equal(s.run(None, {"x": eye})[0], w.T)
+    few = np.arange(0, k, max(1, k // 7))[:7]  # under 16 tokens: the decode tiles, not the panel
+    assert np.array_equal(s.run(None, {"x": eye[few]})[0], w[:, few].T)
     x = rng.standard_normal((m, k)).astype(np.float32)
     x[0, 3] = 300
     y = s.run(None, {"x": x})[0]
@@ -115,7 +118,7 @@ def linear(rng, n, k, g):
     return n, g, pack(rng.integers(0, 3, (n, k)).astype(np.uint8)), (rng.random((n, k // g)) + 0.1).astype(np.float32)
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("isa", ["avx512vnni", "avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("n, k, g, m", [(7, 40, 20, 3), (64, 128, 32, 9), (24, 384, 384, 1), (33, 1000, 1000, 17),
                                         (16, 20, 20, 2), (40, 4096, 128, 8), (50, 256, 64, 40)])
 def test_kernel_matches_dequantized_matmul(isa, n, k, g, m, ort_ops, monkeypatch, tmp_path):
@@ -301,7 +304,7 @@ def quant_graph(n, k, bits, block, c):
     return model
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("isa", ["avx512vnni", "avx512", "avx2", "scalar"])
 @pytest.mark.parametrize(("bits", "n", "k", "group", "m"), [
     (4, 37, 128, 32, 1), (4, 20, 256, 128, 5), (4, 9, 96, 16, 3), (4, 16, 64, 64, 9),
     (4, 50, 256, 128, 40), (8, 37, 128, -1, 1), (8, 20, 256, 32, 6), (8, 5, 48, 16, 4), (8, 30, 64, 32, 17)])
