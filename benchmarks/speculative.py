@@ -2,9 +2,15 @@
 
     python samples/wind_tunnel/make_corpus.py          # once: the corpus (train split: FR-Spec tables)
     python benchmarks/speculative.py                   # plain vs n-gram vs draft (+ phrases, FR-Spec) vs EAGLE head
+    python benchmarks/speculative.py --only n-gram     # plain and the n-gram rows only
 
-Chains; the model drafters at --depth 2, the n-gram drafter at --ngram-depth 4 (default_spec's
-choices for a small target: on this 8M target a draft call costs about a third of a target step).
+Chains; the model drafters at --depth 2 (default_spec's choice for a small target: on this 8M
+target a draft call costs about a third of a target step), the n-gram drafter at a fixed
+--ngram-depth 4, and adaptive: up to --ngram-max-depth 8 tokens while the chain's estimated
+chance of being right stays >= --min-confidence 0.3 (default_spec's n-gram drafter for a small
+target), alone and with a corpus n-gram table (edgecpm.ngram_table, built here from the train
+split like the FR-Spec table: the drafter takes the corpus's guess where it is likelier right than
+the context's).
 
 Prompts (--prompts-from): "package" (default), --prompt-tokens-long slices of --prompts files of a
 third-party package's sources (samples/wind_tunnel/heldout_prompts.py: rich; code the models never
@@ -53,7 +59,13 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--depth", type=int, default=2, help="draft depth of the model drafters (default: 2)")
     p.add_argument("--ngram-depth", type=int, default=4, help="draft depth of the n-gram drafter (default: 4)")
+    p.add_argument("--ngram-max-depth", type=int, default=8,
+                   help="longest chain of the adaptive n-gram rows (default: 8)")
+    p.add_argument("--min-confidence", type=float, default=0.3,
+                   help="chain floor of the adaptive n-gram rows (default: 0.3)")
     p.add_argument("--phrase-tree", type=int, default=8, help="chain length with phrases (default: 8)")
+    p.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                   help="run plain and the configurations whose name contains one of these texts")
     p.add_argument("--prompts-from", choices=["package", "heldout"], default="package")
     p.add_argument("--corpus", type=Path, default=CORPUS)
     args = p.parse_args(argv)
@@ -63,6 +75,7 @@ def main(argv=None) -> int:
     from edgecpm.drafters import SpecConfig
     from edgecpm.export.exporter import export_bundle
     from edgecpm.frspec import build_freq_table, count_tokens
+    from edgecpm.ngram_table import NgramTable
 
     if not (args.corpus / "train.txt").exists():
         sys.exit(f"{args.corpus}/train.txt not found: run python samples/wind_tunnel/make_corpus.py first")
@@ -72,6 +85,8 @@ def main(argv=None) -> int:
         counts = count_tokens(tok, [args.corpus / "train.txt"], progress=False)
         r = tok.vocab_size // 4
         np.save(tmp / "freq.npy", build_freq_table(counts, r, tok.eos_token_ids, tok.special_ids))
+        table = NgramTable.build(tok, [args.corpus / "train.txt"])
+        table.save(tmp / "ngrams.npz")
         target = export_bundle(MODELS / "target", tmp / "target", progress=False)
         draft = export_bundle(MODELS / "draft", tmp / "draft", progress=False)
         frspec = export_bundle(MODELS / "draft", tmp / "draft-frspec", frspec=tmp / "freq.npy", progress=False)
@@ -87,10 +102,19 @@ def main(argv=None) -> int:
             "n-gram (ngram_min=2)": SpecConfig(draft="ngram", depth=args.ngram_depth, tree_size=args.ngram_depth),
             "n-gram (ngram_min=1)": SpecConfig(draft="ngram", depth=args.ngram_depth, tree_size=args.ngram_depth,
                                                ngram_min=1),
+            "n-gram adaptive": SpecConfig(draft="ngram", depth=args.ngram_max_depth, tree_size=args.ngram_max_depth,
+                                          ngram_min=1, min_confidence=args.min_confidence),
+            "n-gram adaptive + corpus table": SpecConfig(draft="ngram", depth=args.ngram_max_depth,
+                                                         tree_size=args.ngram_max_depth, ngram_min=1,
+                                                         min_confidence=args.min_confidence,
+                                                         corpus=str(tmp / "ngrams.npz")),
             "EAGLE head": SpecConfig(draft=str(eagle), depth=args.depth, tree_size=args.depth),
             f"EAGLE head + FR-Spec (r={r})": SpecConfig(draft=str(eagle_frspec), depth=args.depth,
                                                          tree_size=args.depth),
         }
+        if args.only:
+            configs = {name: spec for name, spec in configs.items()
+                       if spec is None or any(text in name for text in args.only)}
         if args.prompts_from == "package":
             prompts, prompt_record = package_prompts(tok, n=args.prompts, n_tokens=args.prompt_tokens)
         else:
@@ -114,7 +138,7 @@ def main(argv=None) -> int:
     result = {
         **common.result_header("speculative", argv, threads=args.threads),
         "settings": vars(args) | {"corpus": str(args.corpus), "output": str(args.output), "frspec_r": r,
-                                  "vocab": tok.vocab_size},
+                                  "vocab": tok.vocab_size, "ngram_table_entries": len(table)},
         "prompts": prompt_record,
         "attention_kernel": attention,
         "load_average": {"before": load_before, "after": common.load_average()},

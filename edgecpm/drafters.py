@@ -15,6 +15,7 @@ Drafters (anything with `propose(context) -> DraftTree`; `context` is an int64 a
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,12 @@ class SpecConfig:
     # Ouroboros phrase reuse (PhrasePool): a chain-drafting model checks guessed phrases in one call
     # and may extend its chain past `depth` with a phrase, up to tree_size tokens.
     phrases: bool = False
+    # The n-gram drafter's corpus n-gram table (edgecpm.ngram_table, an .npz path): its guess is
+    # taken where it is likelier right than the context's (NgramDrafter).
+    corpus: str | None = None
+    # The n-gram drafter's chain stops where the estimated chance that all of it is right falls
+    # below this (0: always min(depth, tree_size) tokens where the tables know a next token).
+    min_confidence: float = 0.0
 
     def __post_init__(self):
         for name in ("tree_size", "depth", "branch", "ngram_max", "ngram_min"):
@@ -44,6 +51,10 @@ class SpecConfig:
                 raise ValueError(f"SpecConfig.{name}={getattr(self, name)!r}: must be an integer >= 1")
         if self.ngram_min > self.ngram_max:
             raise ValueError(f"SpecConfig.ngram_min={self.ngram_min} exceeds ngram_max={self.ngram_max}")
+        if self.corpus is not None and self.draft != "ngram":
+            raise ValueError("SpecConfig.corpus is the n-gram drafter's table; it needs draft='ngram'")
+        if not (isinstance(self.min_confidence, (int, float)) and 0 <= self.min_confidence < 1):
+            raise ValueError(f"SpecConfig.min_confidence={self.min_confidence!r}: must be in [0, 1)")
 
 
 # Per target size, from benchmarks/speculative_cost.py (results/speculative_cost.json): the chain
@@ -52,10 +63,13 @@ class SpecConfig:
 # of the 0.5B's step, 0.025 of the 8B's), so small targets draft shallow and prefer FR-Spec heads.
 LARGE_HIDDEN = 2048  # hidden_size from which a target counts as large (8B: 4096; 0.5B: 1024)
 DEFAULT_DEPTH = {  # (drafter kind, large target) -> depth
-    ("ngram", False): 4, ("ngram", True): 8,
+    ("ngram", False): 8, ("ngram", True): 8,
     ("eagle", False): 4, ("eagle", True): 8,
     ("model", False): 2, ("model", True): 3,
 }
+
+
+SMALL_MIN_CONFIDENCE = 0.3  # the n-gram drafter's chain floor on a small target (see default_spec)
 
 
 def default_spec(target_config, draft="ngram", eagle: bool = False) -> SpecConfig:
@@ -70,7 +84,13 @@ def default_spec(target_config, draft="ngram", eagle: bool = False) -> SpecConfi
     if kind == "ngram":
         # Single-token matches guess wrong often, but their verification rows cost less than they
         # win: projected 1.93x vs 1.83x (ngram_min 2) at the 0.5B shape, 2.06x vs 1.96x at the 8B.
-        return SpecConfig(draft=draft, depth=depth, tree_size=depth, ngram_min=1)
+        # A small target's verification row costs ~9% of its step (the wind-tunnel target, 1
+        # thread): its chain stops where its chance of being right falls below 0.3, up to 8 tokens
+        # (held-out wind-tunnel prompts, thread time: 1.72x vs 1.64x for a fixed chain of 4). A
+        # large target's rows are cheap next to its step: it drafts all 8.
+        if large:
+            return SpecConfig(draft=draft, depth=depth, tree_size=depth, ngram_min=1)
+        return SpecConfig(draft=draft, depth=depth, tree_size=depth, ngram_min=1, min_confidence=SMALL_MIN_CONFIDENCE)
     return SpecConfig(draft=draft, depth=depth, tree_size=depth)
 
 
@@ -127,6 +147,27 @@ class DraftTree:
         return DraftTree(self.tokens[:n], self.parents[:n])
 
 
+# The chance that an n-gram drafter's guess is right given the draft before it is, by the length
+# of the match (1, 2, 3, 4 or more tokens), before the share of the guessed token among what
+# followed the match: measured on held-out prompts of the wind-tunnel target (click, jinja2 and
+# httpx sources; the standard-library files left out of its training).
+CONTEXT_CONFIDENCE = {1: 0.3, 2: 0.55, 3: 0.75, 4: 0.9}
+CORPUS_CONFIDENCE = {1: 0.3, 2: 0.45, 3: 0.6, 4: 0.75}
+
+
+def load_table(path):
+    """A corpus n-gram table, read once per file version (a server makes a drafter per request)."""
+    path = Path(path).resolve()
+    return _load_table(str(path), path.stat().st_mtime_ns if path.exists() else 0)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_table(path: str, mtime_ns: int):
+    from edgecpm.ngram_table import NgramTable
+
+    return NgramTable.load(path)
+
+
 class NgramDrafter:
     """Prompt lookup as a small n-gram model of the context itself. For each draft token: take the
     longest suffix of the context + draft so far (ngram_max down to ngram_min tokens) that occurred
@@ -137,12 +178,24 @@ class NgramDrafter:
 
     The table grows with the context (a few dictionary updates per accepted token), so a step
     costs depth x ngram_max lookups, not a scan of the context.
+
+    Each guess has a confidence, the chance that it is right given that the draft so far is: by
+    the length n of the match and the share of the guessed token among what followed it,
+    CONTEXT_CONFIDENCE[n] x share (CORPUS_CONFIDENCE for a corpus table's guess; both measured on
+    wind-tunnel held-out prompts, not those of benchmarks/speculative.py). With a corpus table
+    (`spec.corpus`, edgecpm.ngram_table: how the model's training text goes on) the likelier of
+    the two guesses is drafted: code the model writes follows its training text more often than a
+    lone token's last occurrence in the context. With `spec.min_confidence` the chain stops where
+    the product of its confidences falls below it, so a step verifies long chains only where the
+    context repeats itself.
     """
 
     def __init__(self, spec: SpecConfig):
         self.spec = spec
         self.indexed = np.zeros(0, np.int64)  # the context the table was built from
         self.follow: dict[tuple, dict[int, list[int]]] = {}  # n-gram -> {next token: [count, last position]}
+        self.table = load_table(spec.corpus) if spec.corpus is not None else None
+        self.rates = self.table is not None or spec.min_confidence > 0  # confidences wanted
 
     def index(self, context: np.ndarray) -> None:
         start = len(self.indexed)
@@ -158,22 +211,40 @@ class NgramDrafter:
                 stats[1] = i
         self.indexed = context.copy()
 
-    def _next(self, seq: list[int]) -> int | None:
+    def _next(self, seq: list[int]) -> tuple[int, float] | None:
+        """The next token after `seq` and its confidence (1.0 where none is wanted)."""
+        best = None
         for n in range(min(self.spec.ngram_max, len(seq)), self.spec.ngram_min - 1, -1):
             stats = self.follow.get(tuple(seq[-n:]))
             if stats:
-                return max(stats, key=stats.__getitem__)  # [count, last position]: most often, then latest
-        return None
+                token = max(stats, key=stats.__getitem__)  # [count, last position]: most often, then latest
+                if not self.rates:
+                    return token, 1.0
+                share = stats[token][0] / sum(v[0] for v in stats.values())
+                best = token, CONTEXT_CONFIDENCE[min(n, 4)] * share
+                break
+        if self.table is not None and (best is None or best[1] < CORPUS_CONFIDENCE[4]):
+            hit = self.table.lookup(seq)
+            if hit is not None:
+                token, n, count, total = hit
+                rate = CORPUS_CONFIDENCE[min(n, 4)] * count / total
+                if best is None or rate > best[1]:
+                    best = token, rate
+        return best
 
     def continuation(self, seq: list[int], limit: int) -> list[int]:
-        """Up to `limit` tokens that follow `seq` (the context's tail + a draft so far)."""
-        seq, out = seq[-self.spec.ngram_max :], []
+        """Up to `limit` tokens that follow `seq` (the context's tail + a draft so far); with
+        min_confidence, fewer where the chance that all are right falls below it."""
+        seq, out, chance = seq[-self.spec.ngram_max :], [], 1.0
         while len(out) < limit:
-            token = self._next(seq)
-            if token is None:
+            guess = self._next(seq)
+            if guess is None:
                 break
-            out.append(token)
-            seq.append(token)
+            chance *= guess[1]
+            if out and chance < self.spec.min_confidence:
+                break
+            out.append(guess[0])
+            seq.append(guess[0])
         return out
 
     def propose(self, context) -> DraftTree:

@@ -105,7 +105,13 @@ class Session:
         if spec is None:
             return None
         if not names_model:
-            return NgramDrafter(spec) if spec.draft == "ngram" else spec.draft  # the caller's own drafter
+            if spec.draft != "ngram":
+                return spec.draft  # the caller's own drafter
+            drafter = NgramDrafter(spec)
+            if drafter.table is not None and drafter.table.vocab_size != self.config.vocab_size:
+                raise ConfigError(f"{spec.corpus}: the n-gram table was built for a vocabulary of "
+                                  f"{drafter.table.vocab_size} tokens, the model has {self.config.vocab_size}")
+            return drafter
         id_map = frspec_map(self.draft_backend)
         if is_eagle(Path(spec.draft)):
             return EagleDrafter(self.draft_backend, self.draft_cache, self.backend, self.cache, spec, id_map)
