@@ -225,7 +225,10 @@ def speculative_tokens(backend, cache: KVCache, logits: np.ndarray, sampler: Sam
             accepted.append(token)
             row = child
             keep.append(start + row)
-        cache.keep(start, np.array(keep))
+        if chain:
+            cache.keep_prefix(start, len(keep))
+        else:
+            cache.keep(start, np.array(keep))
         timer.decode_s += time.perf_counter() - t0
         timer.decode_tokens += len(accepted) + 1
         timer.steps += 1

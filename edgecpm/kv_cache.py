@@ -213,6 +213,17 @@ class KVCache:
         self._ids[start : start + n] = self._ids[rows]
         self._compact(start, rows)
 
+    def keep_prefix(self, start: int, n: int) -> None:
+        """keep(start, [start, start + n)): a chain's accepted rows, which stay where they are."""
+        if self.sparse or self.evicted or not 0 <= start <= start + n <= self.length:
+            self.keep(start, np.arange(start, start + n))  # its checks and errors
+            return
+        self.length = start + n
+        if self.keep_hooks:
+            rows = np.arange(start, start + n)
+            for hook in self.keep_hooks:
+                hook(start, rows)
+
     def _compact(self, start: int, rows: np.ndarray) -> None:
         """Move rows `rows` of the arena to [start, start + len(rows)) and cut the rest."""
         n = len(rows)

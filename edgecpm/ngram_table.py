@@ -18,6 +18,8 @@ int32 (how often `next` followed), `total` int32 (how often anything did), `meta
 
 from __future__ import annotations
 
+import array
+import bisect
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +42,16 @@ def ngram_key(tokens) -> int:
 class NgramTable:
     def __init__(self, keys: np.ndarray, next_ids: np.ndarray, counts: np.ndarray, totals: np.ndarray,
                  ngram_max: int, vocab_size: int):
-        self.keys, self.next, self.counts, self.totals = keys, next_ids, counts, totals
+        # array.array holds the columns: a lookup bisects and reads them from Python without a numpy
+        # call (a drafter asks per draft token); the numpy names are views of the same memory.
+        self._keys = array.array("Q", np.ascontiguousarray(keys, dtype=np.uint64).tobytes())
+        self._next = array.array("i", np.ascontiguousarray(next_ids, dtype=np.int32).tobytes())
+        self._counts = array.array("i", np.ascontiguousarray(counts, dtype=np.int32).tobytes())
+        self._totals = array.array("i", np.ascontiguousarray(totals, dtype=np.int32).tobytes())
+        self.keys = np.frombuffer(self._keys, dtype=np.uint64)
+        self.next = np.frombuffer(self._next, dtype=np.int32)
+        self.counts = np.frombuffer(self._counts, dtype=np.int32)
+        self.totals = np.frombuffer(self._totals, dtype=np.int32)
         self.ngram_max, self.vocab_size = int(ngram_max), int(vocab_size)
 
     def __len__(self) -> int:
@@ -117,21 +128,13 @@ class NgramTable:
         """For the longest suffix of `seq` found in the table: (the token that most often followed
         it, the suffix's length, how often that token followed, how often any did)."""
         top = min(self.ngram_max, len(seq))
-        if top == 0 or not len(self.keys):
-            return None
-        tail = seq[-top:]
-        want = []  # keys of the suffixes, longest first (ngram_key, inlined: a drafter calls this per token)
+        keys = self._keys
+        tail = seq[-top:] if top else []
         for n in range(top, 0, -1):
-            k = n
+            k = n  # ngram_key(tail[top - n:]), inlined
             for t in tail[top - n :]:
                 k = (k * _PRIME + t + 1) & _MASK
-            want.append(k)
-        w = np.array(want, dtype=np.uint64)
-        at = self.keys.searchsorted(w)
-        at[at == len(self.keys)] = 0
-        hit = self.keys.take(at) == w
-        if not hit.any():
-            return None
-        first = int(hit.argmax())
-        i = at[first]
-        return int(self.next[i]), top - first, int(self.counts[i]), int(self.totals[i])
+            i = bisect.bisect_left(keys, k)
+            if i < len(keys) and keys[i] == k:
+                return self._next[i], n, self._counts[i], self._totals[i]
+        return None

@@ -113,6 +113,22 @@ def test_keep_of_a_prefix_moves_nothing(cfg):
     assert c.length == 7 and heard[-1] == (7, [])
 
 
+def test_keep_prefix_is_keep_of_the_rows(cfg):
+    a, b = KVCache(cfg, 16, np.float32), KVCache(cfg, 16, np.float32)
+    heard = []
+    for c in (a, b):
+        _fill(c, 10, 0.0)
+        c.keep_hooks.append(lambda start, rows: heard.append((start, list(rows))))
+    a.keep_prefix(4, 3)
+    b.keep(4, [4, 5, 6])
+    assert a.length == b.length == 7 and heard[0] == heard[1]
+    np.testing.assert_array_equal(a.arena[:, :, :7], b.arena[:, :, :7])
+    np.testing.assert_array_equal(a.ids, b.ids)
+    with pytest.raises(ValueError):
+        a.keep_prefix(4, 5)  # past the cache's length: keep's check
+    assert a.length == 7
+
+
 @pytest.mark.parametrize("rows", [[3, 5], [5, 5], [6, 5], [4, 10]])
 def test_keep_rejects_bad_rows(cfg, rows):
     c = KVCache(cfg, 16, np.float32)
