@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import edgecpm
-from edgecpm.drafters import CONTEXT_CONFIDENCE, CORPUS_CONFIDENCE, NgramDrafter, SpecConfig
+from edgecpm.drafters import CONTEXT_CONFIDENCE, CORPUS_CONFIDENCE, FLOOR_FROM, NgramDrafter, SpecConfig
 from edgecpm.errors import ConfigError
 from edgecpm.ngram_table import NgramTable, ngram_key
 
@@ -94,7 +94,8 @@ def test_min_confidence_stops_the_chain():
     assert full == [3, 4, 5, 6]
     # chances: 0.55, then x 0.75, x 0.9, x 0.9 -> 0.55, 0.41, 0.37, 0.33
     assert CONTEXT_CONFIDENCE[2] == 0.55 and CONTEXT_CONFIDENCE[3] == 0.75 and CONTEXT_CONFIDENCE[4] == 0.9
-    for floor, n in ((0.3, 4), (0.35, 3), (0.4, 2), (0.5, 1), (0.9, 1)):  # the first token is always drafted
+    assert FLOOR_FROM == 2  # the first two tokens are always drafted
+    for floor, n in ((0.3, 4), (0.35, 3), (0.4, 2), (0.5, 2), (0.9, 2)):
         got = NgramDrafter(SpecConfig(depth=4, tree_size=4, min_confidence=floor)).propose(ctx).tokens.tolist()
         assert got == full[:n], floor
     assert CORPUS_CONFIDENCE[4] < CONTEXT_CONFIDENCE[4]
