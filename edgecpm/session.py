@@ -108,7 +108,8 @@ class Session:
             if spec.draft != "ngram":
                 return spec.draft  # the caller's own drafter
             drafter = NgramDrafter(spec)
-            if drafter.table is not None and drafter.table.vocab_size != self.config.vocab_size:
+            if drafter.table is not None and drafter.table.vocab_size > self.config.vocab_size:
+                # (a tokenizer's vocabulary may be smaller than the model's padded one: that is fine)
                 raise ConfigError(f"{spec.corpus}: the n-gram table was built for a vocabulary of "
                                   f"{drafter.table.vocab_size} tokens, the model has {self.config.vocab_size}")
             return drafter

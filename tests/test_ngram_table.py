@@ -135,6 +135,9 @@ def test_greedy_identical_whatever_the_table_says(ckpt, greedy, table, tmp_path)
 
 
 def test_session_refuses_a_table_of_another_vocabulary(ckpt, tmp_path):
-    corpus = _table(tmp_path, [[1, 2, 3]], vocab=100)
+    corpus = _table(tmp_path, [[1, 2, 3]], vocab=1000)  # the model has 512
     with pytest.raises(ConfigError, match="vocabulary"):
         edgecpm.Session(ckpt, draft=SpecConfig(draft="ngram", corpus=corpus))
+    smaller = str(tmp_path / "small.npz")  # a tokenizer's vocabulary below the model's padded one
+    NgramTable.from_sequences([[1, 2, 3]], vocab_size=500, min_count=1).save(smaller)
+    assert edgecpm.Session(ckpt, draft=SpecConfig(draft="ngram", corpus=smaller)).drafter.table.vocab_size == 500
