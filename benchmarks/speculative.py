@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=8, help="held-out documents used as prompts (default: 8)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--depth", type=int, default=2, help="draft depth of the model drafters (default: 2)")
-    p.add_argument("--ngram-depth", type=int, default=4, help="draft depth of the n-gram drafter (default: 4)")
+    p.add_argument("--ngram-depth", type=int, default=4, help="draft depth of the fixed n-gram rows (default: 4)")
     p.add_argument("--ngram-max-depth", type=int, default=8,
                    help="longest chain of the adaptive n-gram rows (default: 8)")
     p.add_argument("--min-confidence", type=float, default=0.3,
@@ -102,8 +102,9 @@ def main(argv=None) -> int:
             "n-gram (ngram_min=2)": SpecConfig(draft="ngram", depth=args.ngram_depth, tree_size=args.ngram_depth),
             "n-gram (ngram_min=1)": SpecConfig(draft="ngram", depth=args.ngram_depth, tree_size=args.ngram_depth,
                                                ngram_min=1),
-            "n-gram adaptive": SpecConfig(draft="ngram", depth=args.ngram_max_depth, tree_size=args.ngram_max_depth,
-                                          ngram_min=1, min_confidence=args.min_confidence),
+            "n-gram adaptive (default_spec)": SpecConfig(draft="ngram", depth=args.ngram_max_depth,
+                                                         tree_size=args.ngram_max_depth, ngram_min=1,
+                                                         min_confidence=args.min_confidence),
             "n-gram adaptive + corpus table": SpecConfig(draft="ngram", depth=args.ngram_max_depth,
                                                          tree_size=args.ngram_max_depth, ngram_min=1,
                                                          min_confidence=args.min_confidence,
