@@ -20,9 +20,10 @@ AUTO_RULE = ("a checkpoint runs on torch; a bundle runs on TensorRT when it hold
 
 
 def open_backend(path: Path, backend: str = "auto", dtype: str | None = None, threads: int | None = None,
-                 verify: bool = False, device: str | None = None):
+                 verify: bool = False, device: str | None = None, spin: bool | None = None):
     """The backend for a checkpoint or bundle folder (`auto`: see AUTO_RULE). device: the torch
-    backend's ("cpu" by default, "cuda"); a bundle's backends refuse it."""
+    backend's ("cpu" by default, "cuda"); a bundle's backends refuse it. spin: onnxruntime's
+    (OnnxRuntimeBackend)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     path = Path(path)
@@ -57,7 +58,7 @@ def open_backend(path: Path, backend: str = "auto", dtype: str | None = None, th
         raise ConfigError(f"{path}: bundle was exported as {b.dtype}; dtype={dtype!r} needs a re-export")
     from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
 
-    return OnnxRuntimeBackend(b, threads=threads)
+    return OnnxRuntimeBackend(b, threads=threads, spin=spin)
 
 
 def _torch_runtime():
@@ -87,7 +88,9 @@ def open_draft_backend(draft, target, threads: int | None):
     target's backend, whose vocabulary the draft must share."""
     path = Path(draft)
     check_draft(path, target.config.vocab_size)
-    return open_eagle_backend(path, target, threads) if is_eagle(path) else open_backend(path, threads=threads)
+    if is_eagle(path):
+        return open_eagle_backend(path, target, threads)
+    return open_backend(path, threads=threads, spin=False)
 
 
 def folder_config(path: Path) -> ModelConfig | None:
@@ -123,5 +126,5 @@ def open_eagle_backend(path: Path, target, threads: int | None):
     if is_bundle(path):
         from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(load_bundle(path), threads=threads)
+        return OnnxRuntimeBackend(load_bundle(path), threads=threads, spin=False)
     return _torch_runtime().EagleTorchBackend(str(path), target, threads=threads)

@@ -43,7 +43,11 @@ class Session:
         path = Path(path)
         if not path.is_dir():
             raise ConfigError(f"{path}: not a folder; pass a checkpoint or bundle folder")
-        runner = open_backend(path, backend, dtype, threads, verify=verify, device=device)
+        # A target paired with a draft model: two thread pools taking turns must not spin-wait.
+        model_draft = isinstance(draft, (str, Path)) and str(draft) != "ngram" or (
+            isinstance(draft, SpecConfig) and isinstance(draft.draft, (str, Path)) and str(draft.draft) != "ngram")
+        runner = open_backend(path, backend, dtype, threads, verify=verify, device=device,
+                              spin=False if model_draft else None)
         self._setup(runner, open_tokenizer(path, runner), kv_budget, draft, threads, path, kv_policy)
 
     @classmethod

@@ -9,6 +9,7 @@ fast GPU path); CPU EP otherwise.
 
 from __future__ import annotations
 
+import os
 import platform
 import warnings
 from pathlib import Path
@@ -66,7 +67,8 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, threads: int | None = None, providers: list[str] | None = None,
-                 ternary: str = "auto", attention: str | None = None, quant: str | None = None):
+                 ternary: str = "auto", attention: str | None = None, quant: str | None = None,
+                 spin: bool | None = None):
         """ternary: what runs a ternary bundle's TernaryMatMul nodes (runtimes/ternary_lowering.py):
         "edgecpm", the exact fp32 kernel of runtimes/onnxruntime_ops.cpp (built on first use);
         "matmulnbits", onnxruntime's 2-bit kernel on the bundle's `ternary_activations` digits;
@@ -88,7 +90,9 @@ class OnnxRuntimeBackend:
         "auto" (default, or $EDGECPM_ORT_QUANT), edgecpm's kernel for an fp32 bundle on CPU where the
         library builds and has a vector path here (x86-64: AVX-512 or AVX2), else MatMulNBits with
         fp32 activations.
-        `quant_kernel` says which runs (None: no QuantMatMul nodes)."""
+        `quant_kernel` says which runs (None: no QuantMatMul nodes).
+        spin: whether onnxruntime's idle intra-op threads spin-wait for the next op (None: $EDGECPM_ORT_SPIN
+        "0" / "1", else yes). Sessions pairing a target with a draft model pass False."""
         ort = _import_ort()
         self.bundle, self.config = bundle, bundle.config
         graph = bundle.graph("decoder")
@@ -97,10 +101,14 @@ class OnnxRuntimeBackend:
         if threads:
             opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-        # No spin-waiting between steps: idle threads that spin take the cores from the next step
-        # of this or another session (a draft model's, the application's). Measured on 2 shared
-        # cores: decode steps 1.5-3x slower with spinning, and a target + draft pair 2.7x slower.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Spin-waiting: a sleeping worker takes a wake-up per parallel op (~150 a decode token), so
+        # alone a session decodes faster spinning (0.5B ternary, 2 threads: 57.6 -> 71.1 tok/s); but
+        # two sessions taking turns (a target and its draft model) spin against each other: a
+        # target + draft pair ran 2.7x slower on 2 cores. Session turns it off for such pairs.
+        if spin is None:
+            spin = os.environ.get("EDGECPM_ORT_SPIN", "1") != "0"
+        self.spin = spin
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
