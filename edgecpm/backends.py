@@ -83,14 +83,29 @@ def open_tokenizer(path: Path, backend) -> Tokenizer | None:
     return None
 
 
+# Thread pools of a target and its draft model take turns. A small draft (under this many
+# parameters) runs on one thread, so the target's idle threads may spin-wait between its steps; a
+# larger one gets the target's threads, and neither spins (two spinning pools fight for the cores:
+# a target + draft pair ran 2.7x slower on 2 cores). Wind-tunnel pair, 2 threads: the EAGLE head +
+# FR-Spec 0.74x plain decoding with both pools asleep, 1.07x with a spinning target and a one-thread
+# head (benchmarks/speculative.py).
+SMALL_DRAFT_PARAMS = 100_000_000
+
+
+def small_draft(path: Path) -> bool:
+    cfg = folder_config(Path(path))
+    return cfg is not None and cfg.n_params() < SMALL_DRAFT_PARAMS
+
+
 def open_draft_backend(draft, target, threads: int | None):
     """The backend of a draft model or EAGLE head folder (bundle or checkpoint); `target` is the
-    target's backend, whose vocabulary the draft must share."""
+    target's backend, whose vocabulary the draft must share. Threads: see SMALL_DRAFT_PARAMS."""
     path = Path(draft)
     check_draft(path, target.config.vocab_size)
+    small = small_draft(path)
     if is_eagle(path):
-        return open_eagle_backend(path, target, threads)
-    return open_backend(path, threads=threads, spin=False)
+        return open_eagle_backend(path, target, 1 if small else threads)
+    return open_backend(path, threads=1 if small else threads, spin=False)
 
 
 def folder_config(path: Path) -> ModelConfig | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecpm.backends import open_backend, open_draft_backend, open_tokenizer
+from edgecpm.backends import open_backend, open_draft_backend, open_tokenizer, small_draft
 from edgecpm.drafters import EagleDrafter, ModelDrafter, NgramDrafter, SpecConfig, default_spec, is_eagle
 from edgecpm.errors import BudgetError, ConfigError
 from edgecpm.frspec import frspec_map
@@ -43,11 +43,10 @@ class Session:
         path = Path(path)
         if not path.is_dir():
             raise ConfigError(f"{path}: not a folder; pass a checkpoint or bundle folder")
-        # A target paired with a draft model: two thread pools taking turns must not spin-wait.
-        model_draft = isinstance(draft, (str, Path)) and str(draft) != "ngram" or (
-            isinstance(draft, SpecConfig) and isinstance(draft.draft, (str, Path)) and str(draft.draft) != "ngram")
+        folder = draft.draft if isinstance(draft, SpecConfig) else draft
+        folder = None if not isinstance(folder, (str, Path)) or str(folder) == "ngram" else Path(folder)
         runner = open_backend(path, backend, dtype, threads, verify=verify, device=device,
-                              spin=False if model_draft else None)
+                              spin=None if folder is None or small_draft(folder) else False)
         self._setup(runner, open_tokenizer(path, runner), kv_budget, draft, threads, path, kv_policy)
 
     @classmethod

@@ -107,7 +107,7 @@ class OnnxRuntimeBackend:
         # target + draft pair ran 2.7x slower on 2 cores. Session turns it off for such pairs.
         if spin is None:
             spin = os.environ.get("EDGECPM_ORT_SPIN", "1") != "0"
-        self.spin = spin
+        self.spin, self.threads = spin, threads
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         available = ort.get_available_providers()
         if providers is None:
