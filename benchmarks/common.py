@@ -154,7 +154,7 @@ def memory_bandwidth(size_bytes: int = 512 * 2**20, repeats: int = 3) -> dict:
 def gemv_bandwidth(threads: int, size_bytes: int = 512 * 2**20, k: int = 1024, n: int = 4096, repeats: int = 5) -> dict:
     """Weight-read bandwidth the way onnxruntime reads a decode step's weights: fp32 MatMuls
     [1, k] x [k, n] (MiniCPM4-0.5B's linear shape) over `size_bytes` of initializers in one graph,
-    on `threads` intra-op threads without spinning (as edgecpm's backend runs them). Best of N:
+    on `threads` intra-op threads spin-waiting (as edgecpm's backend runs a session alone). Best of N:
     weight bytes / seconds. This is the roofline's bandwidth; `memory_bandwidth` (a one-thread
     numpy copy, read + write) is reported beside it."""
     import onnxruntime as ort
@@ -169,7 +169,7 @@ def gemv_bandwidth(threads: int, size_bytes: int = 512 * 2**20, k: int = 1024, n
                               inits)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
     del inits, graph
     sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])

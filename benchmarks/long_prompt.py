@@ -303,7 +303,7 @@ def main(argv=None) -> int:
                                   "edgecpm_worker": None},
         "method": {
             "repeats": f"{args.rounds} run(s) per configuration; with 1 the numbers are single runs, not medians",
-            "edgecpm": "one process per (length, attention): Session on onnxruntime, T threads (no spinning), fp32 KV; "
+            "edgecpm": "one process per (length, attention): Session on onnxruntime, T threads (spinning), fp32 KV; "
                        "untimed warm-up of min(N, 512) prompt tokens + 2 new, reset, then one generation of a "
                        "random N-token prompt + new_tokens; prefill tok/s = N / prefill time (time to first token), "
                        "decode tok/s = the new tokens at context N",
