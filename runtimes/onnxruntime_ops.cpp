@@ -372,8 +372,68 @@ bool vnni_groups(const Problem& p) {
   return wg % 16 == 0 || (wg & (wg - 1)) == 0;
 }
 
+// ---- AVX-VNNI (256 bits: laptop CPUs without AVX-512): the same integer decode, 8 words a load --
+// The digits of a chunk are read as two halves of 32 bytes (words 0-7, then 8-15).
+__attribute__((target("avx2,fma"))) float hsum8(__m256 v);
+
+template <int R>
+__attribute__((target("avx2,fma,avxvnni"))) void tile_vnni256(const Problem& p, int64_t n, int64_t m) {
+  const Digits& g = p.digits;
+  const int8_t* d = g.d + m * g.chunks * kChunkBytes;
+  const float* step = g.step + m * g.chunks * 16;
+  const int32_t* sum = g.sum + m * g.chunks * 16;
+  const int64_t wg = p.groups == 1 ? INT64_MAX : p.group_size / 16;  // words per scale
+  const int shift = __builtin_ctzll(uint64_t(wg < 16 ? wg : 1));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i lane_group = _mm256_srli_epi32(lane, shift);
+  const __m256i low = _mm256_set1_epi8(15);
+  const __m256i code0 = _mm256_broadcastsi128_si256(_mm_setr_epi8(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3));
+  const __m256i code1 = _mm256_broadcastsi128_si256(_mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3));
+  __m256 acc[R];
+  for (auto& a : acc) a = _mm256_setzero_ps();
+  for (int64_t v = 0; v * 8 < p.words; ++v) {  // half chunk v: words 8v .. 8v + 8
+    const int64_t i = v / 2, h = v % 2, live_words = std::min<int64_t>(8, p.words - 8 * v);
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(live_words)), lane);
+    const int8_t* di = d + i * kChunkBytes + 32 * h;
+    const int64_t first = wg >= 16 ? (8 * v) / wg : (8 * v) >> shift;  // the half's first scale
+    const int64_t scales_read = wg >= 16 ? 1 : (live_words + wg - 1) >> shift;
+    const __m256i scale_lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(scales_read)), lane);
+    const __m256 steps = _mm256_loadu_ps(step + 8 * v);
+    const __m256i sums = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sum + 8 * v)));
+    for (int r = 0; r < R; ++r) {
+      const uint32_t* row = p.packed + (n + r) * p.words + 8 * v;
+      if (h == 0) _mm_prefetch(reinterpret_cast<const char*>(row + 8 * p.words), _MM_HINT_T1);
+      const __m256i codes = _mm256_maskload_epi32(reinterpret_cast<const int*>(row), live);
+      const __m256i lo = _mm256_and_si256(codes, low), hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low);
+      const __m256i c[4] = {_mm256_shuffle_epi8(code0, lo), _mm256_shuffle_epi8(code1, lo),
+                            _mm256_shuffle_epi8(code0, hi), _mm256_shuffle_epi8(code1, hi)};
+      __m256i a[3] = {_mm256_setzero_si256(), _mm256_setzero_si256(), sums};
+      for (int s = 0; s < 4; ++s)
+        for (int digit = 0; digit < 3; ++digit)
+          a[digit] = _mm256_dpbusd_avx_epi32(
+              a[digit], c[s], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(di + (digit * 4 + s) * 64)));
+      const __m256i total = _mm256_add_epi32(_mm256_slli_epi32(_mm256_add_epi32(_mm256_slli_epi32(a[0], 8), a[1]), 8),
+                                             a[2]);  // sum (c - 1) D
+      const float* row_scales = p.scales + (n + r) * p.groups + first;
+      const __m256 scale = wg >= 16 ? _mm256_set1_ps(*row_scales)
+                                    : _mm256_permutevar8x32_ps(_mm256_maskload_ps(row_scales, scale_lanes), lane_group);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(steps, scale), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) p.y[m * p.N + n + r] = hsum8(acc[r]);
+}
+
+__attribute__((target("avx2,fma,avxvnni"))) void rows_vnni256(const Problem& p, int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < p.M; ++m) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) tile_vnni256<4>(p, n, m);
+    for (; n < n1; ++n) tile_vnni256<1>(p, n, m);
+  }
+}
+
 // ---- AVX2 + FMA: one word = two vectors of 8 weights --------------------------------------------
-__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
+__attribute__((target("avx2,fma"))) float hsum8(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
@@ -442,31 +502,35 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const Problem& p, int64_t n0,
 
 using RowsFn = void (*)(const Problem&, int64_t, int64_t);
 
-// The widest path this CPU has, capped by EDGECPM_ORT_ISA (avx512vnni > avx512 > avx2 > scalar).
-// "avx512vnni" is "avx512" plus TernaryMatMul's integer decode; the other kernels read it as avx512.
+// The widest path this CPU has, capped by EDGECPM_ORT_ISA (avx512vnni > avx512 > avx2vnni > avx2 >
+// scalar; an unknown name gives scalar). The "vnni" paths are TernaryMatMul's integer decode; the
+// other kernels read avx512vnni as avx512 and avx2vnni as avx2.
 const char* isa() {
+  static const char* const levels[] = {"avx512vnni", "avx512", "avx2vnni", "avx2", "scalar"};
   const char* cap = std::getenv("EDGECPM_ORT_ISA");
-  const std::string want = cap ? cap : "avx512vnni";
+  int from = 0;
+  while (cap && from < 4 && std::string(cap) != levels[from]) ++from;
 #if defined(__x86_64__)
-  const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (want == "avx512vnni" && avx512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni"))
-    return "avx512vnni";
-  if ((want == "avx512vnni" || want == "avx512") && avx512) return "avx512";
-  if ((want == "avx512vnni" || want == "avx512" || want == "avx2") && __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma"))
-    return "avx2";
+  const bool avx512 = __builtin_cpu_supports("avx512f"), avx2 = __builtin_cpu_supports("avx2") &&
+                                                                 __builtin_cpu_supports("fma");
+  const bool has[] = {avx512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni"), avx512,
+                      avx2 && __builtin_cpu_supports("avxvnni"), avx2};
+  for (int i = from; i < 4; ++i)
+    if (has[i]) return levels[i];
 #endif
   return "scalar";
 }
 
 bool is_avx512(const std::string& path) { return path == "avx512" || path == "avx512vnni"; }
+bool is_avx2(const std::string& path) { return path == "avx2" || path == "avx2vnni"; }
 
 RowsFn rows_fn(const std::string& path, const Problem& p) {
   if (p.groups > 1 && p.group_size % 16) return rows_scalar;  // groups that split words
 #if defined(__x86_64__)
   if (path == "avx512vnni" && vnni_groups(p)) return rows_vnni;
   if (is_avx512(path)) return rows_avx512;
-  if (path == "avx2") return rows_avx2;
+  if (path == "avx2vnni" && vnni_groups(p) && p.M < kPanelTokens) return rows_vnni256;
+  if (is_avx2(path)) return rows_avx2;
 #endif
   return rows_scalar;
 }
@@ -522,7 +586,7 @@ struct TernaryMatMul {
       xp = pack_tokens(p.x, p.M, K, [](int64_t k) { return k; });
       p.gemm = {xp.data(), p.y, p.M, K, p.N};
       rows = kPanelRows;
-    } else if (fn == rows_vnni) {  // the integer decode (see AVX-512 VNNI)
+    } else if (fn == rows_vnni || fn == rows_vnni256) {  // the integer decode (see AVX-512 VNNI)
       const int64_t chunks = (p.words + 15) / 16;
       digits.assign(size_t(p.M * chunks * kChunkBytes), 0);
       steps.assign(size_t(p.M * chunks * 16), 0.f);
@@ -784,7 +848,7 @@ using QRowsFn = void (*)(const QProblem&, int64_t, int64_t);
 std::pair<QRowsFn, int64_t> qrows_fn(const std::string& path, int64_t bits, int64_t block) {
 #if defined(__x86_64__)
   if (is_avx512(path) && (bits == 8 || block % 32 == 0)) return {qrows_avx512, bits == 4 ? 32 : 0};
-  if (is_avx512(path) || path == "avx2") return {qrows_avx2, bits == 4 ? 16 : 0};
+  if (is_avx512(path) || is_avx2(path)) return {qrows_avx2, bits == 4 ? 16 : 0};
 #endif
   return {qrows_scalar, 0};
 }
@@ -1126,7 +1190,7 @@ __attribute__((target("avx2,fma"))) void attn_task_avx2(const AttnProblem& p, in
 AttnFn attn_fn(const std::string& path) {
 #if defined(__x86_64__)
   if (is_avx512(path)) return attn_task_avx512;
-  if (path == "avx2") return attn_task_avx2;
+  if (is_avx2(path)) return attn_task_avx2;
 #endif
   return attn_task_scalar;
 }
@@ -1175,7 +1239,8 @@ struct Attention {
 
 #define EDGECPM_EXPORT extern "C" __attribute__((visibility("default")))
 
-// The kernel path this library runs on this machine: "avx512vnni", "avx512", "avx2" or "scalar".
+// The kernel path this library runs on this machine: "avx512vnni", "avx512", "avx2vnni", "avx2" or
+// "scalar".
 EDGECPM_EXPORT const char* edgecpm_ort_ops_isa() { return isa(); }
 
 // onnxruntime's entry point (SessionOptions.register_custom_ops_library).

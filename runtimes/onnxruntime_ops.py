@@ -87,7 +87,7 @@ def library() -> Path:
 
 
 def isa(path: Path) -> str:
-    """The kernel path the library takes on this CPU: "avx512", "avx2" or "scalar"."""
+    """The kernel path the library takes on this CPU: "avx512vnni", "avx512", "avx2vnni", "avx2" or "scalar"."""
     lib = ctypes.CDLL(str(path))
     lib.edgecpm_ort_ops_isa.restype = ctypes.c_char_p
     return lib.edgecpm_ort_ops_isa().decode()

@@ -118,7 +118,7 @@ def linear(rng, n, k, g):
     return n, g, pack(rng.integers(0, 3, (n, k)).astype(np.uint8)), (rng.random((n, k // g)) + 0.1).astype(np.float32)
 
 
-@pytest.mark.parametrize("isa", ["avx512vnni", "avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("isa", ["avx512vnni", "avx512", "avx2vnni", "avx2", "scalar"])
 @pytest.mark.parametrize("n, k, g, m", [(7, 40, 20, 3), (64, 128, 32, 9), (24, 384, 384, 1), (33, 1000, 1000, 17),
                                         (16, 20, 20, 2), (40, 4096, 128, 8), (50, 256, 64, 40)])
 def test_kernel_matches_dequantized_matmul(isa, n, k, g, m, ort_ops, monkeypatch, tmp_path):
@@ -304,7 +304,7 @@ def quant_graph(n, k, bits, block, c):
     return model
 
 
-@pytest.mark.parametrize("isa", ["avx512vnni", "avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("isa", ["avx512vnni", "avx512", "avx2vnni", "avx2", "scalar"])
 @pytest.mark.parametrize(("bits", "n", "k", "group", "m"), [
     (4, 37, 128, 32, 1), (4, 20, 256, 128, 5), (4, 9, 96, 16, 3), (4, 16, 64, 64, 9),
     (4, 50, 256, 128, 40), (8, 37, 128, -1, 1), (8, 20, 256, 32, 6), (8, 5, 48, 16, 4), (8, 30, 64, 32, 17)])
