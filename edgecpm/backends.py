@@ -86,9 +86,9 @@ def open_tokenizer(path: Path, backend) -> Tokenizer | None:
 # Thread pools of a target and its draft model take turns. A small draft (under this many
 # parameters) runs on one thread, so the target's idle threads may spin-wait between its steps; a
 # larger one gets the target's threads, and neither spins (two spinning pools fight for the cores:
-# a target + draft pair ran 2.7x slower on 2 cores). Wind-tunnel pair, 2 threads: the EAGLE head +
-# FR-Spec 0.74x plain decoding with both pools asleep, 1.07x with a spinning target and a one-thread
-# head (benchmarks/speculative.py).
+# a target + draft pair ran 2.7x slower on 2 cores). Wind-tunnel pair, 2 threads, trial runs of
+# benchmarks/speculative.py while choosing this: the EAGLE head + FR-Spec at 0.74x plain decoding
+# with both pools asleep, 1.07x with a spinning target and a one-thread head.
 SMALL_DRAFT_PARAMS = 100_000_000
 
 
