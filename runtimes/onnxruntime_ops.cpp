@@ -301,16 +301,28 @@ void make_digits(const float* x, int64_t K, int8_t* d, float* step, int32_t* sum
   }
 }
 
+// Token m's digits, steps and sums, and how the row scales map to words: wg words per scale (one
+// scale per row: "infinitely" many), shift = log2(wg) where a scale covers fewer than 16 words.
+struct TokenView {
+  const int8_t* d;
+  const float* step;
+  const int32_t* sum;
+  int64_t wg;
+  int shift;
+};
+
+inline TokenView token_view(const Problem& p, int64_t m) {
+  const Digits& g = p.digits;
+  const int64_t wg = p.groups == 1 ? INT64_MAX : p.group_size / 16;
+  return {g.d + m * g.chunks * kChunkBytes, g.step + m * g.chunks * 16, g.sum + m * g.chunks * 16, wg,
+          __builtin_ctzll(uint64_t(wg < 16 ? wg : 1))};
+}
+
 // Rows n .. n + R, token m.
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_vnni(const Problem& p, int64_t n, int64_t m) {
-  const Digits& g = p.digits;
-  const int8_t* d = g.d + m * g.chunks * kChunkBytes;
-  const float* step = g.step + m * g.chunks * 16;
-  const int32_t* sum = g.sum + m * g.chunks * 16;
-  const int64_t wg = p.groups == 1 ? INT64_MAX : p.group_size / 16;  // words per scale
+  const auto [d, step, sum, wg, shift] = token_view(p, m);
   // Scales finer than a chunk: lane L takes scale (L / wg) of the chunk's first group.
-  const int shift = __builtin_ctzll(uint64_t(wg < 16 ? wg : 1));
   const __m512i lane_group = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                                shift);
   // A nibble holds two codes: vpshufb looks the first (low two bits) and the second up.
@@ -319,7 +331,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_vnni(const Prob
   const __m512i code1 = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3));
   __m512 acc[R];
   for (auto& a : acc) a = _mm512_setzero_ps();
-  for (int64_t i = 0; i < g.chunks; ++i) {
+  for (int64_t i = 0; i < p.digits.chunks; ++i) {
     const int64_t live_words = std::min<int64_t>(16, p.words - 16 * i);
     const __mmask16 live = live_words == 16 ? __mmask16(0xFFFF) : __mmask16((1u << live_words) - 1);
     const int8_t* di = d + i * kChunkBytes;
@@ -378,12 +390,7 @@ __attribute__((target("avx2,fma"))) float hsum8(__m256 v);
 
 template <int R>
 __attribute__((target("avx2,fma,avxvnni"))) void tile_vnni256(const Problem& p, int64_t n, int64_t m) {
-  const Digits& g = p.digits;
-  const int8_t* d = g.d + m * g.chunks * kChunkBytes;
-  const float* step = g.step + m * g.chunks * 16;
-  const int32_t* sum = g.sum + m * g.chunks * 16;
-  const int64_t wg = p.groups == 1 ? INT64_MAX : p.group_size / 16;  // words per scale
-  const int shift = __builtin_ctzll(uint64_t(wg < 16 ? wg : 1));
+  const auto [d, step, sum, wg, shift] = token_view(p, m);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i lane_group = _mm256_srli_epi32(lane, shift);
   const __m256i low = _mm256_set1_epi8(15);
