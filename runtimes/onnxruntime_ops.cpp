@@ -29,6 +29,7 @@
 #include <utility>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <string>
@@ -265,17 +266,30 @@ __attribute__((target("avx512f"))) void rows_avx512(const Problem& p, int64_t n0
 // x (tested against float64 like the other paths; one-hot rows come back exactly).
 constexpr int64_t kChunk = 256, kChunkBytes = 3 * 4 * 64;
 
-// x [K] -> one token's digits (zeroed by the caller), steps and sums; words past K stay zero.
-void make_digits(const float* x, int64_t K, int8_t* d, float* step, int32_t* sum) {
+// x [K] -> one token's digits (zeroed by the caller), steps and sums; words past K stay zero. Once
+// per token and call, before the rows are split among threads, so vectorized: a word is two AVX2
+// vectors (every CPU with VNNI has AVX2), a partial last word goes through a zero-padded copy.
+__attribute__((target("avx2,fma"))) void make_digits(const float* x, int64_t K, int8_t* d, float* step,
+                                                      int32_t* sum) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i b128 = _mm256_set1_epi32(128), b255 = _mm256_set1_epi32(255);
+  // Bytes in input order 4j + s -> shift-major: s = 0..3, each the word's bytes j = 0..3.
+  const __m128i shift_major = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   for (int64_t w = 0; w * 16 < K; ++w) {
-    const int64_t k0 = w * 16, k1 = std::min(K, k0 + 16);
-    float most = 0.f;
-    bool finite = true;
-    for (int64_t k = k0; k < k1; ++k) {
-      most = std::max(most, std::fabs(x[k]));
-      finite = finite && std::isfinite(x[k]);
-    }
-    if (!finite || most == 0.f) {  // inf / nan: the word's products are nan, as in fp32
+    alignas(32) float pad[16] = {};
+    const float* xw = x + w * 16;
+    if (K - w * 16 < 16) xw = static_cast<const float*>(std::memcpy(pad, xw, sizeof(float) * (K - w * 16)));
+    const __m256 x0 = _mm256_loadu_ps(xw), x1 = _mm256_loadu_ps(xw + 8);
+    __m256 top = _mm256_max_ps(_mm256_and_ps(x0, magnitude), _mm256_and_ps(x1, magnitude));
+    top = _mm256_max_ps(top, _mm256_permute2f128_ps(top, top, 1));
+    top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, 0x4e));
+    top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, 0xb1));
+    const float most = _mm256_cvtss_f32(top);
+    // inf / nan (x * 0 is nan): the word's products are nan, as in fp32 (max_ps may drop a nan, so
+    // it is looked for first).
+    const __m256 probe = _mm256_add_ps(_mm256_mul_ps(x0, _mm256_setzero_ps()), _mm256_mul_ps(x1, _mm256_setzero_ps()));
+    const bool finite = !_mm256_movemask_ps(_mm256_cmp_ps(probe, probe, _CMP_UNORD_Q));
+    if (!finite || most == 0.f) {
       step[w] = finite ? 0.f : NAN;
       continue;
     }
@@ -283,21 +297,42 @@ void make_digits(const float* x, int64_t K, int8_t* d, float* step, int32_t* sum
     // x / step and D * step exact scalings: a one-hot input comes back bit for bit.
     int e;
     const float mant = std::frexp(most / (127.f * 65536.f), &e);
-    const float f = std::max(std::ldexp(1.f, mant == 0.5f ? e - 1 : e), std::numeric_limits<float>::denorm_min());
-    step[w] = f;
-    int8_t* out = d + (w / 16) * kChunkBytes + 4 * (w % 16);
-    int32_t total = 0;
-    for (int64_t k = k0; k < k1; ++k) {
-      const int32_t D = int32_t(std::lrint(double(x[k]) / double(f)));
-      const int32_t d3 = ((D + 128) & 255) - 128, e = (D - d3) / 256;
-      const int32_t d2 = ((e + 128) & 255) - 128, d1 = (e - d2) / 256;
-      const int64_t j = (k - k0) / 4, s = (k - k0) % 4;
-      out[(0 * 4 + s) * 64 + j] = int8_t(d1);
-      out[(1 * 4 + s) * 64 + j] = int8_t(d2);
-      out[(2 * 4 + s) * 64 + j] = int8_t(d3);
-      total += D;
+    if (mant == 0.5f) --e;
+    e = std::max(e, std::numeric_limits<float>::min_exponent - std::numeric_limits<float>::digits);  // denorm_min
+    step[w] = std::ldexp(1.f, e);
+    // x * 2^-e in two exact halves (2^-e alone may not be a float), rounded half away from zero:
+    // |v| < 2^23, so v +- 0.5 is exact.
+    const __m256 half = _mm256_set1_ps(std::ldexp(1.f, -e / 2)), rest = _mm256_set1_ps(std::ldexp(1.f, -e - (-e / 2)));
+    __m256i D[2];
+    for (int i = 0; i < 2; ++i) {
+      const __m256 v = _mm256_mul_ps(_mm256_mul_ps(i ? x1 : x0, half), rest);
+      const __m256 nudge = _mm256_or_ps(_mm256_andnot_ps(magnitude, v), _mm256_set1_ps(0.5f));
+      D[i] = _mm256_cvttps_epi32(_mm256_add_ps(v, nudge));
     }
-    sum[w] = total;
+    const __m256i total = _mm256_add_epi32(D[0], D[1]);
+    const __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+    const __m128i t2 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4e));
+    sum[w] = _mm_cvtsi128_si32(_mm_add_epi32(t2, _mm_shuffle_epi32(t2, 0xb1)));
+    // Signed base-256 digits, lowest first: d = ((D + 128) & 255) - 128, then D = (D - d) / 256.
+    __m256i digit[3][2];
+    for (int i = 0; i < 2; ++i) {
+      __m256i rem = D[i];
+      for (int k = 2; k >= 0; --k) {
+        digit[k][i] = _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(rem, b128), b255), b128);
+        rem = _mm256_srai_epi32(_mm256_sub_epi32(rem, digit[k][i]), 8);  // exact: a multiple of 256
+      }
+    }
+    int8_t* out = d + (w / 16) * kChunkBytes + 4 * (w % 16);
+    for (int k = 0; k < 3; ++k) {
+      // int32 lanes (inputs 0-7, 8-15) -> 16 bytes in input order -> shift-major.
+      const __m256i w16 = _mm256_packs_epi32(digit[k][0], digit[k][1]);  // per half: 0-3, 8-11 | 4-7, 12-15
+      const __m256i w8 = _mm256_packs_epi16(w16, w16);
+      const __m128i bytes = _mm_unpacklo_epi32(_mm256_castsi256_si128(w8), _mm256_extracti128_si256(w8, 1));
+      const __m128i ordered = _mm_shuffle_epi8(bytes, shift_major);
+      alignas(16) int32_t groups[4];
+      _mm_store_si128(reinterpret_cast<__m128i*>(groups), ordered);
+      for (int s = 0; s < 4; ++s) std::memcpy(out + (k * 4 + s) * 64, &groups[s], 4);
+    }
   }
 }
 

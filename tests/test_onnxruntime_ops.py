@@ -138,6 +138,28 @@ def test_kernel_matches_dequantized_matmul(isa, n, k, g, m, ort_ops, monkeypatch
     check_against_dequantized(session(model, ort_ops), dequantize(packed, scales, k), m, rng)
 
 
+@pytest.mark.parametrize("isa", ["avx512vnni", "avx512", "avx2vnni", "avx2", "scalar"])
+def test_a_nan_or_inf_input_gives_nan_as_in_fp32(isa, ort_ops, monkeypatch, tmp_path):
+    """A nan or inf among a token's inputs makes every output of that token nan (0 * nan and
+    +1 * inf - 1 * inf are nan in fp32 too): the integer decode must not round it away."""
+    from edgecpm.runtimes.onnxruntime_ops import isa as isa_of
+    from edgecpm.runtimes.ternary_lowering import fuse_ternary
+
+    monkeypatch.setenv("EDGECPM_ORT_ISA", isa)
+    if isa_of(ort_ops) != isa:
+        pytest.skip(f"this CPU has no {isa}")
+    rng = np.random.default_rng(0)
+    n, g, packed, scales = linear(rng, 8, 256, 256)
+    model = ternary_graph(np.float32, [(n, g, packed, scales)], 256)
+    fuse_ternary(model, tmp_path)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    x[0, 5], x[1, 200] = np.nan, np.inf
+    x[2, 16:32] = 0
+    x[2, 17] = np.nan  # alone in a word of zeros
+    y = session(model, ort_ops).run(None, {"x": x})[0]
+    assert np.isnan(y[0]).all() and not np.isfinite(y[1]).any() and np.isnan(y[2]).all()
+
+
 def test_linears_reading_one_activation_are_fused(ort_ops, tmp_path):
     """q/k/v-like linears with one group size become one TernaryMatMul over their rows and a Split;
     a linear with another group size keeps its own node."""
