@@ -206,9 +206,7 @@ class KVCache:
             raise ValueError("keep() after the window policy dropped rows: rows and positions differ")
         n = len(rows)
         if not self.sparse and (n == 0 or rows[-1] == start + n - 1):  # ascending from start: rows stay put
-            self.length = start + n  # (a chain's accepted prefix: no copy; the hooks still hear of it)
-            for hook in self.keep_hooks:
-                hook(start, rows)
+            self._keep_in_place(start, n, rows)
             return
         self._ids[start : start + n] = self._ids[rows]
         self._compact(start, rows)
@@ -218,9 +216,14 @@ class KVCache:
         if self.sparse or self.evicted or not 0 <= start <= start + n <= self.length:
             self.keep(start, np.arange(start, start + n))  # its checks and errors
             return
+        self._keep_in_place(start, n)
+
+    def _keep_in_place(self, start: int, n: int, rows: np.ndarray | None = None) -> None:
+        """The kept rows are [start, start + n) already: cut the rest, no copy (the hooks still hear
+        of it)."""
         self.length = start + n
         if self.keep_hooks:
-            rows = np.arange(start, start + n)
+            rows = np.arange(start, start + n) if rows is None else rows
             for hook in self.keep_hooks:
                 hook(start, rows)
 

@@ -32,6 +32,13 @@ from edgecpm.tokenizer import Tokenizer
 SINK_TOKENS = 4  # kv_policy="window" keeps the first tokens (attention sinks, StreamingLLM)
 
 
+def draft_folder(draft) -> Path | None:
+    """The folder of the draft model that `draft` (Session's argument, or a SpecConfig) names; None
+    for no draft, "ngram" or a drafter object."""
+    d = draft.draft if isinstance(draft, SpecConfig) else draft
+    return Path(d) if isinstance(d, (str, Path)) and str(d) != "ngram" else None
+
+
 class Session:
     def __init__(self, path, backend: str = "auto", kv_budget: int | str = "1GiB", draft=None,
                  dtype: str | None = None, threads: int | None = None, kv_policy: str = "error",
@@ -43,8 +50,7 @@ class Session:
         path = Path(path)
         if not path.is_dir():
             raise ConfigError(f"{path}: not a folder; pass a checkpoint or bundle folder")
-        folder = draft.draft if isinstance(draft, SpecConfig) else draft
-        folder = None if not isinstance(folder, (str, Path)) or str(folder) == "ngram" else Path(folder)
+        folder = draft_folder(draft)
         runner = open_backend(path, backend, dtype, threads, verify=verify, device=device,
                               spin=None if folder is None or small_draft(folder) else False)
         self._setup(runner, open_tokenizer(path, runner), kv_budget, draft, threads, path, kv_policy)
@@ -78,7 +84,7 @@ class Session:
         if kv_policy == "window" and (spec or self.config.sparse):
             raise ConfigError(f"{path}: kv_policy='window' does not combine with "
                               f"{'speculative decoding' if spec else 'InfLLM v2 sparse attention'} yet; use 'error'")
-        names_model = spec is not None and isinstance(spec.draft, (str, Path)) and spec.draft != "ngram"
+        names_model = draft_folder(spec) is not None
         self.draft_backend = open_draft_backend(spec.draft, backend, threads) if names_model else None
         # One budget for both arenas: the draft's share is its bytes per token (+ room for a tree).
         per_token = self.config.kv_bytes_per_token(backend.kv_dtype.itemsize)
