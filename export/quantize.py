@@ -108,9 +108,20 @@ def rtn(w: np.ndarray, bits: int, group_size: int, scale_dtype=np.float32) -> tu
     return q.reshape(n, k).astype(np.uint8), z.astype(np.uint8), s.astype(np.float32)
 
 
-def _pack_nibbles(a: np.ndarray) -> np.ndarray:
+def pack_nibbles(a: np.ndarray) -> np.ndarray:
     """uint8 [..., 2m] of values < 16 -> [..., m]: element 2j in the low nibble of byte j."""
     return (a[..., 0::2] | (a[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_layout(codes: np.ndarray, zeros: np.ndarray, bits: int, n_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """layout()'s inverse for the codes and zeros: q uint8 [N, K] (0 .. 2^bits - 1), z uint8 [N, n_blocks]."""
+    n = codes.shape[0]
+    if bits == 4:
+        q = np.stack([codes & 15, codes >> 4], -1).reshape(n, -1)
+        z = np.stack([zeros & 15, zeros >> 4], -1).reshape(n, -1)[:, :n_blocks]
+    else:
+        q, z = codes.reshape(n, -1), zeros.reshape(n, -1)[:, :n_blocks]
+    return q, z
 
 
 def layout(codes: np.ndarray, zeros: np.ndarray, scales: np.ndarray, bits: int, group_size: int,
@@ -121,10 +132,10 @@ def layout(codes: np.ndarray, zeros: np.ndarray, scales: np.ndarray, bits: int, 
     rep = group_size // block
     zeros, scales = np.repeat(zeros, rep, axis=1), np.repeat(scales, rep, axis=1)  # one per block
     if bits == 4:
-        b = _pack_nibbles(codes.reshape(n, k // block, block))
+        b = pack_nibbles(codes.reshape(n, k // block, block))
         if zeros.shape[1] % 2:
             zeros = np.concatenate([zeros, np.zeros((n, 1), np.uint8)], axis=1)
-        zeros = _pack_nibbles(zeros)
+        zeros = pack_nibbles(zeros)
     else:
         b = codes.reshape(n, k // block, block)
     return QuantCodes(np.ascontiguousarray(b, np.uint8), np.ascontiguousarray(scales, np.float32),
@@ -134,12 +145,8 @@ def layout(codes: np.ndarray, zeros: np.ndarray, scales: np.ndarray, bits: int, 
 def dequantize(c: QuantCodes, bits: int, k: int) -> np.ndarray:
     """float32 [N, K] in x's input order: the weight the bundle's QuantMatMul multiplies by."""
     n, nb = c.scales.shape
-    if bits == 4:
-        q = np.stack([c.codes & 15, c.codes >> 4], -1).reshape(n, nb, -1)
-        z = np.stack([c.zeros & 15, c.zeros >> 4], -1).reshape(n, -1)[:, :nb]
-    else:
-        q, z = c.codes, c.zeros
-    w = ((q.astype(np.float32) - z[..., None]) * c.scales[..., None]).reshape(n, k)
+    q, z = unpack_layout(c.codes, c.zeros, bits, nb)
+    w = ((q.reshape(n, nb, -1).astype(np.float32) - z[..., None]) * c.scales[..., None]).reshape(n, k)
     if c.perm is not None:
         out = np.empty_like(w)
         out[:, c.perm] = w

@@ -39,6 +39,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgecpm.errors import BundleError
+from edgecpm.export.quantize import pack_nibbles, unpack_layout
 
 OPSET = 21
 IR_VERSION = 10
@@ -100,17 +101,6 @@ class TensorSink:
 
 
 # ---- the weights ---------------------------------------------------------------------------------------
-def unpack_codes(codes: np.ndarray, zeros: np.ndarray, bits: int, n_blocks: int):
-    """The bundle's layout -> q uint8 [N, K] (0 .. 2^bits - 1), z uint8 [N, n_blocks]."""
-    n = codes.shape[0]
-    if bits == 4:
-        q = np.stack([codes & 15, codes >> 4], -1).reshape(n, -1)
-        z = np.stack([zeros & 15, zeros >> 4], -1).reshape(n, -1)[:, :n_blocks]
-    else:
-        q, z = codes.reshape(n, -1), zeros.reshape(n, -1)[:, :n_blocks]
-    return q, z
-
-
 def signed_bytes(q: np.ndarray, bits: int) -> bytes:
     """Codes q (unsigned, any 2-D shape) as ONNX INT4 / INT8 raw data of q - 2^(bits-1), row-major;
     INT4 packs two a byte, the first element in the low nibble."""
@@ -120,7 +110,7 @@ def signed_bytes(q: np.ndarray, bits: int) -> bytes:
         return flat.tobytes()
     if flat.size % 2:
         flat = np.concatenate([flat, np.zeros(1, np.uint8)])
-    return ((flat[0::2] & 15) | ((flat[1::2] & 15) << 4)).astype(np.uint8).tobytes()
+    return pack_nibbles(flat).tobytes()
 
 
 _CHUNK = 1 << 24  # codes transposed at a time: the host memory of a build stays ~ one matrix's codes
@@ -183,7 +173,7 @@ class _Rewrite:
             zt = _value(self.init(zeros, "quantized zero points"), self.base_dir)
             n = c.shape[0]
             s = s.reshape(n, -1).copy()
-            q, z = unpack_codes(c, zt.reshape(n, -1), bits, s.shape[1])
+            q, z = unpack_layout(c, zt.reshape(n, -1), bits, s.shape[1])
             del c
             nb = s.shape[1]
             if q.shape[1] != nb * block:

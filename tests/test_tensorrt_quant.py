@@ -239,7 +239,7 @@ def test_one_linear_against_the_reference_function(monkeypatch, bits, block, per
     codes written in several pieces."""
     from edgecpm.export.onnx_builder import GraphBuilder
     from edgecpm.export.quant_ops import quant_function, quant_node, register_quant_schema
-    from edgecpm.export.quantize import _pack_nibbles
+    from edgecpm.export.quantize import pack_nibbles
 
     monkeypatch.setattr(tq, "_CHUNK", 200)
     rng = np.random.default_rng(bits + block)
@@ -254,8 +254,8 @@ def test_one_linear_against_the_reference_function(monkeypatch, bits, block, per
     codes = q.reshape(n, nb, block)
     zeros = z
     if bits == 4:
-        codes = _pack_nibbles(codes)
-        zeros = _pack_nibbles(np.concatenate([z, np.zeros((n, nb % 2), np.uint8)], 1))
+        codes = pack_nibbles(codes)
+        zeros = pack_nibbles(np.concatenate([z, np.zeros((n, nb % 2), np.uint8)], 1))
     g = GraphBuilder(lambda name, a: numpy_helper.from_array(a, name))
     y = quant_node(g, "x", g.weight("w.codes", codes), g.weight("w.scales", s), g.weight("w.zeros", zeros), k, bits,
                    block)
