@@ -102,7 +102,7 @@ class OnnxRuntimeBackend:
             opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         # Spin-waiting: a sleeping worker takes a wake-up per parallel op (~150 a decode token), so
-        # alone a session decodes faster spinning (0.5B ternary, 2 threads: 59.1 -> 75.6 tok/s,
+        # alone a session decodes faster spinning (0.5B ternary, 2 threads: 59.4 -> 75.7 tok/s,
         # benchmarks/kernels.py); but two sessions taking turns (a target and its draft model)
         # spin against each other: a target + draft pair ran 2.7x slower on 2 cores. Session
         # keeps a large draft's pair asleep (edgecpm.backends.SMALL_DRAFT_PARAMS).
