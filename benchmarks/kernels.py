@@ -11,6 +11,10 @@
 2. Spin-waiting: a MiniCPM4-0.5B-shaped ternary bundle (benchmarks/ternary.py's random BitCPM4-like
    weights, int8 head) in two sessions of 2 threads, onnxruntime's idle threads spinning and not,
    alternating 4 rounds of 64 new tokens; median decode tok/s.
+3. A tied LM head (the weight a graph input, as the runtime loads one: runtimes/onnxruntime.py)
+   for 1 to 17 tokens (decode, a draft's verification): onnxruntime's Gemm (transB) against
+   edgecpm::HeadMatMul, wind-tunnel [8192, 256] and MiniCPM4-0.5B [73448, 1024] shapes, --threads
+   threads, wall time, median of interleaved batches of calls.
 Writes benchmarks/results/kernels.json.
 """
 
@@ -91,6 +95,49 @@ def gemv(model: bytes, nbytes: int, k: int, path: str | None, library: Path) -> 
             "gb_per_s": nbytes / best / 1e9}
 
 
+def head_model(op: str, n: int, k: int) -> bytes:
+    """y = x [T, k] times weight [n, k] transposed: a Gemm or an edgecpm::HeadMatMul node."""
+    from onnx import TensorProto, helper
+
+    node = (helper.make_node("Gemm", ["x", "weight"], ["y"], transB=1) if op == "Gemm"
+            else helper.make_node("HeadMatMul", ["x", "weight"], ["y"], domain="edgecpm"))
+    graph = helper.make_graph([node], "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", k]),
+                                               helper.make_tensor_value_info("weight", TensorProto.FLOAT, [n, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", n])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                   helper.make_opsetid("edgecpm", 1)]).SerializeToString()
+
+
+def head_ab(library: Path, threads: int, rounds: int = 7) -> list[dict]:
+    import onnxruntime as ort
+
+    rows = []
+    rng = np.random.default_rng(2)
+    for shape, (n, k), calls in (("wind tunnel", (8192, 256), 50), ("MiniCPM4-0.5B", (73448, 1024), 3)):
+        weight = rng.standard_normal((n, k), dtype=np.float32)
+        sessions = {}
+        for op in ("Gemm", "HeadMatMul"):
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.register_custom_ops_library(str(library))
+            sessions[op] = ort.InferenceSession(head_model(op, n, k), opts, providers=["CPUExecutionProvider"])
+        for tokens in (1, 2, 3, 5, 9, 17):
+            feeds = {"x": rng.standard_normal((tokens, k), dtype=np.float32), "weight": weight}
+            times = {op: [] for op in sessions}
+            for r in range(rounds):
+                for op in (("Gemm", "HeadMatMul") if r % 2 == 0 else ("HeadMatMul", "Gemm")):
+                    sessions[op].run(None, feeds)
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        sessions[op].run(None, feeds)
+                    times[op].append((time.perf_counter() - t0) / calls * 1e3)
+            gemm, head = common.median(times["Gemm"]), common.median(times["HeadMatMul"])
+            rows.append({"shape": shape, "tokens": tokens, "Gemm ms": gemm, "HeadMatMul ms": head,
+                         "Gemm / HeadMatMul": gemm / head})
+            print(rows[-1], file=sys.stderr)
+    return rows
+
+
 def spin_ab(tmp: Path, threads: int, rounds: int = 4, new_tokens: int = 64) -> dict:
     import edgecpm
     from edgecpm.bundle import load_bundle
@@ -141,12 +188,13 @@ def main(argv=None) -> int:
         del model
     with tempfile.TemporaryDirectory(prefix="edgecpm-kernels-") as tmp:
         spin = spin_ab(Path(tmp), args.threads)
+    head = head_ab(library, args.threads)
     result = {**common.result_header("kernels", argv, threads=args.threads, isa=onnxruntime_ops.isa(library)),
-              "gemv": rows, "spin": spin}
+              "gemv": rows, "spin": spin, "tied_head": head}
     spin_row = [{"session": name, "decode tok/s": v} for name, v in spin["decode_tok_s"].items()]
     return common.finish(result, [common.markdown_table(rows, ["op", "shape", "from", "path", "weight_mib", "ms",
                                                                "gb_per_s"]),
-                                  common.markdown_table(spin_row)],
+                                  common.markdown_table(spin_row), common.markdown_table(head)],
                          args.output, note=f"spinning / sleeping: {spin['spinning_over_sleeping']:.3f}")
 
 

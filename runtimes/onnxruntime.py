@@ -43,13 +43,13 @@ def _import_ort():
     return onnxruntime
 
 
-def _tied_head_in_place(model) -> bool:
+def _tied_head_in_place(model) -> str | None:
     """A dense tied embedding / LM head (one initializer read by the embedding's Gather and the head's
     Gemm) declared a graph input too, so that onnxruntime neither prepacks nor folds it: prepacking
     gives the Gemm its own copy, while packing it pages in the whole memory-mapped original, which the
     Gather keeps — the matrix twice in RSS (300 MiB for MiniCPM4-0.5B in fp32). Measured on the
-    0.5B head, one thread: an unpacked decode GEMV costs 23 ms against 22 packed. Returns whether
-    the graph had one."""
+    0.5B head, one thread: an unpacked decode GEMV costs 23 ms against 22 packed. Returns the
+    matrix's name where the graph has one (else None)."""
     from onnx import helper
 
     graph = model.graph
@@ -57,10 +57,32 @@ def _tied_head_in_place(model) -> bool:
     gathered = {n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in inits}
     head = next((n.input[1] for n in graph.node if n.op_type == "Gemm" and n.input[1] in gathered), None)
     if head is None or any(i.name == head for i in graph.input):
-        return False
+        return None
     t = inits[head]
     graph.input.append(helper.make_tensor_value_info(head, t.data_type, list(t.dims)))
-    return True
+    return head
+
+
+def _head_to_kernel(model, head: str) -> bool:
+    """The tied head's Gemm (x [N, H] times `head` [V, H] transposed) becomes edgecpm::HeadMatMul
+    (runtimes/onnxruntime_ops.cpp). Unprepacked, onnxruntime's Gemm copies the whole matrix into its
+    packed layout at every call of two rows or more, so verifying even a one-token draft cost a copy
+    of the head more than a decode step; the kernel reads it in place (benchmarks/kernels.py, "tied
+    head"). Returns whether the Gemm was the plain product it replaces (no bias, alpha 1, transB)."""
+    from onnx import helper
+
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "Gemm" or len(node.input) != 2 or node.input[1] != head:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) or attrs.get("transB", 0) != 1 or attrs.get("alpha", 1.0) != 1.0:
+            return False
+        model.graph.node[i].CopyFrom(helper.make_node("HeadMatMul", list(node.input), list(node.output),
+                                                      name=f"{node.name or node.output[0]}/head", domain="edgecpm"))
+        if not any(o.domain == "edgecpm" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("edgecpm", 1))
+        return True
+    return False
 
 
 class OnnxRuntimeBackend:
@@ -83,6 +105,9 @@ class OnnxRuntimeBackend:
         library builds and has a vector path here, else the graph as exported; "reference", the graph
         as exported. `attention_kernel` says which runs (None: the exported graph), and
         `max_prefill_chunk` the prefill step size it suits (None: the context bounds it).
+        A dense tied LM head runs on edgecpm's HeadMatMul kernel where the fused attention would by
+        default (fp32, CPU, a vector path here; dense or sparse), unless attention is "reference";
+        `head_kernel` says so (None: the graph's Gemm).
         quant: what runs an int8 / int4 bundle's QuantMatMul nodes (also a quantized LM head):
         "edgecpm", the fp32-activation kernel of runtimes/onnxruntime_ops.cpp; "matmulnbits",
         onnxruntime's MatMulNBits with fp32 activations (runtimes/quant_lowering.py);
@@ -113,7 +138,7 @@ class OnnxRuntimeBackend:
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        model, self.ternary_kernel, self.attention_kernel, self.quant_kernel = self._decoder_model(
+        model, self.ternary_kernel, self.attention_kernel, self.quant_kernel, self.head_kernel = self._decoder_model(
             graph, ternary, attention, quant, opts, providers)
         self.max_prefill_chunk = FUSED_PREFILL_CHUNK if self.attention_kernel else None
         self.session = ort.InferenceSession(model, opts, providers=providers)
@@ -134,10 +159,11 @@ class OnnxRuntimeBackend:
         """The arena is bound by pointer at every step: nothing of it is kept here."""
 
     def _decoder_model(self, graph: dict, ternary: str, attention: str | None, quant: str | None, opts,
-                       providers: list[str]) -> tuple[bytes, str | None, str | None, str | None]:
+                       providers: list[str]) -> tuple[bytes, str | None, str | None, str | None, str | None]:
         """The decoder graph to load, rewritten in memory (its weights still read from the bundle's
         external data file), what runs the ternary linears (None: there are none), what runs
-        attention (None: the graph's own ops) and what runs the QuantMatMul nodes (None: none)."""
+        attention (None: the graph's own ops), what runs the QuantMatMul nodes (None: none) and
+        what runs a tied LM head (None: the graph's Gemm, or no tied head)."""
         import os
 
         if ternary not in TERNARY_KERNELS:
@@ -158,11 +184,12 @@ class OnnxRuntimeBackend:
         from edgecpm.runtimes import onnxruntime_ops
 
         model = onnx.load(str(path), load_external_data=False)
-        if _tied_head_in_place(model):
+        head = _tied_head_in_place(model)
+        if head:
             # onnxruntime warns at every load that such an input "will not be treated as constant":
             # that is the point. Errors are still logged.
             opts.log_severity_level = 3
-        ternary_kernel = attention_kernel = quant_kernel = None
+        ternary_kernel = attention_kernel = quant_kernel = head_kernel = None
         if is_ternary:
             ternary_kernel = self._rewrite_ternary(model, path, ternary, opts)
         # The library also holds a TernaryMatMul kernel: registered, it would run ternary nodes left to
@@ -178,11 +205,17 @@ class OnnxRuntimeBackend:
             if fuse_attention(model, self.config.head_dim):
                 if not library_loaded:
                     opts.register_custom_ops_library(str(attention_library))
+                    library_loaded = True
                 attention_kernel = f"edgecpm ({onnxruntime_ops.isa(attention_library)})"
             elif attention == "edgecpm":
                 raise BackendUnavailable(f"{path}: no dense attention subgraph edgecpm's kernel can replace")
+        head_library = self._fp32_library(providers) if head and attention != "reference" and not reference else None
+        if head_library is not None and _head_to_kernel(model, head):
+            if not library_loaded:
+                opts.register_custom_ops_library(str(head_library))
+            head_kernel = f"edgecpm ({onnxruntime_ops.isa(head_library)})"
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-        return model.SerializeToString(), ternary_kernel, attention_kernel, quant_kernel
+        return model.SerializeToString(), ternary_kernel, attention_kernel, quant_kernel, head_kernel
 
     def _rewrite_quant(self, model, quant: str, providers: list[str], loaded: bool, reference: bool, opts) -> str:
         """Leave the QuantMatMul nodes to edgecpm's kernel (registering its library unless `loaded`)
@@ -229,19 +262,27 @@ class OnnxRuntimeBackend:
 
         if attention == "reference":
             return None
-        dtype = self.bundle.manifest.get("dtype", "fp32")
         if attention == "edgecpm":
+            dtype = self.bundle.manifest.get("dtype", "fp32")
             if dtype != "fp32" or self.config.sparse is not None:
                 raise BackendUnavailable(f"edgecpm's attention kernel runs dense fp32 graphs; {self.bundle.path} is "
                                          f"{dtype}{' with sparse attention' if self.config.sparse else ''}")
             return onnxruntime_ops.library()
-        if (dtype != "fp32" or self.config.sparse is not None or platform.machine() != "x86_64"
+        return None if self.config.sparse is not None else self._fp32_library(providers)
+
+    def _fp32_library(self, providers: list[str]) -> Path | None:
+        """The kernel library where edgecpm's fp32 kernels run by default (fused attention, a tied
+        head): an fp32 bundle on onnxruntime's CPU provider on x86-64, with a library that builds and
+        has a vector path for this CPU; else None (the graph's own ops run)."""
+        from edgecpm.runtimes import onnxruntime_ops
+
+        if (self.bundle.manifest.get("dtype", "fp32") != "fp32" or platform.machine() != "x86_64"
                 or providers[:1] != ["CPUExecutionProvider"]):
             return None
         try:
             library = onnxruntime_ops.library()
         except BackendUnavailable:
-            return None  # the graph's own attention runs (the ternary path warns about the library)
+            return None  # the graph's own ops run (the ternary path warns about the library)
         return library if onnxruntime_ops.isa(library) != "scalar" else None
 
     def _rewrite_ternary(self, model, path: Path, ternary: str, opts) -> str:

@@ -1,6 +1,6 @@
 // edgecpm's onnxruntime custom-op library: the exact CPU kernels of `edgecpm::TernaryMatMul`, of
-// `edgecpm::QuantMatMul` (int8 / int4 weights) and of `edgecpm::Attention` (fused GQA attention over
-// the KV arena), in that order.
+// `edgecpm::QuantMatMul` (int8 / int4 weights), of `edgecpm::HeadMatMul` (a tied fp32 LM head) and
+// of `edgecpm::Attention` (fused GQA attention over the KV arena), in that order.
 //
 // y[m, n] = sum_k x[m, k] * W[n, k], W[n, k] = (code - 1) * scales[n, k / group_size], with the
 // codes read straight from the bundle's 2-bit words (edgecpm.export.ternary: 16 codes per uint32,
@@ -945,6 +945,175 @@ struct QuantMatMul {
   int64_t in_features_ = 0, bits_ = 0, block_ = 0;
 };
 
+// ---- HeadMatMul: a tied LM head, y = x W^T with W [N, K] fp32 read in place ----------------------
+//
+// MiniCPM ties its LM head to the embedding. runtimes/onnxruntime.py keeps that matrix unpacked so
+// it is held once, and onnxruntime's Gemm then copies all of it into its packed layout on every call
+// of two tokens or more: a draft's verification paid for a copy of the whole head that a decode step
+// does not (benchmarks/kernels.py, "tied head"). Here each row is read once per call, in place, for
+// all tokens: tiles of R rows x MT tokens (R * MT = 16 accumulators), K-long dot products in vector
+// lanes, and the 16 lane sums folded into one vector. Past about 16 tokens onnxruntime's packed GEMM
+// is faster again; only Session.logits() asks the head for that many rows.
+
+struct HProblem {
+  const float* x;  // [M, K]
+  const float* w;  // [N, K]
+  float* y;        // [M, N]
+  int64_t M, K, N;
+};
+
+void head_rows_scalar(const HProblem& p, int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < p.M; ++m)
+    for (int64_t n = n0; n < n1; ++n) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < p.K; ++k) acc += p.x[m * p.K + k] * p.w[n * p.K + k];
+      p.y[m * p.N + n] = acc;
+    }
+}
+
+#if defined(__x86_64__)
+// Rows n .. n + R, tokens m0 .. m0 + MT, R * MT = 16 accumulators (or one, for the last rows).
+template <int R, int MT>
+__attribute__((target("avx512f"))) void head_tile_avx512(const HProblem& p, int64_t n, int64_t m0) {
+  __m512 acc[R * MT];
+#pragma GCC unroll 16  // the accumulators must stay in registers
+  for (int i = 0; i < R * MT; ++i) acc[i] = _mm512_setzero_ps();
+  const float* w = p.w + n * p.K;
+  const float* x = p.x + m0 * p.K;
+  for (int64_t k = 0; k < p.K; k += 16) {
+    const __mmask16 live = p.K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (p.K - k)) - 1);
+    __m512 xv[MT];
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) xv[m] = _mm512_maskz_loadu_ps(live, x + m * p.K + k);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = _mm512_maskz_loadu_ps(live, w + r * p.K + k);
+#pragma GCC unroll 16
+      for (int m = 0; m < MT; ++m) acc[r * MT + m] = _mm512_fmadd_ps(wv, xv[m], acc[r * MT + m]);
+    }
+  }
+  if constexpr (R * MT == 16) {
+    // The 16 lane sums as one vector, in four rounds of pairwise shuffles and adds (45 instructions
+    // instead of 16 horizontal sums of about 10): lane L ends up with the sum of acc[(L % 4) * 4 + L / 4].
+    // Written out here, not in a helper taking the array, so that it stays in registers.
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i)  // 128-bit blocks: halves of two vectors
+      acc[i] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * i], acc[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(acc[2 * i], acc[2 * i + 1], 0xEE));
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i)  // one 128-bit block per vector
+      acc[i] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * i], acc[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(acc[2 * i], acc[2 * i + 1], 0xDD));
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; ++i)  // two lanes per vector
+      acc[i] = _mm512_add_ps(_mm512_shuffle_ps(acc[2 * i], acc[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(acc[2 * i], acc[2 * i + 1], 0xEE));
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, _mm512_add_ps(_mm512_shuffle_ps(acc[0], acc[1], 0x88), _mm512_shuffle_ps(acc[0], acc[1], 0xDD)));
+    for (int L = 0; L < 16; ++L) {
+      const int i = (L % 4) * 4 + L / 4;
+      p.y[(m0 + i % MT) * p.N + n + i / MT] = sums[L];
+    }
+  } else {
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) p.y[(m0 + m) * p.N + n + r] = _mm512_reduce_add_ps(acc[r * MT + m]);
+  }
+}
+
+// Blocks of 16 rows: 4 tokens at a time as four 4 x 4 tiles, then 2 tokens as two 8 x 2, then one
+// as 16 x 1; the last rows (N not a multiple of 16) one by one.
+__attribute__((target("avx512f"))) void head_rows_avx512(const HProblem& p, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 16 <= n1; n += 16) {
+    int64_t m = 0;
+    for (; m + 4 <= p.M; m += 4)
+      for (int r = 0; r < 16; r += 4) head_tile_avx512<4, 4>(p, n + r, m);
+    for (; m + 2 <= p.M; m += 2)
+      for (int r = 0; r < 16; r += 8) head_tile_avx512<8, 2>(p, n + r, m);
+    for (; m < p.M; ++m) head_tile_avx512<16, 1>(p, n, m);
+  }
+  for (; n < n1; ++n)
+    for (int64_t m = 0; m < p.M; ++m) head_tile_avx512<1, 1>(p, n, m);
+}
+
+// ---- AVX2 + FMA: 8 lanes, 4 rows x 2 tokens (8 accumulators of AVX2's 16 registers) --------------
+__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+template <int R, int MT>
+__attribute__((target("avx2,fma"))) void head_tile_avx2(const HProblem& p, int64_t n, int64_t m0) {
+  __m256 acc[R][MT];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm256_setzero_ps();
+  const float* w = p.w + n * p.K;
+  const float* x = p.x + m0 * p.K;
+  int64_t k = 0;
+  for (; k + 8 <= p.K; k += 8) {
+    __m256 xv[MT];
+    for (int m = 0; m < MT; ++m) xv[m] = _mm256_loadu_ps(x + m * p.K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256 wv = _mm256_loadu_ps(w + r * p.K + k);
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) {
+      float s = hsum256(acc[r][m]);
+      for (int64_t j = k; j < p.K; ++j) s += w[r * p.K + j] * x[m * p.K + j];  // K not a multiple of 8
+      p.y[(m0 + m) * p.N + n + r] = s;
+    }
+}
+
+template <int R>
+__attribute__((target("avx2,fma"))) void head_rows_tokens_avx2(const HProblem& p, int64_t n) {
+  int64_t m = 0;
+  for (; m + 2 <= p.M; m += 2) head_tile_avx2<R, 2>(p, n, m);
+  for (; m < p.M; ++m) head_tile_avx2<R, 1>(p, n, m);
+}
+
+__attribute__((target("avx2,fma"))) void head_rows_avx2(const HProblem& p, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) head_rows_tokens_avx2<4>(p, n);
+  for (; n < n1; ++n) head_rows_tokens_avx2<1>(p, n);
+}
+#endif
+
+using HRowsFn = void (*)(const HProblem&, int64_t, int64_t);
+
+HRowsFn head_rows_fn(const std::string& path) {
+#if defined(__x86_64__)
+  if (is_avx512(path)) return head_rows_avx512;
+  if (is_avx2(path)) return head_rows_avx2;
+#endif
+  return head_rows_scalar;
+}
+
+constexpr int64_t kHeadRowsPerTask = 96;  // a multiple of the AVX-512 blocks' 16 rows
+
+struct HeadMatMul {
+  HeadMatMul(const OrtApi* api, const OrtKernelInfo*) : api_(api), isa_(isa()) {}
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& x,
+                      const Ort::Custom::Tensor<float>& weight, Ort::Custom::Tensor<float>& y) {
+    const std::vector<int64_t>& xs = x.Shape();
+    const std::vector<int64_t>& ws = weight.Shape();
+    if (xs.empty() || ws.size() != 2 || xs.back() != ws[1] || ws[1] <= 0)
+      return Ort::Status("HeadMatMul: x [.., K] and weight [N, K] do not agree", ORT_INVALID_ARGUMENT);
+    const int64_t K = ws[1];
+    std::vector<int64_t> ys(xs);
+    ys.back() = ws[0];
+    HProblem p{x.Data(), weight.Data(), y.Allocate(ys), x.NumberOfElement() / K, K, ws[0]};
+    if (p.M == 0 || p.N == 0) return Ort::Status(nullptr);
+    return Ort::Status(parallel_rows(api_, ctx, p, head_rows_fn(isa_), kHeadRowsPerTask));
+  }
+
+  const OrtApi* api_;
+  std::string isa_;
+};
+
 // ---- Attention: GQA attention over the token-major KV arena, without a score matrix ------------
 //
 // out[t, (h*G + g)*D + d] = sum_j softmax_j(scale * q[t, h*G+g] . key_j) value_j[h, d] over the P past
@@ -1299,7 +1468,10 @@ EDGECPM_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
       Ort::Custom::CreateLiteCustomOp<Attention>("Attention", "CPUExecutionProvider")};
   static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> quant{
       Ort::Custom::CreateLiteCustomOp<QuantMatMul>("QuantMatMul", "CPUExecutionProvider")};
-  static bool added = (domain.Add(op.get()), domain.Add(attention.get()), domain.Add(quant.get()), true);
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> head{
+      Ort::Custom::CreateLiteCustomOp<HeadMatMul>("HeadMatMul", "CPUExecutionProvider")};
+  static bool added =
+      (domain.Add(op.get()), domain.Add(attention.get()), domain.Add(quant.get()), domain.Add(head.get()), true);
   (void)added;
   try {
     Ort::UnownedSessionOptions(options).Add(domain);

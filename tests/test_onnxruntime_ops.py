@@ -372,3 +372,82 @@ def test_tied_dense_head_is_not_prepacked(make_checkpoint, tmp_path):
     for other in (export_bundle(make_checkpoint(tie=False), tmp_path / "untied", progress=False),
                   export_bundle(make_checkpoint(), tmp_path / "int8", quantize="int8", progress=False)):
         assert not _tied_head_in_place(onnx.load(str(other / "decoder.onnx"), load_external_data=False))
+
+
+def head_graph():
+    """One edgecpm::HeadMatMul node: y = x [M, K] times weight [N, K] transposed, the weight a graph
+    input as the tied head's is at load (shapes left to the kernel to check)."""
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph(
+        [helper.make_node("HeadMatMul", ["x", "weight"], ["y"], domain="edgecpm")], "head",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["M", "K"]),
+         helper.make_tensor_value_info("weight", onnx.TensorProto.FLOAT, ["N", "K_weight"])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["M", "N"])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("edgecpm", 1)])
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("n, k", [(300, 256), (37, 40), (96, 1000), (16, 16)])
+def test_head_kernel_matches_the_product(isa, n, k, ort_ops, monkeypatch):
+    """Every token count through every tile (4, 2 and 1 tokens at a time, 16-row blocks and the
+    rows past them), K not a multiple of 16 or 8 (the masked and scalar tails): one-hot rows read
+    the weight back exactly, random rows with an outlier within fp32 summation error."""
+    from edgecpm.runtimes.onnxruntime_ops import isa as isa_of
+
+    monkeypatch.setenv("EDGECPM_ORT_ISA", isa)
+    if isa != "scalar" and not isa_of(ort_ops).startswith(isa):
+        pytest.skip(f"this CPU has no {isa} path")
+    s = session(head_graph(), ort_ops)
+    rng = np.random.default_rng(n + k)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    eye = np.eye(k, dtype=np.float32)
+    for rows in (eye[:1], eye[: min(k, 7)], eye):
+        assert np.array_equal(s.run(None, {"x": rows, "weight": w})[0], w[:, : len(rows)].T)
+    for m in (1, 2, 3, 4, 5, 7, 9, 17, 40):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        x[0, min(3, k - 1)] = 300
+        y = s.run(None, {"x": x, "weight": w})[0]
+        assert y.shape == (m, n)
+        assert rel_err(y, x.astype(np.float64) @ w.T.astype(np.float64)) <= 4e-6  # the scalar path sums in order
+
+
+def test_head_kernel_refuses_mismatched_shapes(ort_ops):
+    s = session(head_graph(), ort_ops)
+    with pytest.raises(Exception, match="HeadMatMul: x"):
+        s.run(None, {"x": np.zeros((2, 12), np.float32), "weight": np.zeros((8, 16), np.float32)})
+
+
+def test_tied_head_runs_on_the_kernel(ort_ops, make_checkpoint, tmp_path):
+    """A tied fp32 head's Gemm becomes HeadMatMul where edgecpm's kernels run by default; logits of a
+    prefill, a decode step and a draft tree's verification are the exported graph's within fp32
+    summation error, greedy tokens identical. attention="reference" (the graph as exported), an
+    untied head and a quantized head keep their own ops."""
+    import edgecpm
+    from edgecpm.bundle import load_bundle
+    from edgecpm.export.exporter import export_bundle
+    from edgecpm.generate import run_step
+    from edgecpm.kv_cache import KVCache
+    from edgecpm.runtimes.onnxruntime import OnnxRuntimeBackend
+    from edgecpm.runtimes.onnxruntime_ops import isa
+
+    if isa(ort_ops) == "scalar" or platform.machine() != "x86_64":
+        pytest.skip("the kernel runs by default only with a vector path on x86-64")
+    tied = load_bundle(export_bundle(make_checkpoint(), tmp_path / "tied", progress=False))
+    kernel, ref = OnnxRuntimeBackend(tied, threads=2), OnnxRuntimeBackend(tied, threads=2, attention="reference")
+    assert kernel.head_kernel == f"edgecpm ({isa(ort_ops)})" and ref.head_kernel is None
+
+    def steps(backend):
+        cache, rng = KVCache(backend.config, 128, backend.kv_dtype), np.random.default_rng(0)
+        return [run_step(backend, cache, rng.integers(3, backend.config.vocab_size, n), None, np.arange(n))
+                for n in (20, 1, 5)]
+
+    for ours, theirs in zip(steps(kernel), steps(ref), strict=True):
+        assert rel_err(ours, theirs) <= 1e-5
+    a = edgecpm.Session.from_backend(kernel).generate([1, 5, 9, 12], max_new_tokens=8, ignore_eos=True)
+    b = edgecpm.Session.from_backend(ref).generate([1, 5, 9, 12], max_new_tokens=8, ignore_eos=True)
+    assert a.token_ids == b.token_ids
+    for other in (export_bundle(make_checkpoint(tie=False), tmp_path / "untied", progress=False),
+                  export_bundle(make_checkpoint(), tmp_path / "int8", quantize="int8", progress=False)):
+        assert OnnxRuntimeBackend(load_bundle(other)).head_kernel is None
