@@ -14,7 +14,8 @@
 3. A tied LM head (the weight a graph input, as the runtime loads one: runtimes/onnxruntime.py)
    for 1 to 17 tokens (decode, a draft's verification): onnxruntime's Gemm (transB) against
    edgecpm::HeadMatMul, wind-tunnel [8192, 256] and MiniCPM4-0.5B [73448, 1024] shapes, --threads
-   threads, wall time, median of interleaved batches of calls.
+   threads spinning within a call only (as OnnxRuntimeBackend's), wall time, median of interleaved
+   batches of calls.
 Writes benchmarks/results/kernels.json.
 """
 
@@ -119,6 +120,7 @@ def head_ab(library: Path, threads: int, rounds: int = 7) -> list[dict]:
         for op in ("Gemm", "HeadMatMul"):
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads
+            opts.add_session_config_entry("session.force_spinning_stop", "1")  # as the runtime's sessions
             opts.register_custom_ops_library(str(library))
             sessions[op] = ort.InferenceSession(head_model(op, n, k), opts, providers=["CPUExecutionProvider"])
         for tokens in (1, 2, 3, 5, 9, 17):

@@ -135,6 +135,11 @@ class OnnxRuntimeBackend:
             spin = os.environ.get("EDGECPM_ORT_SPIN", "1") != "0"
         self.spin, self.threads = spin, threads
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        # ... within a step only: the workers stop spinning when a run returns, so the Python between
+        # steps (sampling, drafting, binding) has the cores to itself; one wake-up per step instead.
+        # Wind-tunnel target, 2 threads, ad hoc A/B of 5 process pairs: plain decoding 1.04x, n-gram
+        # speculative decoding 1.09x faster than with the workers spinning on between steps.
+        opts.add_session_config_entry("session.force_spinning_stop", "1" if spin else "0")
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
