@@ -972,12 +972,15 @@ void head_rows_scalar(const HProblem& p, int64_t n0, int64_t n1) {
 }
 
 #if defined(__x86_64__)
-// Rows n .. n + R, tokens m0 .. m0 + MT, R * MT = 16 accumulators (or one, for the last rows).
+// Rows n .. n + R, tokens m0 .. m0 + MT: R * MT <= 16 accumulators (padded to 16 with zeros for
+// the fold below), or one for the last rows.
 template <int R, int MT>
 __attribute__((target("avx512f"))) void head_tile_avx512(const HProblem& p, int64_t n, int64_t m0) {
-  __m512 acc[R * MT];
+  static_assert(R * MT <= 16, "16 accumulators at most");
+  constexpr int kAcc = R * MT == 1 ? 1 : 16;
+  __m512 acc[kAcc];
 #pragma GCC unroll 16  // the accumulators must stay in registers
-  for (int i = 0; i < R * MT; ++i) acc[i] = _mm512_setzero_ps();
+  for (int i = 0; i < kAcc; ++i) acc[i] = _mm512_setzero_ps();
   const float* w = p.w + n * p.K;
   const float* x = p.x + m0 * p.K;
   for (int64_t k = 0; k < p.K; k += 16) {
@@ -992,7 +995,7 @@ __attribute__((target("avx512f"))) void head_tile_avx512(const HProblem& p, int6
       for (int m = 0; m < MT; ++m) acc[r * MT + m] = _mm512_fmadd_ps(wv, xv[m], acc[r * MT + m]);
     }
   }
-  if constexpr (R * MT == 16) {
+  if constexpr (kAcc == 16) {
     // The 16 lane sums as one vector, in four rounds of pairwise shuffles and adds (45 instructions
     // instead of 16 horizontal sums of about 10): lane L ends up with the sum of acc[(L % 4) * 4 + L / 4].
     // Written out here, not in a helper taking the array, so that it stays in registers.
@@ -1012,25 +1015,28 @@ __attribute__((target("avx512f"))) void head_tile_avx512(const HProblem& p, int6
     _mm512_store_ps(sums, _mm512_add_ps(_mm512_shuffle_ps(acc[0], acc[1], 0x88), _mm512_shuffle_ps(acc[0], acc[1], 0xDD)));
     for (int L = 0; L < 16; ++L) {
       const int i = (L % 4) * 4 + L / 4;
-      p.y[(m0 + i % MT) * p.N + n + i / MT] = sums[L];
+      if (i < R * MT) p.y[(m0 + i % MT) * p.N + n + i / MT] = sums[L];
     }
   } else {
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MT; ++m) p.y[(m0 + m) * p.N + n + r] = _mm512_reduce_add_ps(acc[r * MT + m]);
+    p.y[m0 * p.N + n] = _mm512_reduce_add_ps(acc[0]);
   }
 }
 
-// Blocks of 16 rows: 4 tokens at a time as four 4 x 4 tiles, then 2 tokens as two 8 x 2, then one
-// as 16 x 1; the last rows (N not a multiple of 16) one by one.
+// Blocks of 16 rows: 4 tokens at a time as four 4 x 4 tiles; the 3, 2 or 1 left as four 4 x 3, two
+// 8 x 2 or one 16 x 1 (each row read once per call below 8 tokens); the last rows (N not a multiple
+// of 16) one by one.
 __attribute__((target("avx512f"))) void head_rows_avx512(const HProblem& p, int64_t n0, int64_t n1) {
   int64_t n = n0;
   for (; n + 16 <= n1; n += 16) {
     int64_t m = 0;
     for (; m + 4 <= p.M; m += 4)
       for (int r = 0; r < 16; r += 4) head_tile_avx512<4, 4>(p, n + r, m);
-    for (; m + 2 <= p.M; m += 2)
+    if (p.M - m == 3)
+      for (int r = 0; r < 16; r += 4) head_tile_avx512<4, 3>(p, n + r, m);
+    else if (p.M - m == 2)
       for (int r = 0; r < 16; r += 8) head_tile_avx512<8, 2>(p, n + r, m);
-    for (; m < p.M; ++m) head_tile_avx512<16, 1>(p, n, m);
+    else if (p.M - m == 1)
+      head_tile_avx512<16, 1>(p, n, m);
   }
   for (; n < n1; ++n)
     for (int64_t m = 0; m < p.M; ++m) head_tile_avx512<1, 1>(p, n, m);
