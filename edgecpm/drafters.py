@@ -62,15 +62,22 @@ class SpecConfig:
 # depth with the best PROJECTED speed-up at the MiniCPM4-0.5B and 8B shapes on 2 CPU threads. A
 # small target's decode step is cheap next to a draft call (a full-vocabulary EAGLE head costs 0.27
 # of the 0.5B's step, 0.025 of the 8B's), so small targets draft shallow and prefer FR-Spec heads.
+# The small target's n-gram chain is capped by its confidence floor instead (see default_spec).
 LARGE_HIDDEN = 2048  # hidden_size from which a target counts as large (8B: 4096; 0.5B: 1024)
 DEFAULT_DEPTH = {  # (drafter kind, large target) -> depth
-    ("ngram", False): 8, ("ngram", True): 8,
+    ("ngram", False): 12, ("ngram", True): 8,
     ("eagle", False): 4, ("eagle", True): 8,
     ("model", False): 2, ("model", True): 3,
 }
 
 
 SMALL_MIN_CONFIDENCE = 0.3  # the n-gram drafter's chain floor on a small target (see default_spec)
+# The n-gram drafter's longest match (default_spec; SpecConfig's own default stays 4): a longer
+# match tells apart places where the same 4 tokens went on differently. Held-out wind-tunnel
+# prompts (click, jinja2, httpx sources), one process, 2 threads, with the corpus table: 2.39x /
+# 2.91x / 2.08x plain decoding with matches of up to 6 tokens and chains of up to 12, against 2.23x /
+# 2.71x / 2.01x with 4 and 8 (ad hoc; benchmarks/speculative.py measures the default on rich).
+DEFAULT_NGRAM_MAX = 6
 
 
 def default_spec(target_config, draft="ngram", eagle: bool = False) -> SpecConfig:
@@ -86,12 +93,13 @@ def default_spec(target_config, draft="ngram", eagle: bool = False) -> SpecConfi
         # Single-token matches guess wrong often, but their verification rows cost less than they
         # win: projected 1.93x vs 1.83x (ngram_min 2) at the 0.5B shape, 2.06x vs 1.96x at the 8B.
         # A small target's verification row costs ~9% of its step (the wind-tunnel target, 1
-        # thread): its chain stops where its chance of being right falls below 0.3, up to 8 tokens
+        # thread): its chain stops where its chance of being right falls below 0.3, up to 12 tokens
         # (held-out wind-tunnel prompts, thread time: 1.72x vs 1.64x for a fixed chain of 4). A
         # large target's rows are cheap next to its step: it drafts all 8.
+        ngram = {"ngram_min": 1, "ngram_max": DEFAULT_NGRAM_MAX}
         if large:
-            return SpecConfig(draft=draft, depth=depth, tree_size=depth, ngram_min=1)
-        return SpecConfig(draft=draft, depth=depth, tree_size=depth, ngram_min=1, min_confidence=SMALL_MIN_CONFIDENCE)
+            return SpecConfig(draft=draft, depth=depth, tree_size=depth, **ngram)
+        return SpecConfig(draft=draft, depth=depth, tree_size=depth, min_confidence=SMALL_MIN_CONFIDENCE, **ngram)
     return SpecConfig(draft=draft, depth=depth, tree_size=depth)
 
 
