@@ -6,11 +6,11 @@
 
 Chains; the model drafters at --depth 2 (default_spec's choice for a small target: on this 8M
 target a draft call costs about a third of a target step), the n-gram drafter at a fixed
---ngram-depth 4, and adaptive: up to --ngram-max-depth 8 tokens while the chain's estimated
-chance of being right stays >= --min-confidence 0.3 (default_spec's n-gram drafter for a small
-target), alone and with a corpus n-gram table (edgecpm.ngram_table, built here from the train
-split like the FR-Spec table: the drafter takes the corpus's guess where it is likelier right than
-the context's).
+--ngram-depth 4 (matches of up to 4 tokens), and default_spec's n-gram drafter for this target
+(adaptive: matches of up to 6 tokens, up to 12 tokens while the chain's estimated chance of being
+right stays >= 0.3), alone and with a corpus n-gram table (edgecpm.ngram_table, built here from
+the train split like the FR-Spec table: the drafter takes the corpus's guess where it is likelier
+right than the context's).
 
 Prompts (--prompts-from): "package" (default), --prompt-tokens-long slices of --prompts files of a
 third-party package's sources (samples/wind_tunnel/heldout_prompts.py: rich; code the models never
@@ -22,15 +22,17 @@ of` the target, with and without that table. "draft model + phrases" is the draf
 Ouroboros phrase reuse (SpecConfig.phrases: phrase checks in one draft call, rejected draft tails
 kept, chains extended by phrases up to --phrase-tree tokens). Every configuration decodes the same
 prompts greedily, so all produce the same text (checked for every prompt); the sessions take turns
-prompt by prompt, so a change of machine load hits all configurations alike. Reported: tokens/s,
-tokens per target step (mean accepted length + 1), ratios to plain decoding, and the acceptance by
-draft position (the share of steps that accepted at least i+1 draft tokens among those that drafted
-i+1), and the load average.
+prompt by prompt, so a change of machine load hits all configurations alike; every prompt runs
+--rounds 3 times (all prompts, then again) and its speed is the median of its runs. Reported:
+tokens/s (the median over the prompts), tokens per target step (mean accepted length + 1), ratios
+to plain decoding, and the acceptance by draft position (the share of steps that accepted at least
+i+1 draft tokens among those that drafted i+1), and the load average.
 Writes benchmarks/results/speculative.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -57,12 +59,10 @@ def main(argv=None) -> int:
     p = common.arg_parser(__doc__, "speculative", new_tokens=96)
     p.add_argument("--prompts", type=int, default=8, help="held-out documents used as prompts (default: 8)")
     p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="runs of every prompt; a prompt's speed is the median of its runs (default: 3)")
     p.add_argument("--depth", type=int, default=2, help="draft depth of the model drafters (default: 2)")
     p.add_argument("--ngram-depth", type=int, default=4, help="draft depth of the fixed n-gram rows (default: 4)")
-    p.add_argument("--ngram-max-depth", type=int, default=8,
-                   help="longest chain of the adaptive n-gram rows (default: 8)")
-    p.add_argument("--min-confidence", type=float, default=0.3,
-                   help="chain floor of the adaptive n-gram rows (default: 0.3)")
     p.add_argument("--phrase-tree", type=int, default=8, help="chain length with phrases (default: 8)")
     p.add_argument("--only", nargs="+", default=None, metavar="TEXT",
                    help="run plain and the configurations whose name contains one of these texts")
@@ -72,7 +72,8 @@ def main(argv=None) -> int:
 
     import edgecpm
     from edgecpm.bench import measure_many
-    from edgecpm.drafters import SpecConfig
+    from edgecpm.bundle import load_bundle
+    from edgecpm.drafters import SpecConfig, default_spec
     from edgecpm.export.exporter import export_bundle
     from edgecpm.frspec import build_freq_table, count_tokens
     from edgecpm.ngram_table import NgramTable
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
         eagle = export_bundle(MODELS / "eagle", tmp / "eagle", eagle_of=MODELS / "target", progress=False)
         eagle_frspec = export_bundle(MODELS / "eagle", tmp / "eagle-frspec", eagle_of=MODELS / "target",
                                      frspec=tmp / "freq.npy", progress=False)
+        adaptive = default_spec(load_bundle(target).config)  # this target's n-gram defaults
         configs = {
             "plain": None,
             "draft model": SpecConfig(draft=str(draft), depth=args.depth, tree_size=args.depth),
@@ -102,13 +104,8 @@ def main(argv=None) -> int:
             "n-gram (ngram_min=2)": SpecConfig(draft="ngram", depth=args.ngram_depth, tree_size=args.ngram_depth),
             "n-gram (ngram_min=1)": SpecConfig(draft="ngram", depth=args.ngram_depth, tree_size=args.ngram_depth,
                                                ngram_min=1),
-            "n-gram adaptive (default_spec)": SpecConfig(draft="ngram", depth=args.ngram_max_depth,
-                                                         tree_size=args.ngram_max_depth, ngram_min=1,
-                                                         min_confidence=args.min_confidence),
-            "n-gram adaptive + corpus table": SpecConfig(draft="ngram", depth=args.ngram_max_depth,
-                                                         tree_size=args.ngram_max_depth, ngram_min=1,
-                                                         min_confidence=args.min_confidence,
-                                                         corpus=str(tmp / "ngrams.npz")),
+            "n-gram adaptive (default_spec)": adaptive,
+            "n-gram adaptive + corpus table": dataclasses.replace(adaptive, corpus=str(tmp / "ngrams.npz")),
             "EAGLE head": SpecConfig(draft=str(eagle), depth=args.depth, tree_size=args.depth),
             f"EAGLE head + FR-Spec (r={r})": SpecConfig(draft=str(eagle_frspec), depth=args.depth,
                                                          tree_size=args.depth),
@@ -124,7 +121,7 @@ def main(argv=None) -> int:
         sessions = {name: edgecpm.Session(target, kv_budget="64MiB", draft=spec, threads=args.threads)
                     for name, spec in configs.items()}
         load_before = common.load_average()
-        results = measure_many(sessions, prompts, args.new_tokens)
+        results = measure_many(sessions, prompts, args.new_tokens, rounds=args.rounds)
         rows = [{"config": name, "decode tok/s": m["decode_tok_s"], "tokens/step": m["tokens_per_step"],
                  "prefill tok/s": m["prefill_tok_s"], "acceptance_by_position": m["acceptance_by_position"]}
                 for name, m in results.items()]

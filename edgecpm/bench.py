@@ -34,19 +34,29 @@ def measure(session: Session, prompts: list[list[int]], new_tokens: int) -> dict
     return measure_many({"": session}, prompts, new_tokens)[""]
 
 
-def measure_many(sessions: dict[str, Session], prompts: list[list[int]], new_tokens: int) -> dict[str, dict]:
+def measure_many(sessions: dict[str, Session], prompts: list[list[int]], new_tokens: int,
+                 rounds: int = 1) -> dict[str, dict]:
     """Medians over the prompts for each session. The sessions take turns prompt by prompt, so a
-    change of machine load during the run hits all of them alike. Each result also holds the
-    generated ids per prompt (`token_ids`)."""
+    change of machine load during the run hits all of them alike. With `rounds` > 1 every prompt
+    runs that many times (all prompts, then again) and a prompt's speeds are the medians of its
+    rounds: short generations on a shared machine are noisy one by one. Each result also holds the
+    generated ids per prompt (`token_ids`, of the first round)."""
     for s in sessions.values():
         s.generate(prompts[0], max_new_tokens=4, ignore_eos=True)  # warm-up: pages in the weights
-    runs = {name: [] for name in sessions}
-    for ids in prompts:
-        for name, s in sessions.items():
-            s.reset()  # every prompt is prefilled in full
-            runs[name].append(s.generate(ids, max_new_tokens=new_tokens, ignore_eos=True))
-    return {name: _summary([g.stats for g in gens]) | {"token_ids": [g.token_ids for g in gens]}
-            for name, gens in runs.items()}
+    runs = {name: [[] for _ in prompts] for name in sessions}
+    for _ in range(rounds):
+        for i, ids in enumerate(prompts):
+            for name, s in sessions.items():
+                s.reset()  # every prompt is prefilled in full
+                runs[name][i].append(s.generate(ids, max_new_tokens=new_tokens, ignore_eos=True))
+    return {name: _summary([_rounds([g.stats for g in gens]) for gens in per_prompt])
+            | {"token_ids": [gens[0].token_ids for gens in per_prompt]}
+            for name, per_prompt in runs.items()}
+
+
+def _rounds(stats: list[dict]) -> dict:
+    """One prompt's stats over its rounds: the first round's, with the median speeds."""
+    return stats[0] | {key: statistics.median(s[key] for s in stats) for key in ("prefill_tok_s", "decode_tok_s")}
 
 
 def _summary(runs: list[dict]) -> dict:
