@@ -1043,11 +1043,6 @@ __attribute__((target("avx512f"))) void head_rows_avx512(const HProblem& p, int6
 }
 
 // ---- AVX2 + FMA: 8 lanes, 4 rows x 2 tokens (8 accumulators of AVX2's 16 registers) --------------
-__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
 
 template <int R, int MT>
 __attribute__((target("avx2,fma"))) void head_tile_avx2(const HProblem& p, int64_t n, int64_t m0) {
@@ -1067,7 +1062,7 @@ __attribute__((target("avx2,fma"))) void head_tile_avx2(const HProblem& p, int64
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MT; ++m) {
-      float s = hsum256(acc[r][m]);
+      float s = hsum8(acc[r][m]);
       for (int64_t j = k; j < p.K; ++j) s += w[r * p.K + j] * x[m * p.K + j];  // K not a multiple of 8
       p.y[(m0 + m) * p.N + n + r] = s;
     }
