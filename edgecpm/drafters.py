@@ -60,14 +60,16 @@ class SpecConfig:
 
 # Per target size, from benchmarks/speculative_cost.py (results/speculative_cost.json): the chain
 # depth with the best PROJECTED speed-up at the MiniCPM4-0.5B and 8B shapes on 2 CPU threads. A
-# small target's decode step is cheap next to a draft call (a full-vocabulary EAGLE head costs 0.27
-# of the 0.5B's step, 0.025 of the 8B's), so small targets draft shallow and prefer FR-Spec heads.
-# The small target's n-gram chain is capped by its confidence floor instead (see default_spec).
+# small target's decode step is cheap next to a draft call (a full-vocabulary EAGLE head costs 0.20
+# of the 0.5B's step, 0.07 of the 8B's), so small targets prefer FR-Spec heads; verifying 9 rows
+# costs 1.45 / 1.34 decode steps, so neither drafts deep (the 8B's EAGLE head: 2.16x at depth 3,
+# 1.80x at 8). The small target's n-gram chain is capped by its confidence floor instead (see
+# default_spec); the 0.5B has no smaller draft model of its family measured (2 is the wind tunnel's).
 LARGE_HIDDEN = 2048  # hidden_size from which a target counts as large (8B: 4096; 0.5B: 1024)
 DEFAULT_DEPTH = {  # (drafter kind, large target) -> depth
-    ("ngram", False): 12, ("ngram", True): 8,
-    ("eagle", False): 4, ("eagle", True): 8,
-    ("model", False): 2, ("model", True): 3,
+    ("ngram", False): 12, ("ngram", True): 4,
+    ("eagle", False): 4, ("eagle", True): 3,
+    ("model", False): 2, ("model", True): 2,
 }
 
 
@@ -95,7 +97,7 @@ def default_spec(target_config, draft="ngram", eagle: bool = False) -> SpecConfi
         # A small target's verification row costs ~9% of its step (the wind-tunnel target, 1
         # thread): its chain stops where its chance of being right falls below 0.3, up to 12 tokens
         # (held-out wind-tunnel prompts, thread time: 1.72x vs 1.64x for a fixed chain of 4). A
-        # large target's rows are cheap next to its step: it drafts all 8.
+        # large target's rows are cheap next to its step: it drafts all 4.
         ngram = {"ngram_min": 1, "ngram_max": DEFAULT_NGRAM_MAX}
         if large:
             return SpecConfig(draft=draft, depth=depth, tree_size=depth, **ngram)

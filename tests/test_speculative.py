@@ -209,12 +209,12 @@ def test_default_spec_per_target_size():
     from edgecpm.drafters import default_spec
 
     small, large = ModelConfig.from_dict(_real("MiniCPM4-0.5B")), ModelConfig.from_dict(_real("MiniCPM4-8B"))
-    assert (default_spec(small).depth, default_spec(large).depth, default_spec(small).ngram_min) == (12, 8, 1)
+    assert (default_spec(small).depth, default_spec(large).depth, default_spec(small).ngram_min) == (12, 4, 1)
     assert default_spec(small).ngram_max == default_spec(large).ngram_max == 6
     assert (default_spec(small).min_confidence, default_spec(large).min_confidence) == (0.3, 0.0)
-    assert default_spec(large, "head/", eagle=True) == SpecConfig(draft="head/", depth=8, tree_size=8)
+    assert default_spec(large, "head/", eagle=True) == SpecConfig(draft="head/", depth=3, tree_size=3)
     d = default_spec(large, "draft/")
-    assert (d.depth, d.tree_size, d.phrases) == (3, 6, True)
+    assert (d.depth, d.tree_size, d.phrases) == (2, 4, True)
 
 
 def _real(name):
