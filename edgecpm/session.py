@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecpm.backends import open_backend, open_draft_backend, open_tokenizer, small_draft
+from edgecpm.backends import open_backend, open_draft_backend, open_tokenizer
 from edgecpm.drafters import EagleDrafter, ModelDrafter, NgramDrafter, SpecConfig, default_spec, is_eagle
 from edgecpm.errors import BudgetError, ConfigError
 from edgecpm.frspec import frspec_map
@@ -50,9 +50,7 @@ class Session:
         path = Path(path)
         if not path.is_dir():
             raise ConfigError(f"{path}: not a folder; pass a checkpoint or bundle folder")
-        folder = draft_folder(draft)
-        runner = open_backend(path, backend, dtype, threads, verify=verify, device=device,
-                              spin=None if folder is None or small_draft(folder) else False)
+        runner = open_backend(path, backend, dtype, threads, verify=verify, device=device)
         self._setup(runner, open_tokenizer(path, runner), kv_budget, draft, threads, path, kv_policy)
 
     @classmethod

@@ -116,8 +116,8 @@ class OnnxRuntimeBackend:
         library builds and has a vector path here (x86-64: AVX-512 or AVX2), else MatMulNBits with
         fp32 activations.
         `quant_kernel` says which runs (None: no QuantMatMul nodes).
-        spin: whether onnxruntime's idle intra-op threads spin-wait for the next op (None: $EDGECPM_ORT_SPIN
-        "0" / "1", else yes). Sessions pairing a target with a draft model pass False."""
+        spin: whether onnxruntime's idle intra-op threads spin-wait for the next op within a run
+        (None: $EDGECPM_ORT_SPIN "0" / "1", else yes)."""
         ort = _import_ort()
         self.bundle, self.config = bundle, bundle.config
         graph = bundle.graph("decoder")
@@ -126,19 +126,17 @@ class OnnxRuntimeBackend:
         if threads:
             opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-        # Spin-waiting: a sleeping worker takes a wake-up per parallel op (~150 a decode token), so
-        # alone a session decodes faster spinning (0.5B ternary, 2 threads: 59.4 -> 75.7 tok/s,
-        # benchmarks/kernels.py); but two sessions taking turns (a target and its draft model)
-        # spin against each other: a target + draft pair ran 2.7x slower on 2 cores. Session
-        # keeps a large draft's pair asleep (edgecpm.backends.SMALL_DRAFT_PARAMS).
+        # Spin-waiting: a sleeping worker takes a wake-up per parallel op (~150 a decode token), so a
+        # session decodes faster spinning (0.5B ternary, 2 threads: 1.34x, benchmarks/kernels.py) ...
         if spin is None:
             spin = os.environ.get("EDGECPM_ORT_SPIN", "1") != "0"
         self.spin, self.threads = spin, threads
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        # ... within a step only: the workers stop spinning when a run returns, so the Python between
-        # steps (sampling, drafting, binding) has the cores to itself; one wake-up per step instead.
-        # Wind-tunnel target, 2 threads, ad hoc A/B of 5 process pairs: plain decoding 1.04x, n-gram
-        # speculative decoding 1.09x faster than with the workers spinning on between steps.
+        # ... within a run only: the workers stop spinning when a run returns, so the Python between
+        # steps (sampling, drafting, binding) and another session's run (a target and its draft
+        # model take turns) have the cores; one wake-up per run instead. Wind-tunnel target, 2
+        # threads, ad hoc A/B of 5 process pairs: plain decoding 1.04x, n-gram speculative decoding
+        # 1.09x faster than with the workers spinning on between runs.
         opts.add_session_config_entry("session.force_spinning_stop", "1" if spin else "0")
         available = ort.get_available_providers()
         if providers is None:
