@@ -1,4 +1,5 @@
-"""The `edgecpm` command line (DESIGN.md §3): export, build, run, chat, bench, freq, inspect, serve, demo.
+"""The `edgecpm` command line (DESIGN.md §3): export, build, run, chat, bench, freq, ngrams, inspect, serve,
+demo.
 
 Each subcommand is one `cmd_<name>(args) -> int` function registered in `build_parser()`;
 options shared by several subcommands come from `add_session_options` (backend, KV budget, dtype,
@@ -25,6 +26,7 @@ from edgecpm.cli_options import (
     add_sampling_options,
     add_session_options,
     check_sampling,
+    ngram_spec,
     open_session,
     sampling_kwargs,
     spec_config,
@@ -196,18 +198,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenizer(path):
+    """A model folder's tokenizer, for the commands that only tokenize (freq, ngrams)."""
+    from edgecpm.tokenizer import Tokenizer
+
+    if (Path(path) / "tokenizer.json").exists():
+        return Tokenizer.from_pretrained(path)
+    # a checkpoint with only tokenizer.model: converted as `edgecpm export` does (needs its extra)
+    from edgecpm.export.tokenizer_convert import load_tokenizer
+
+    return load_tokenizer(path)
+
+
 def cmd_freq(args: argparse.Namespace) -> int:
     import numpy as np
 
     from edgecpm.frspec import build_freq_table, count_tokens
-    from edgecpm.tokenizer import Tokenizer
 
-    if (Path(args.tokenizer) / "tokenizer.json").exists():
-        tok = Tokenizer.from_pretrained(args.tokenizer)
-    else:  # a checkpoint with only tokenizer.model: converted as `edgecpm export` does (needs its extra)
-        from edgecpm.export.tokenizer_convert import load_tokenizer
-
-        tok = load_tokenizer(args.tokenizer)
+    tok = _tokenizer(args.tokenizer)
     counts = count_tokens(tok, [Path(c) for c in args.corpus], progress=sys.stderr.isatty())
     table = build_freq_table(counts, args.r, tok.eos_token_ids, tok.special_ids)
     covered = counts[table].sum() / max(counts.sum(), 1)
@@ -217,13 +225,29 @@ def cmd_freq(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ngrams(args: argparse.Namespace) -> int:
+    from edgecpm.ngram_table import NgramTable
+
+    table = NgramTable.build(_tokenizer(args.tokenizer), args.corpus, ngram_max=args.ngram_max,
+                             min_count=args.min_count)
+    table.save(args.output)
+    print(f"wrote {args.output}: {len(table)} n-grams of 1-{table.ngram_max} tokens, "
+          f"{Path(args.output).stat().st_size / 2**20:.1f} MiB", file=sys.stderr)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from edgecpm.serve.app import serve
     except ImportError as e:
         raise BackendUnavailable(f"serve needs fastapi and uvicorn ({e}); pip install 'edgecpm[serve]'") from None
+    draft = args.draft
+    if args.draft_corpus is not None:
+        if draft != "ngram":
+            raise ValueError("--draft-corpus is the n-gram drafter's table: add --draft ngram")
+        draft = ngram_spec(args.path, args.draft_corpus)
     serve(args.path, host=args.host, port=args.port, backend=args.backend, kv_budget=args.kv_budget,
-          draft=args.draft, threads=args.threads, max_sessions=args.max_sessions, max_queue=args.max_queue,
+          draft=draft, threads=args.threads, max_sessions=args.max_sessions, max_queue=args.max_queue,
           queue_timeout=args.queue_timeout, api_key=args.api_key or os.environ.get("EDGECPM_API_KEY"),
           max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens)
     return 0
@@ -375,6 +399,8 @@ errors print "edgecpm: error: ..." and exit with status 2; add --debug for a tra
                    help="the KV cache bytes of all requests together, e.g. 512MiB, 2GB (default: 2GiB)")
     p.add_argument("--draft", default=None, choices=["ngram"],
                    help="speculative decoding with the n-gram drafter (json requests decode without it)")
+    p.add_argument("--draft-corpus", default=None, metavar="NGRAMS",
+                   help="a corpus n-gram table (from `edgecpm ngrams`) the n-gram drafter also asks")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for the backend")
     p.add_argument("--max-sessions", type=int, default=8, metavar="N", help="requests decoding at once (default: 8)")
     p.add_argument("--max-queue", type=int, default=64, metavar="N",
@@ -423,6 +449,25 @@ errors print "edgecpm: error: ..." and exit with status 2; add --debug for a tra
     p.add_argument("-r", type=int, default=16384, help="table length (default: 16384)")
     p.add_argument("-o", "--output", required=True, help="where to write freq.npy")
     p.set_defaults(func=cmd_freq)
+
+    p = _sub(subs, "ngrams", "build a corpus n-gram table (ngrams.npz) for the n-gram drafter",
+             "Tokenize text files (or folders; a file's records split by \\x1e are separate documents) with a\n"
+             "model's tokenizer and write, for every n-gram of 1 to --ngram-max tokens, the token that most\n"
+             "often followed it (REST-style retrieval drafting, edgecpm.ngram_table). With --draft ngram\n"
+             "--draft-corpus ngrams.npz the drafter takes the table's guess where it is likelier right than\n"
+             "the context's; the target still decides every token. Text like what the model will write\n"
+             "helps most (its training data, the user's codebase).",
+             """examples:
+  edgecpm ngrams --tokenizer path/to/MiniCPM4-0.5B corpus/ -o ngrams.npz
+  edgecpm run bundle/ -p "def main():" --draft ngram --draft-corpus ngrams.npz --stats""", [common])
+    p.add_argument("corpus", nargs="+", help="text files or folders")
+    p.add_argument("--tokenizer", required=True, metavar="PATH",
+                   help="checkpoint or bundle folder with tokenizer files")
+    p.add_argument("--ngram-max", type=int, default=4, metavar="N", help="longest n-gram (default: 4)")
+    p.add_argument("--min-count", type=int, default=2, metavar="N",
+                   help="keep an n-gram whose most frequent next token followed it at least N times (default: 2)")
+    p.add_argument("-o", "--output", required=True, help="where to write ngrams.npz")
+    p.set_defaults(func=cmd_ngrams)
 
     p = _sub(subs, "inspect", "summarize a checkpoint or bundle: config, parameters, bytes, KV cache per token",
              "Summarize a MiniCPM4 checkpoint or bundle folder without loading its weights (reads config.json\n"

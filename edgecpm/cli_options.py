@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from edgecpm import dtypes
 from edgecpm.backends import AUTO_RULE, BACKENDS
@@ -45,20 +46,41 @@ def add_draft_options(p: argparse.ArgumentParser) -> None:
                    help="draft tokens verified per step (default: --draft-depth x --draft-branch)")
     g.add_argument("--draft-branch", type=int, default=None, metavar="K",
                    help="children per expanded node; 1 drafts a chain (default: 1)")
+    g.add_argument("--draft-corpus", default=None, metavar="NGRAMS",
+                   help="a corpus n-gram table (from `edgecpm ngrams`) the n-gram drafter also asks")
 
 
 def spec_config(args: argparse.Namespace, draft: str | None = None):
     from edgecpm.drafters import SpecConfig
 
     draft = draft or args.draft
+    corpus = args.draft_corpus
+    if corpus is not None and "ngram" not in [args.draft, *(getattr(args, "draft_compare", None) or [])]:
+        raise ValueError("--draft-corpus is the n-gram drafter's table: add --draft ngram")
     if draft is None:
         return None
     given = {k: v for k, v in (("depth", args.draft_depth), ("tree_size", args.draft_tree_size),
                                ("branch", args.draft_branch)) if v is not None}
     if "depth" in given and "tree_size" not in given:
         given["tree_size"] = given["depth"] * given.get("branch", 1)
+    if corpus is not None and draft == "ngram":
+        return ngram_spec(args.path, corpus, **given)
     # Nothing given: the Session picks the measured defaults for the model and drafter (default_spec).
     return SpecConfig(draft=draft, **given) if given else draft
+
+
+def ngram_spec(path, corpus, **given):
+    """The n-gram drafter with a corpus table: default_spec's settings for the model at `path`
+    (unless depth / tree_size / branch are given), checked before the model loads."""
+    import dataclasses
+
+    from edgecpm.backends import folder_config
+    from edgecpm.drafters import SpecConfig, default_spec, load_table
+
+    load_table(corpus)  # a missing or malformed file fails here, with its name
+    config = folder_config(Path(path))
+    base = SpecConfig(draft="ngram", **given) if given or config is None else default_spec(config, "ngram")
+    return dataclasses.replace(base, corpus=str(corpus))
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:

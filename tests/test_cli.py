@@ -12,7 +12,7 @@ from edgecpm.cli import build_parser, main
 pytest.importorskip("torch")
 
 
-@pytest.mark.parametrize("command", ["export", "build", "run", "chat", "bench", "freq", "inspect", "demo"])
+@pytest.mark.parametrize("command", ["export", "build", "run", "chat", "bench", "freq", "ngrams", "inspect", "demo"])
 def test_every_command_has_help_with_examples(command, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([command, "--help"])
@@ -50,6 +50,37 @@ def test_freq_then_frspec_export_then_bench_with_drafts(make_checkpoint, tmp_pat
     result = json.loads(capsys.readouterr().out)
     assert set(result["configs"]) == {"plain", "ngram", str(tmp_path / "draft")}
     assert all(r["decode_tok_s"] > 0 for r in result["configs"].values())
+
+
+def test_ngrams_table_then_run_with_draft_corpus(make_checkpoint, tmp_path, capsys):
+    """`edgecpm ngrams` writes a table; `--draft ngram --draft-corpus` runs default_spec's n-gram
+    drafter with it (same greedy text as without: the target decides); without an n-gram drafter,
+    or with a file that is not a table, it is a one-line error before any model loads."""
+    from edgecpm.cli_options import spec_config
+    from edgecpm.ngram_table import NgramTable
+
+    ckpt = make_checkpoint(tie=False, with_tokenizer=True)
+    (tmp_path / "corpus.txt").write_text("def add(a, b):\n    return a + b\n" * 50)
+    table = tmp_path / "ngrams.npz"
+    assert main(["ngrams", "--tokenizer", str(ckpt), str(tmp_path / "corpus.txt"), "-o", str(table)]) == 0
+    assert len(NgramTable.load(table)) > 0 and "n-grams of 1-4 tokens" in capsys.readouterr().err
+    assert main(["export", str(ckpt), "-o", str(tmp_path / "b")]) == 0
+    run = ["run", str(tmp_path / "b"), "-p", "def add(a, b):", "--max-new-tokens", "12", "--ignore-eos"]
+    spec = spec_config(build_parser().parse_args([*run, "--draft", "ngram", "--draft-corpus", str(table)]))
+    assert spec.corpus == str(table) and spec.ngram_max == 6  # default_spec's drafter, with the table
+    capsys.readouterr()
+    assert main([*run, "--draft", "ngram"]) == 0
+    plain = capsys.readouterr().out
+    assert main([*run, "--draft", "ngram", "--draft-corpus", str(table)]) == 0
+    assert capsys.readouterr().out == plain
+    assert main([*run, "--draft-corpus", str(table)]) == 2
+    assert "--draft ngram" in capsys.readouterr().err
+    pytest.importorskip("fastapi")
+    assert main(["serve", str(tmp_path / "b"), "--draft-corpus", str(table)]) == 2  # refused before serving
+    assert "--draft ngram" in capsys.readouterr().err
+    (tmp_path / "bad.npz").write_bytes(b"not a table")
+    assert main([*run, "--draft", "ngram", "--draft-corpus", str(tmp_path / "bad.npz")]) == 2
+    assert "not an n-gram table" in capsys.readouterr().err
 
 
 def test_errors_are_one_line(tmp_path, capsys):
