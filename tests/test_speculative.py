@@ -356,7 +356,8 @@ def test_a_bare_draft_takes_the_measured_defaults(make_checkpoint):
     assert edgecpm.Session(ckpt, backend="torch", draft=mine).spec == mine
     own = NgramDrafter(mine)  # a drafter object: used as it is, with SpecConfig's defaults
     assert edgecpm.Session(ckpt, backend="torch", draft=own).drafter is own
-    args = argparse.Namespace(draft="ngram", draft_depth=None, draft_tree_size=None, draft_branch=None)
+    args = argparse.Namespace(draft="ngram", draft_depth=None, draft_tree_size=None, draft_branch=None,
+                              draft_corpus=None)
     assert spec_config(args) == "ngram"
     args.draft_depth = 3
     assert spec_config(args) == SpecConfig(draft="ngram", depth=3, tree_size=3)
