@@ -1,5 +1,5 @@
-"""edgecpm's onnxruntime custom-op library (onnxruntime_ops.cpp): the exact CPU kernel of
-TernaryMatMul, compiled on first use and cached.
+"""edgecpm's onnxruntime custom-op library (onnxruntime_ops.cpp): the CPU kernels of TernaryMatMul,
+QuantMatMul, HeadMatMul (a tied LM head) and the fused Attention, compiled on first use and cached.
 
 Building it needs a C++17 compiler (`$CXX`, else `c++`) and onnxruntime's C API headers, which
 the onnxruntime wheel does not ship: `$ONNXRUNTIME_INCLUDE_DIR`, else /usr/include/onnxruntime
@@ -67,7 +67,7 @@ def library() -> Path:
     out = cache / "ort_ops" / key / "libedgecpm_ort_ops.so"
     if out.is_file():
         return out
-    print(f"edgecpm: building the onnxruntime TernaryMatMul kernel into {out.parent} (once)", file=sys.stderr,
+    print(f"edgecpm: building edgecpm's onnxruntime kernels into {out.parent} (once)", file=sys.stderr,
           flush=True)
     cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", f"-I{include}", str(SOURCE), "-o"]
     try:
