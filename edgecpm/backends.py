@@ -92,9 +92,7 @@ def open_draft_backend(draft, target, threads: int | None):
     13.3-13.4 tok/s with both pools asleep, as large drafts used to run."""
     path = Path(draft)
     check_draft(path, target.config.vocab_size)
-    if is_eagle(path):
-        return open_eagle_backend(path, target, threads)
-    return open_backend(path, threads=threads)
+    return open_eagle_backend(path, target, threads) if is_eagle(path) else open_backend(path, threads=threads)
 
 
 def folder_config(path: Path) -> ModelConfig | None:

@@ -210,7 +210,7 @@ def speculative_tokens(backend, cache: KVCache, logits: np.ndarray, sampler: Sam
             chain, mask, depths = False, tree.ancestor_mask(), tree.depths()
         start = cache.length
         out = run_step(backend, cache, ids, mask, _rows(m + 1), positions=cache.position + depths)
-        drafted = ids[1:].tolist()
+        drafted = ids[1:].tolist() if chain else None
         picks = out.argmax(axis=-1).tolist() if greedy else None
         kids = None if chain else tree.children()
         row, keep, accepted = 0, [start], []

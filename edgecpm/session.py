@@ -32,13 +32,6 @@ from edgecpm.tokenizer import Tokenizer
 SINK_TOKENS = 4  # kv_policy="window" keeps the first tokens (attention sinks, StreamingLLM)
 
 
-def draft_folder(draft) -> Path | None:
-    """The folder of the draft model that `draft` (Session's argument, or a SpecConfig) names; None
-    for no draft, "ngram" or a drafter object."""
-    d = draft.draft if isinstance(draft, SpecConfig) else draft
-    return Path(d) if isinstance(d, (str, Path)) and str(d) != "ngram" else None
-
-
 class Session:
     def __init__(self, path, backend: str = "auto", kv_budget: int | str = "1GiB", draft=None,
                  dtype: str | None = None, threads: int | None = None, kv_policy: str = "error",
@@ -82,7 +75,7 @@ class Session:
         if kv_policy == "window" and (spec or self.config.sparse):
             raise ConfigError(f"{path}: kv_policy='window' does not combine with "
                               f"{'speculative decoding' if spec else 'InfLLM v2 sparse attention'} yet; use 'error'")
-        names_model = draft_folder(spec) is not None
+        names_model = spec is not None and isinstance(spec.draft, (str, Path)) and spec.draft != "ngram"
         self.draft_backend = open_draft_backend(spec.draft, backend, threads) if names_model else None
         # One budget for both arenas: the draft's share is its bytes per token (+ room for a tree).
         per_token = self.config.kv_bytes_per_token(backend.kv_dtype.itemsize)

@@ -234,14 +234,8 @@ class OnnxRuntimeBackend:
                 raise BackendUnavailable(f"edgecpm's QuantMatMul kernel computes in fp32; {self.bundle.path} is "
                                          f"{dtype}")
             library = onnxruntime_ops.library()
-        elif (quant == "auto" and not reference and dtype == "fp32" and platform.machine() == "x86_64"
-              and providers[:1] == ["CPUExecutionProvider"]):
-            try:
-                library = onnxruntime_ops.library()
-            except BackendUnavailable:
-                library = None
-            if library is not None and onnxruntime_ops.isa(library) == "scalar":
-                library = None  # MatMulNBits has vector code for this CPU, edgecpm's kernel not
+        elif quant == "auto" and not reference:
+            library = self._fp32_library(providers)  # else MatMulNBits, which has vector code for more CPUs
         if library is not None:
             if not loaded:
                 opts.register_custom_ops_library(str(library))
